@@ -1,0 +1,16 @@
+"""Sphinx configuration for virtio_schema's documentation."""
+
+from __future__ import annotations
+
+project = "virtio_schema"
+author = "virtio_schema developers"
+copyright = "2026, virtio_schema developers"
+
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.doctest"]
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_type_aliases = {"ReadBuffer": "ReadBuffer", "WriteBuffer": "WriteBuffer"}
+exclude_patterns = ["_build"]
+html_theme = "alabaster"
+nitpicky = False

@@ -1,0 +1,234 @@
+"""``DescChain``: one descriptor chain the device took from a queue, returned exactly once.
+
+Rules of this module:
+
+1. A chain is parsed and validated completely when the queue hands it out: every descriptor was read
+   once, as a whole record, and the results are kept here, so nothing re-reads the descriptor table
+   (the driver may have rewritten it since).
+2. A chain goes back to the driver exactly once: :meth:`DescChain.return_written`, or leaving a
+   ``with`` block, or (as a last resort, with a :class:`ResourceWarning`) being garbage-collected.
+   Returning twice or claiming more bytes than the chain's writable space is a
+   :class:`~virtio_schema.errors.DeviceUsageError`.
+3. A malformed chain (``error`` is set) still goes back, always with a used length of 0; reading
+   its descriptors raises the error.
+
+Both queue formats create ``DescChain`` objects through the small ``_ChainOwner`` protocol, so the
+chain, util and example layers never know which format they serve.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple, Protocol, final
+
+from virtio_schema.queue.errors import ChainAlreadyReturned, ChainError, WrittenTooMuch
+
+if TYPE_CHECKING:
+    from virtio_schema.mem import DriverMem
+
+__all__ = ["ChainDescriptor", "DescChain"]
+
+
+class ChainDescriptor(NamedTuple):
+    """One buffer of a chain, as validated when the chain was taken from the queue."""
+
+    addr: int
+    """Driver address of the buffer."""
+    len: int
+    """Length in bytes (0 is legal)."""
+    writable: bool
+    """Device-writable (``WRITE`` flag) or device-readable."""
+    desc_index: int
+    """Index in the descriptor table, or in the indirect table if ``indirect``."""
+    indirect: bool
+    """The descriptor came from an indirect table."""
+
+
+class _ChainOwner(Protocol):
+    """What a queue offers its chains (both formats)."""
+
+    index: int
+    driver_mem: DriverMem
+    _generation: int
+
+    def _return_chain(self, chain: DescChain, written: int) -> None: ...
+
+    def _orphan(self, chain: DescChain) -> None: ...
+
+
+@final
+class DescChain:
+    """A descriptor chain taken from a queue by ``next_chain()``.
+
+    Typical use::
+
+        with queue.next_chain() as chain:      # returned on leaving the block
+            ...                                # read/write through ReadableChain/WritableChain
+            chain.written = n                  # bytes written into the writable buffers
+
+    Attributes are read-only except :attr:`written`.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_descs",
+        "_gen",
+        "_n_readable",
+        "_queue",
+        "_returned",
+        "_slots",
+        "_tid",
+        "_written",
+        "error",
+        "head",
+        "readable_len",
+        "writable_len",
+    )
+
+    head: int
+    """Head index (split) or buffer id (packed): what the used entry names."""
+    error: ChainError | None
+    """Why the chain is malformed, or ``None``."""
+    readable_len: int
+    """Total bytes of the device-readable buffers."""
+    writable_len: int
+    """Total bytes of the device-writable buffers."""
+
+    def __init__(
+        self,
+        queue: _ChainOwner,
+        head: int,
+        descs: list[ChainDescriptor],
+        n_readable: int,
+        readable_len: int,
+        writable_len: int,
+        error: ChainError | None = None,
+        slots: int = 1,
+    ) -> None:
+        self._queue = queue
+        self._gen = queue._generation
+        self.head = head
+        self._descs = descs
+        self._n_readable = n_readable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+        self.error = error
+        self._slots = slots
+        self._written = 0
+        self._returned = False
+        self._tid = threading.get_ident()
+
+    # --- what the chain holds ------------------------------------------------------------------
+
+    @property
+    def queue_index(self) -> int:
+        """Index of the queue the chain came from."""
+        return self._queue.index
+
+    @property
+    def driver_mem(self) -> DriverMem:
+        """The memory the chain's addresses are translated through."""
+        return self._queue.driver_mem
+
+    @property
+    def returned(self) -> bool:
+        return self._returned
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._returned:
+            raise ChainAlreadyReturned(self._queue.index, self.head)
+
+    def descriptors(self) -> tuple[ChainDescriptor, ...]:
+        """All buffers in chain order: readable ones first, then writable ones. Raises
+        :attr:`error` for a malformed chain."""
+        self._check()
+        return tuple(self._descs)
+
+    def readable(self) -> tuple[ChainDescriptor, ...]:
+        """The device-readable buffers, in order."""
+        self._check()
+        return tuple(self._descs[: self._n_readable])
+
+    def writable(self) -> tuple[ChainDescriptor, ...]:
+        """The device-writable buffers, in order."""
+        self._check()
+        return tuple(self._descs[self._n_readable :])
+
+    def __iter__(self) -> Iterator[ChainDescriptor]:
+        return iter(self.descriptors())
+
+    def __len__(self) -> int:
+        """Number of buffers (0 for a malformed chain)."""
+        return 0 if self.error is not None else len(self._descs)
+
+    # --- giving it back ------------------------------------------------------------------------
+
+    @property
+    def written(self) -> int:
+        """Bytes written into the writable buffers; the used length reported on return."""
+        return self._written
+
+    @written.setter
+    def written(self, n: int) -> None:
+        if self._returned:
+            raise ChainAlreadyReturned(self._queue.index, self.head)
+        if not 0 <= n <= self.writable_len:
+            raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
+        self._written = n
+
+    def return_written(self, n: int | None = None) -> None:
+        """Return the chain to the driver with ``n`` bytes written (default: :attr:`written`).
+
+        A malformed chain is returned with 0 whatever ``n`` says. Raises
+        :class:`~virtio_schema.queue.errors.ChainAlreadyReturned` on a second return and
+        :class:`~virtio_schema.queue.errors.WrittenTooMuch` if ``n`` exceeds :attr:`writable_len`.
+        """
+        if self._returned:
+            raise ChainAlreadyReturned(self._queue.index, self.head)
+        if n is None:
+            n = self._written
+        elif not 0 <= n <= self.writable_len:
+            raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
+        self._returned = True
+        self._written = n
+        self._queue._return_chain(self, 0 if self.error is not None else n)
+
+    def __enter__(self) -> DescChain:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._returned:
+            self.return_written()
+
+    def __del__(self) -> None:
+        if self._returned:
+            return
+        self._returned = True
+        warnings.warn(
+            f"queue {self._queue.index}: chain at head {self.head} was never returned;"
+            " returning it with length 0",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        if threading.get_ident() == self._tid:
+            self._queue._return_chain(self, 0)
+        else:  # collected on another thread: the queue returns it at its next call
+            self._queue._orphan(self)
+
+    def __repr__(self) -> str:
+        state = "returned" if self._returned else "held"
+        bad = f", error={self.error}" if self.error is not None else ""
+        return (
+            f"DescChain(queue={self._queue.index}, head={self.head}, {len(self._descs)} buffers,"
+            f" r={self.readable_len}, w={self.writable_len}, {state}{bad})"
+        )

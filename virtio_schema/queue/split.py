@@ -1,0 +1,352 @@
+"""The split virtqueue state machine, device side (virtio 1.2, 2.7).
+
+Theory of operation. ``next_chain()`` reads ``avail.idx`` once; if an entry is pending it reads the
+head from the available ring, then walks the chain, reading each descriptor once as a whole record
+(``struct.unpack_from`` of 16 bytes), validating as it goes, following at most one indirect table.
+The result is a :class:`DescChain` holding the validated buffers. ``DescChain.return_written()``
+comes back here: the used element is written, then ``used.idx``, then the notification decision.
+
+Rules of this module:
+
+1. Every value read from guest memory is read once and validated before use (threat model: the
+   driver may rewrite any ring byte at any moment).
+2. Work per call is bounded: a chain reads at most ``size`` descriptors in total (direct and
+   indirect alike) plus one indirect descriptor, whatever the ring holds.
+3. Ring-level violations latch the queue broken; after that no call reads or writes guest memory
+   (returning a chain the device still holds only marks it returned) until :meth:`Queue.reset` or
+   :meth:`Queue.restore`.
+4. The memory-ordering points go through :func:`~virtio_schema.mem.read_barrier`,
+   :func:`~virtio_schema.mem.write_barrier` and :func:`~virtio_schema.mem.full_barrier`.
+
+A ``Queue`` is used from one thread at a time (the transport's); only chains garbage-collected on
+another thread are handed back through a thread-safe side list.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+
+from virtio_schema.mem import (
+    DriverMem,
+    DriverRange,
+    full_barrier,
+    read_barrier,
+    write_barrier,
+)
+from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
+from virtio_schema.queue.errors import (
+    AvailIndexJump,
+    BufferAddressOverflow,
+    ChainError,
+    ChainLengthOverflow,
+    ChainTooLong,
+    DescIndexOutOfRange,
+    HeadOutOfRange,
+    IndirectNotNegotiated,
+    IndirectTableTooLarge,
+    IndirectWithNext,
+    InvalidIndirectLength,
+    NestedIndirect,
+    QueueBroken,
+    ReadableAfterWritable,
+    RingError,
+    UnmappedIndirectTable,
+)
+from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState
+from virtio_schema.ring import DESC, AvailRing, DescTable, UsedRing
+from virtio_schema.schema import AvailFlags, DescFlags, Feature, UsedFlags
+
+__all__ = ["Queue"]
+
+_NEXT = int(DescFlags.NEXT)
+_WRITE = int(DescFlags.WRITE)
+_INDIRECT = int(DescFlags.INDIRECT)
+_MAX_TOTAL = (1 << 32) - 1
+_ADDR_END = 1 << 64
+_MAX_INDIRECT_ENTRIES = 65535
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<LL")
+_new_desc = tuple.__new__
+
+
+class Queue:
+    """A split virtqueue, device side.
+
+    ``memory`` holds the translated descriptor table, available ring and used ring; ``size`` is the
+    queue size the transport negotiated; ``driver_mem`` translates the buffer (and indirect table)
+    addresses found in descriptors; ``features`` are the negotiated feature bits (only
+    ``INDIRECT_DESC`` and ``EVENT_IDX`` change this class's behaviour); ``notify`` is called when the
+    driver must be told about used buffers. ``state`` starts the queue at a saved position
+    (vhost-user SET_VRING_BASE, migration); ``index`` names the queue in errors.
+    """
+
+    def __init__(
+        self,
+        memory: QueueMemory,
+        size: int,
+        driver_mem: DriverMem,
+        *,
+        features: int,
+        notify: DriverNotify,
+        state: QueueState | None = None,
+        index: int = 0,
+    ) -> None:
+        self.desc_table = DescTable(memory.desc, size)
+        self.avail_ring = AvailRing(memory.avail, size)
+        self.used_ring = UsedRing(memory.used, size)
+        self.size = size
+        self.driver_mem = driver_mem
+        self.features = features
+        self.notifier = notify
+        self.index = index
+        self._indirect = bool(features & Feature.INDIRECT_DESC)
+        self._event_idx = bool(features & Feature.EVENT_IDX)
+        # bound once: the hot path calls these directly
+        self._desc_view = self.desc_table.view
+        self._avail_view = self.avail_ring.view
+        self._used_view = self.used_ring.view
+        self._ring_off = self.avail_ring.ring_offset
+        self._used_event_off = self.avail_ring.used_event_offset
+        self._used_ring_off = self.used_ring.ring_offset
+        self._used_idx_off = self.used_ring.idx_offset
+        self._used_flags_off = self.used_ring.flags_offset
+        self._avail_idx_off = self.avail_ring.idx_offset
+        self._avail_flags_off = self.avail_ring.flags_offset
+        self._avail_event_off = self.used_ring.avail_event_offset
+        self._unpack_desc = DESC.struct.unpack_from
+        self._orphans: collections.deque[tuple[int, int]] = collections.deque()
+        self._generation = 0
+        self._start(state or QueueState())
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _start(self, state: QueueState) -> None:
+        self._generation += 1
+        self._next_avail = state.next_avail
+        self._next_used = state.next_used
+        self._broken: RingError | None = None
+        self._signalled_valid = False
+        self._signalled_used = state.next_used
+        self._notify_enabled = True
+        self._orphans.clear()
+
+    def state(self) -> QueueState:
+        """The position to save (vhost-user GET_VRING_BASE reports ``next_avail``)."""
+        return QueueState(self._next_avail, self._next_used)
+
+    def restore(self, state: QueueState) -> None:
+        """Continue from ``state``; clears a broken latch. Chains still held from before are
+        stale: returning them does nothing."""
+        self._start(state)
+
+    def reset(self) -> None:
+        """Back to the device-reset state (indices 0, not broken, notifications enabled)."""
+        self._start(QueueState())
+
+    @property
+    def broken(self) -> RingError | None:
+        """The ring violation that broke the queue, or ``None``."""
+        return self._broken
+
+    @property
+    def next_avail(self) -> int:
+        return self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        return self._next_used
+
+    def _break(self, error: RingError) -> QueueBroken:
+        self._broken = error
+        return QueueBroken(self.index, error)
+
+    # --- taking chains -------------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """How many chains the driver has made available beyond those taken (reads avail.idx).
+        Raises :class:`QueueBroken` on an index jump."""
+        if self._broken is not None:
+            raise QueueBroken(self.index, self._broken)
+        avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
+        n = (avail_idx - self._next_avail) & 0xFFFF
+        if n > self.size:
+            raise self._break(AvailIndexJump(self.index, avail_idx, self._next_avail, self.size))
+        return n
+
+    def next_chain(self) -> DescChain | None:
+        """The next available chain, or ``None`` if the driver has made none available.
+
+        A malformed chain is returned as a :class:`DescChain` whose ``error`` is set (reading it
+        raises the error; it goes back to the driver with length 0). Raises :class:`QueueBroken`
+        when the ring itself is inconsistent, now and on every later call until reset/restore.
+        """
+        if self._orphans:
+            self._return_orphans()
+        if self._broken is not None:
+            raise QueueBroken(self.index, self._broken)
+        next_avail = self._next_avail
+        avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
+        if avail_idx == next_avail:
+            return None
+        size = self.size
+        if ((avail_idx - next_avail) & 0xFFFF) > size:
+            raise self._break(AvailIndexJump(self.index, avail_idx, next_avail, size))
+        read_barrier()  # avail.idx before the ring entry it publishes (virtio 1.2, 2.7.13)
+        slot = next_avail & (size - 1)
+        head: int = _U16.unpack_from(self._avail_view, self._ring_off + 2 * slot)[0]
+        if head >= size:
+            raise self._break(HeadOutOfRange(self.index, slot, head, size))
+        self._next_avail = next_avail = (next_avail + 1) & 0xFFFF
+        if self._event_idx and self._notify_enabled:
+            # ask for a kick when the driver publishes past what we have taken (virtio 1.2, 2.7.10)
+            _U16.pack_into(self._used_view, self._avail_event_off, next_avail)
+        return self._walk(head)
+
+    def _walk(self, head: int) -> DescChain:
+        """Read and validate the chain starting at descriptor ``head`` (< size)."""
+        size = self.size
+        unpack = self._unpack_desc
+        table = self._desc_view
+        limit = size  # entries of the table being walked
+        descs: list[ChainDescriptor] = []
+        append = descs.append
+        n_readable = 0
+        rlen = wlen = 0
+        count = 0  # buffers read so far, against the chain length limit (the queue size)
+        in_indirect = False
+        i = head
+        try:
+            while True:
+                addr, length, flags, nxt = unpack(table, 16 * i)
+                if flags & _INDIRECT:
+                    self._check_indirect(head, i, addr, length, flags, in_indirect)
+                    dr = self.driver_mem.translate(DriverRange(addr, addr + length))
+                    if dr is None:
+                        raise UnmappedIndirectTable(self.index, head, i, addr, length)
+                    table = dr.view
+                    limit = length >> 4
+                    in_indirect = True
+                    i = 0
+                    continue
+                count += 1
+                if count > size:
+                    raise ChainTooLong(self.index, head, size)
+                if addr + length > _ADDR_END:
+                    raise BufferAddressOverflow(self.index, head, i, addr, length)
+                if flags & _WRITE:
+                    wlen += length
+                    append(_new_desc(ChainDescriptor, (addr, length, True, i, in_indirect)))
+                else:
+                    if len(descs) > n_readable:
+                        raise ReadableAfterWritable(self.index, head, i)
+                    rlen += length
+                    n_readable += 1
+                    append(_new_desc(ChainDescriptor, (addr, length, False, i, in_indirect)))
+                if not flags & _NEXT:
+                    break
+                if nxt >= limit:
+                    raise DescIndexOutOfRange(self.index, head, i, nxt, limit)
+                i = nxt
+            if rlen + wlen > _MAX_TOTAL:
+                raise ChainLengthOverflow(self.index, head, rlen + wlen)
+        except ChainError as error:
+            return DescChain(self, head, [], 0, 0, 0, error)
+        return DescChain(self, head, descs, n_readable, rlen, wlen)
+
+    def _check_indirect(
+        self, head: int, i: int, addr: int, length: int, flags: int, in_indirect: bool
+    ) -> None:
+        """The rules for an INDIRECT descriptor (virtio 1.2, 2.7.5.3)."""
+        if not self._indirect:
+            raise IndirectNotNegotiated(self.index, head, i)
+        if in_indirect:
+            raise NestedIndirect(self.index, head, i)
+        if flags & _NEXT:
+            raise IndirectWithNext(self.index, head, i)
+        if length == 0 or length & 15:
+            raise InvalidIndirectLength(self.index, head, i, length)
+        if length >> 4 > _MAX_INDIRECT_ENTRIES:
+            raise IndirectTableTooLarge(self.index, head, i, length)
+        if addr + length > _ADDR_END:
+            raise UnmappedIndirectTable(self.index, head, i, addr, length)
+
+    # --- returning chains ----------------------------------------------------------------------
+
+    def _return_chain(self, chain: DescChain, written: int) -> None:
+        if chain._gen != self._generation or self._broken is not None:
+            return  # from before a reset/restore, or the queue is broken: leave the ring alone
+        self._publish_used(chain.head, written)
+
+    def _orphan(self, chain: DescChain) -> None:
+        self._orphans.append((chain._gen, chain.head))
+
+    def _return_orphans(self) -> None:
+        while self._orphans:
+            gen, head = self._orphans.popleft()
+            if gen == self._generation and self._broken is None:
+                self._publish_used(head, 0)
+
+    def _publish_used(self, head: int, written: int) -> None:
+        used = self._used_view
+        next_used = self._next_used
+        _USED_ELEM.pack_into(
+            used, self._used_ring_off + 8 * (next_used & (self.size - 1)), head, written
+        )
+        write_barrier()  # the element before the index that publishes it (virtio 1.2, 2.7.14)
+        self._next_used = next_used = (next_used + 1) & 0xFFFF
+        _U16.pack_into(used, self._used_idx_off, next_used)
+        if self._should_notify(next_used):
+            self.notifier.notify()
+
+    def _should_notify(self, new_used: int) -> bool:
+        """The used-buffer notification decision (virtio 1.2, 2.7.7.2 and 2.7.10)."""
+        full_barrier()  # used.idx before reading used_event / avail.flags
+        if self._event_idx:
+            old = self._signalled_used
+            valid = self._signalled_valid
+            self._signalled_used = new_used
+            self._signalled_valid = True
+            used_event: int = _U16.unpack_from(self._avail_view, self._used_event_off)[0]
+            return not valid or ((new_used - used_event - 1) & 0xFFFF) < ((new_used - old) & 0xFFFF)
+        flags: int = _U16.unpack_from(self._avail_view, self._avail_flags_off)[0]
+        return not flags & AvailFlags.NO_INTERRUPT
+
+    # --- kick suppression ----------------------------------------------------------------------
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick (while the device polls). Without EVENT_IDX this sets
+        ``used.flags`` NO_NOTIFY; with it, ``avail_event`` stops following the taken index."""
+        self._notify_enabled = False
+        if self._broken is not None or self._event_idx:
+            return
+        flags: int = _U16.unpack_from(self._used_view, self._used_flags_off)[0]
+        _U16.pack_into(self._used_view, self._used_flags_off, flags | UsedFlags.NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask the driver to kick again, then re-check the ring (virtio 1.2, 2.7.10: without the
+        re-check a kick sent before the request was visible would be lost).
+
+        Returns ``True`` if chains are available, which the device must then process (or it
+        will not be kicked for them).
+        """
+        self._notify_enabled = True
+        if self._broken is not None:
+            raise QueueBroken(self.index, self._broken)
+        if self._event_idx:
+            _U16.pack_into(self._used_view, self._avail_event_off, self._next_avail)
+        else:
+            flags: int = _U16.unpack_from(self._used_view, self._used_flags_off)[0]
+            _U16.pack_into(
+                self._used_view, self._used_flags_off, flags & ~UsedFlags.NO_NOTIFY & 0xFFFF
+            )
+        full_barrier()  # the request to kick before re-reading avail.idx
+        avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
+        return avail_idx != self._next_avail
+
+    def __repr__(self) -> str:
+        state = f"broken: {self._broken}" if self._broken else "ok"
+        return (
+            f"Queue(index={self.index}, size={self.size}, next_avail={self._next_avail},"
+            f" next_used={self._next_used}, {state})"
+        )

@@ -1,0 +1,173 @@
+"""Device headers: the first bytes of a request as device code (and dissectors) read them.
+
+* virtio-net: ``struct virtio_net_hdr`` with ``num_buffers`` (virtio 1.2, 5.1.6), 12 bytes;
+* virtio-blk: ``struct virtio_blk_req`` header (type, reserved/ioprio, sector; virtio 1.2, 5.2.6),
+  16 bytes, its request types and status values, and the device configuration layout (5.2.4);
+* virtio-vsock: ``struct virtio_vsock_hdr`` (virtio 1.2, 5.10.6), 44 bytes.
+
+All little-endian (VERSION_1 devices). Fields keep the spec's names; flag-like fields stay integers.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+
+__all__ = [
+    "BLK_ID_BYTES",
+    "BLK_SECTOR_SIZE",
+    "BlkFeature",
+    "BlkStatus",
+    "BlkType",
+    "NetGsoType",
+    "NetHdrFlags",
+    "VirtioBlkConfig",
+    "VirtioBlkReqHdr",
+    "VirtioNetHdr",
+    "VirtioVsockHdr",
+    "VsockOp",
+    "VsockType",
+]
+
+# --- virtio-net --------------------------------------------------------------------------------
+
+VirtioNetHdr = Struct(
+    "flags" / Int8ul,
+    "gso_type" / Int8ul,
+    "hdr_len" / Int16ul,
+    "gso_size" / Int16ul,
+    "csum_start" / Int16ul,
+    "csum_offset" / Int16ul,
+    "num_buffers" / Int16ul,
+)
+"""``struct virtio_net_hdr`` as used with VERSION_1 or MRG_RXBUF (12 bytes, ``num_buffers`` last)."""
+
+
+class NetHdrFlags(enum.IntFlag):
+    """``virtio_net_hdr.flags``."""
+
+    NEEDS_CSUM = 1
+    DATA_VALID = 2
+    RSC_INFO = 4
+
+
+class NetGsoType(enum.IntEnum):
+    """``virtio_net_hdr.gso_type`` (without the ECN bit 0x80)."""
+
+    NONE = 0
+    TCPV4 = 1
+    UDP = 3
+    TCPV6 = 4
+    UDP_L4 = 5
+
+
+# --- virtio-blk --------------------------------------------------------------------------------
+
+BLK_SECTOR_SIZE = 512
+"""``sector`` counts 512-byte units whatever the device's ``blk_size``."""
+
+BLK_ID_BYTES = 20
+"""Length of the identification string a GET_ID request reads."""
+
+VirtioBlkReqHdr = Struct(
+    "type" / Int32ul,
+    "ioprio" / Int32ul,
+    "sector" / Int64ul,
+)
+"""The device-readable header of a virtio-blk request (the spec's ``reserved`` is Linux's ``ioprio``)."""
+
+
+class BlkType(enum.IntEnum):
+    """virtio-blk request types (``VIRTIO_BLK_T_*``)."""
+
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    GET_LIFETIME = 10
+    DISCARD = 11
+    WRITE_ZEROES = 13
+    SECURE_ERASE = 14
+
+
+class BlkStatus(enum.IntEnum):
+    """The status byte a virtio-blk device writes last (``VIRTIO_BLK_S_*``)."""
+
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+
+
+class BlkFeature(enum.IntFlag):
+    """virtio-blk feature bits (virtio 1.2, 5.2.3), as masks."""
+
+    SIZE_MAX = 1 << 1
+    SEG_MAX = 1 << 2
+    GEOMETRY = 1 << 4
+    RO = 1 << 5
+    BLK_SIZE = 1 << 6
+    FLUSH = 1 << 9
+    TOPOLOGY = 1 << 10
+    CONFIG_WCE = 1 << 11
+    MQ = 1 << 12
+    DISCARD = 1 << 13
+    WRITE_ZEROES = 1 << 14
+
+
+VirtioBlkConfig = Struct(
+    "capacity" / Int64ul,
+    "size_max" / Int32ul,
+    "seg_max" / Int32ul,
+    "cylinders" / Int16ul,  # struct virtio_blk_geometry, flattened
+    "heads" / Int8ul,
+    "sectors" / Int8ul,
+    "blk_size" / Int32ul,
+    "physical_block_exp" / Int8ul,  # struct virtio_blk_topology, flattened
+    "alignment_offset" / Int8ul,
+    "min_io_size" / Int16ul,
+    "opt_io_size" / Int32ul,
+    "writeback" / Int8ul,
+    "unused0" / Int8ul,
+    "num_queues" / Int16ul,
+    "max_discard_sectors" / Int32ul,
+    "max_discard_seg" / Int32ul,
+    "discard_sector_alignment" / Int32ul,
+    "max_write_zeroes_sectors" / Int32ul,
+    "max_write_zeroes_seg" / Int32ul,
+    "write_zeroes_may_unmap" / Int8ul,
+    Padding(3),
+)
+"""``struct virtio_blk_config`` up to ``write_zeroes_may_unmap`` (60 bytes)."""
+
+# --- virtio-vsock ------------------------------------------------------------------------------
+
+VirtioVsockHdr = Struct(
+    "src_cid" / Int64ul,
+    "dst_cid" / Int64ul,
+    "src_port" / Int32ul,
+    "dst_port" / Int32ul,
+    "len" / Int32ul,
+    "type" / Int16ul,
+    "op" / Int16ul,
+    "flags" / Int32ul,
+    "buf_alloc" / Int32ul,
+    "fwd_cnt" / Int32ul,
+)
+"""``struct virtio_vsock_hdr`` (44 bytes, packed)."""
+
+
+class VsockType(enum.IntEnum):
+    STREAM = 1
+    SEQPACKET = 2
+
+
+class VsockOp(enum.IntEnum):
+    INVALID = 0
+    REQUEST = 1
+    RESPONSE = 2
+    RST = 3
+    SHUTDOWN = 4
+    RW = 5
+    CREDIT_UPDATE = 6
+    CREDIT_REQUEST = 7
