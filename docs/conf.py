@@ -14,3 +14,4 @@ autodoc_type_aliases = {"ReadBuffer": "ReadBuffer", "WriteBuffer": "WriteBuffer"
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
 nitpicky = False
+suppress_warnings = ["ref.python"]  # builtin ``type`` in signatures vs record fields named ``type``

@@ -1,0 +1,94 @@
+"""Typed records and ``struct`` layouts of the device headers, ready for ``read_record``.
+
+Each record is a ``NamedTuple`` whose fields mirror a schema in :mod:`virtio_schema.schema.devices`;
+each ``Layout`` is proved against its schema when this module is imported::
+
+    hdr = ReadableChain(chain).read_record(BLK_REQ_HDR)     # -> BlkReqHdr
+    if hdr.type == BlkType.IN: ...
+
+Imports: :mod:`virtio_schema.schema`, :mod:`virtio_schema.layout`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from virtio_schema.layout import Layout
+from virtio_schema.schema import devices
+
+__all__ = [
+    "BLK_CONFIG",
+    "BLK_REQ_HDR",
+    "NET_HDR",
+    "VSOCK_HDR",
+    "BlkConfig",
+    "BlkReqHdr",
+    "NetHdr",
+    "VsockHdr",
+]
+
+
+class BlkReqHdr(NamedTuple):
+    """The device-readable header of a virtio-blk request."""
+
+    type: int
+    ioprio: int
+    sector: int
+
+
+class BlkConfig(NamedTuple):
+    """``struct virtio_blk_config`` (geometry and topology flattened)."""
+
+    capacity: int
+    size_max: int
+    seg_max: int
+    cylinders: int
+    heads: int
+    sectors: int
+    blk_size: int
+    physical_block_exp: int
+    alignment_offset: int
+    min_io_size: int
+    opt_io_size: int
+    writeback: int
+    unused0: int
+    num_queues: int
+    max_discard_sectors: int
+    max_discard_seg: int
+    discard_sector_alignment: int
+    max_write_zeroes_sectors: int
+    max_write_zeroes_seg: int
+    write_zeroes_may_unmap: int
+
+
+class NetHdr(NamedTuple):
+    """``struct virtio_net_hdr`` with ``num_buffers``."""
+
+    flags: int
+    gso_type: int
+    hdr_len: int
+    gso_size: int
+    csum_start: int
+    csum_offset: int
+    num_buffers: int
+
+
+class VsockHdr(NamedTuple):
+    """``struct virtio_vsock_hdr``."""
+
+    src_cid: int
+    dst_cid: int
+    src_port: int
+    dst_port: int
+    len: int
+    type: int
+    op: int
+    flags: int
+    buf_alloc: int
+    fwd_cnt: int
+
+
+BLK_REQ_HDR: Layout[BlkReqHdr] = Layout(devices.VirtioBlkReqHdr, BlkReqHdr, name="VirtioBlkReqHdr")
+BLK_CONFIG: Layout[BlkConfig] = Layout(devices.VirtioBlkConfig, BlkConfig, name="VirtioBlkConfig")
+NET_HDR: Layout[NetHdr] = Layout(devices.VirtioNetHdr, NetHdr, name="VirtioNetHdr")
+VSOCK_HDR: Layout[VsockHdr] = Layout(devices.VirtioVsockHdr, VsockHdr, name="VirtioVsockHdr")
