@@ -110,7 +110,7 @@ def _translate_prefix(mem: DriverMem, chain: DescChain, addr: int, length: int) 
 class _Walker:
     """Position in a list of buffers; the common half of both chain walkers."""
 
-    __slots__ = ("_cur", "_cur_addr", "_descs", "_i", "_left", "_mem", "_pos", "chain")
+    __slots__ = ("_cur", "_cur_addr", "_cur_dr", "_descs", "_i", "_left", "_mem", "_pos", "chain")
 
     def __init__(self, chain: DescChain, descs: tuple[ChainDescriptor, ...]) -> None:
         self.chain = chain
@@ -119,6 +119,7 @@ class _Walker:
         self._i = 0  # index of the current buffer
         self._pos = 0  # bytes consumed of the current buffer
         self._cur: memoryview | None = None  # translated piece of the current buffer
+        self._cur_dr: DeviceRange | None = None  # the range _cur is the view of
         self._cur_addr = 0  # driver address of _cur[0]
         self._left = sum(d.len for d in descs)
 
@@ -139,12 +140,13 @@ class _Walker:
             if self._pos >= d.len:
                 self._i += 1
                 self._pos = 0
-                self._cur = None
+                self._cur = self._cur_dr = None
                 continue
             addr = d.addr + self._pos
             cur = self._cur
             if cur is None or not self._cur_addr <= addr < self._cur_addr + len(cur):
                 dr = _translate_prefix(self._mem, self.chain, addr, d.len - self._pos)
+                self._cur_dr = dr
                 cur = self._cur = dr.view
                 self._cur_addr = addr
             off = addr - self._cur_addr
@@ -167,8 +169,12 @@ class _Walker:
         view = self._piece(self._left if limit is None else limit)
         if view is None:  # pragma: no cover - _left > 0 means a piece exists
             return None
-        addr = self._descs[self._i].addr + self._pos - len(view)
-        return DeviceRange(view, DriverRange(addr, addr + len(view)))
+        n = len(view)
+        addr = self._descs[self._i].addr + self._pos - n
+        view.release()
+        cur_dr = self._cur_dr
+        assert cur_dr is not None
+        return cur_dr.sub(addr - self._cur_addr, n)
 
 
 class ReadableChain(_Walker):

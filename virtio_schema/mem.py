@@ -176,6 +176,23 @@ class DeviceRange:
             owner.add(b)
         return a, b
 
+    def sub(self, offset: int, length: int) -> DeviceRange:
+        """The ``length`` bytes at ``offset`` of this range, tracked by the same memory."""
+        n = len(self.view)
+        if offset < 0 or length < 0 or offset + length > n:
+            raise DeviceUsageError(f"sub-range {offset}+{length} outside a {n}-byte range")
+        if self.driver_range is None:
+            d = None
+        else:
+            start = self.driver_range.start + offset
+            d = DriverRange(start, start + length)
+        part = DeviceRange(self.view[offset : offset + length], d)
+        owner = self._owner
+        if owner is not None:
+            part._owner = owner
+            owner.add(part)
+        return part
+
     def release(self) -> None:
         """Release the view now (it raises ``ValueError`` on use afterwards)."""
         self.view.release()

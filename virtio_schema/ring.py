@@ -83,7 +83,9 @@ def _area(dr: DeviceRange, area: str, size: int, need: int, align: int) -> memor
         raise RingTooSmall(area, size, have, need)
     if dr.driver_range is not None and dr.driver_range.start % align:
         raise MisalignedRing(area, dr.driver_range.start, align)
-    return dr.view[:need]
+    if have > need:  # split, not slice: the piece stays tracked by the memory it came from
+        dr = dr.split_at(need)[0]
+    return dr.view
 
 
 @final

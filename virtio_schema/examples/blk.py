@@ -13,9 +13,12 @@ no status could be written), so the driver never loses a slot and the device nev
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import os
+import signal
+import sys
 
 from virtio_schema.chain import InsufficientSpace, ReadableChain, WritableChain
 from virtio_schema.errors import DriverError
@@ -29,8 +32,9 @@ from virtio_schema.schema import (
     BlkType,
     Feature,
 )
+from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
 
-__all__ = ["BlkDevice"]
+__all__ = ["BlkDevice", "VhostUserBlk", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +184,55 @@ class BlkDevice:
         while left > 1:
             left -= writer.write(zeros[: left - 1])
         writer.write(bytes([status]))
+
+
+class VhostUserBlk(VhostUserDevice):
+    """:class:`BlkDevice` served over vhost-user (one request queue)."""
+
+    num_queues = 1
+
+    def __init__(self, blk: BlkDevice) -> None:
+        self.blk = blk
+
+    def device_features(self) -> int:
+        return self.blk.features
+
+    def config(self) -> bytes:
+        return self.blk.config()
+
+    def handle(self, index: int, queue: Queue) -> None:
+        self.blk.serve(queue)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m virtio_schema.examples.blk --vhost-user SOCKET IMAGE``: serve IMAGE as a
+    virtio-blk device to a vhost-user front-end, e.g. QEMU::
+
+        qemu-system-x86_64 -accel tcg -m 256M \\
+            -object memory-backend-memfd,id=mem,size=256M,share=on -machine pc,memory-backend=mem \\
+            -chardev socket,id=blk0,path=SOCKET -device vhost-user-blk-pci,chardev=blk0 ...
+    """
+    p = argparse.ArgumentParser(
+        prog="python -m virtio_schema.examples.blk", description=main.__doc__
+    )
+    p.add_argument("--vhost-user", metavar="SOCKET", required=True, help="unix socket to listen on")
+    p.add_argument("image", help="disk image file (its size is the disk's capacity)")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--serial", default="virtio-schema", help="GET_ID string (20 bytes max)")
+    p.add_argument("--trace", action="store_true", help="log every vhost-user message decoded")
+    p.add_argument("--max-connections", type=int, default=None, help="exit after N front-ends")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with open(args.image, "rb" if args.read_only else "r+b", buffering=0) as image:
+        blk = BlkDevice(image, read_only=args.read_only, serial=args.serial.encode())
+        server = VhostUserServer(args.vhost_user, lambda: VhostUserBlk(blk), trace=args.trace)
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        signal.signal(signal.SIGINT, lambda *_: server.stop())
+        log.info("virtio-blk on %s: %s, %d sectors", args.vhost_user, args.image, blk.capacity)
+        server.serve_forever(max_connections=args.max_connections)
+    log.info("served %d requests (%d errors)", blk.requests, blk.errors)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

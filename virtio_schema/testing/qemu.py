@@ -1,0 +1,305 @@
+"""Run a Linux guest under QEMU against a vhost-user device: kernel, initramfs and a bounded run.
+
+For end-to-end tests of devices (this project's and yours): the guest is a Debian cloud kernel and
+a busybox initramfs built here, with a shell script as ``/init`` that loads the virtio modules, runs
+a workload and powers off. Everything the guest prints on its serial console comes back to the
+caller, so a test can look for its own markers and show the console when something fails.
+
+* :func:`find_kernel` locates (and with ``fetch=True`` downloads with ``apt-get download`` and
+  unpacks with ``dpkg-deb -x``) the kernel and its modules into a cache directory;
+* :func:`build_initramfs` writes a newc cpio archive (no ``cpio`` binary needed) with the static
+  busybox, the requested modules in dependency order, extra files and the ``/init`` script;
+* :func:`run_guest` starts ``qemu-system-x86_64 -accel tcg`` with memfd guest memory shared with
+  vhost-user back-ends, under a hard timeout, and kills exactly the process it started.
+
+Nothing here runs unless called; importing it needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "INIT_EPILOGUE",
+    "INIT_PRELUDE",
+    "GuestResult",
+    "KernelKit",
+    "build_initramfs",
+    "find_busybox",
+    "find_kernel",
+    "qemu_binary",
+    "run_guest",
+]
+
+DEFAULT_CACHE = Path(os.environ.get("VIRTIO_SCHEMA_GUEST_CACHE", Path.home() / ".cache" / "virtio_schema"))
+"""Where the downloaded kernel is unpacked (``VIRTIO_SCHEMA_GUEST_CACHE`` overrides)."""
+
+KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
+
+
+@dataclass(frozen=True)
+class KernelKit:
+    """A kernel image and its module tree."""
+
+    vmlinuz: Path
+    modules: Path  # .../lib/modules/<version>
+    version: str
+
+    def module_paths(self, names: list[str]) -> list[Path]:
+        """The ``.ko`` files for ``names`` and everything they depend on, in load order (read
+        from each module's ``depends=`` modinfo string: Debian's package ships no modules.dep)."""
+        index = {
+            ko.name.removesuffix(".ko").replace("-", "_"): ko for ko in self.modules.rglob("*.ko")
+        }
+        order: list[Path] = []
+
+        def visit(name: str) -> None:
+            ko = index.get(name.replace("-", "_"))
+            if ko is None:
+                raise FileNotFoundError(f"module {name} not in {self.modules}")
+            if ko in order:
+                return
+            for dep in _modinfo_depends(ko):
+                visit(dep)
+            order.append(ko)
+
+        for name in names:
+            visit(name)
+        return order
+
+
+def _modinfo_depends(ko: Path) -> list[str]:
+    data = ko.read_bytes()
+    at = data.find(b"\0depends=")
+    if at < 0:
+        return []
+    end = data.index(b"\0", at + 1)
+    value = data[at + len(b"\0depends=") : end].decode()
+    return [d for d in value.split(",") if d]
+
+
+def qemu_binary() -> str | None:
+    """Path of ``qemu-system-x86_64``, or ``None``."""
+    return shutil.which("qemu-system-x86_64")
+
+
+def find_busybox() -> Path | None:
+    """A statically linked busybox (Debian package ``busybox-static``), or ``None``."""
+    for cand in ("/bin/busybox", "/usr/bin/busybox"):
+        p = Path(cand)
+        if p.exists() and b"ld-linux" not in p.read_bytes()[:8192]:  # no ELF interpreter
+            return p
+    return None
+
+
+def find_kernel(cache: Path = DEFAULT_CACHE, *, fetch: bool = False) -> KernelKit | None:
+    """The cached cloud kernel, fetching it first if asked and possible; ``None`` if absent."""
+    root = cache / "kernel"
+    kit = _kit_in(root)
+    if kit is not None or not fetch:
+        return kit
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        return None
+    dep = subprocess.run(
+        ["apt-cache", "depends", "--important", KERNEL_META_PACKAGE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in dep.stdout.splitlines()
+        if line.strip().startswith("Depends:") and "linux-image-" in line
+    ]
+    if not names:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run(
+            ["apt-get", "download", names[0]], cwd=tmp, capture_output=True, text=True, check=False
+        )
+        debs = list(Path(tmp).glob("*.deb"))
+        if got.returncode != 0 or not debs:
+            return None
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
+    return _kit_in(root)
+
+
+def _kit_in(root: Path) -> KernelKit | None:
+    images = sorted(root.glob("boot/vmlinuz-*"))
+    if not images:
+        return None
+    version = images[-1].name.removeprefix("vmlinuz-")
+    modules = root / "lib" / "modules" / version
+    if not modules.is_dir():
+        return None
+    return KernelKit(images[-1], modules, version)
+
+
+# --- initramfs -----------------------------------------------------------------------------------
+
+
+class _Cpio:
+    """A newc-format cpio archive writer (the format the kernel unpacks as initramfs)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        fields = [self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
+        self.ino += 1
+        self.data += b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.data += name.encode() + b"\0"
+        self.data += b"\0" * (-len(self.data) % 4)
+        self.data += body
+        self.data += b"\0" * (-len(self.data) % 4)
+
+    def dir(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, body: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, body)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return bytes(self.data)
+
+
+def build_initramfs(
+    out: Path,
+    *,
+    init_script: str,
+    busybox: Path,
+    modules: list[Path] = (),  # type: ignore[assignment]
+    files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write an initramfs to ``out``: busybox at ``/bin/busybox``, ``modules`` under
+    ``/lib/modules`` (their load order is written to ``/lib/modules/order``), ``files`` at the
+    given absolute paths, and ``init_script`` as ``/init``."""
+    cpio = _Cpio()
+    for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "data"):
+        cpio.dir(d)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    names = []
+    for ko in modules:
+        cpio.file(f"lib/modules/{ko.name}", ko.read_bytes())
+        names.append(ko.name)
+    cpio.file("lib/modules/order", ("\n".join(names) + "\n").encode())
+    for path, body in (files or {}).items():
+        cpio.file(path.lstrip("/"), body)
+    cpio.file("init", init_script.encode(), 0o755)
+    out.write_bytes(cpio.finish())
+    return out
+
+
+INIT_PRELUDE = """#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "E2E-INSMOD-FAILED $m"; done
+"""
+"""The start of every ``/init``: busybox applets, the pseudo file systems, the modules."""
+
+INIT_EPILOGUE = """
+sync
+echo E2E-DONE
+poweroff -f
+"""
+"""The end of every ``/init``: flush and power off (QEMU then exits)."""
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GuestResult:
+    """What a guest run produced."""
+
+    console: str
+    returncode: int | None
+    timed_out: bool
+    seconds: float
+
+    def lines(self, marker: str) -> list[str]:
+        """The console lines starting with ``marker`` (marker removed, stripped)."""
+        out = []
+        for line in self.console.splitlines():
+            line = line.strip("\r")
+            if line.startswith(marker):
+                out.append(line[len(marker) :].strip())
+        return out
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.console.splitlines()[-n:])
+
+
+def run_guest(
+    kit: KernelKit,
+    initrd: Path,
+    device_args: list[str],
+    *,
+    timeout: float = 180.0,
+    memory_mib: int = 256,
+    append: str = "",
+    qemu: str | None = None,
+) -> GuestResult:
+    """Boot the guest with ``device_args`` (``-chardev``/``-device`` pairs for vhost-user
+    devices) and wait for it to power off, at most ``timeout`` seconds (then QEMU is killed)."""
+    binary = qemu or qemu_binary()
+    if binary is None:
+        raise FileNotFoundError("qemu-system-x86_64 is not installed")
+    cmd = [
+        binary,
+        "-accel", "tcg",
+        "-machine", "pc,memory-backend=mem",
+        "-m", f"{memory_mib}M",
+        "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
+        "-smp", "1",
+        "-display", "none",
+        "-vga", "none",
+        "-serial", "stdio",
+        "-monitor", "none",
+        "-no-reboot",
+        "-nodefaults",
+        "-kernel", str(kit.vmlinuz),
+        "-initrd", str(initrd),
+        "-append", f"console=ttyS0 panic=-1 loglevel=4 {append}".strip(),
+        *device_args,
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    timed_out = False
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        out, _ = proc.communicate()
+    finally:
+        if proc.poll() is None:  # pragma: no cover - communicate() waited
+            proc.kill()
+            proc.wait()
+    return GuestResult(
+        out.decode(errors="replace"), proc.returncode, timed_out, time.monotonic() - t0
+    )
