@@ -3,6 +3,7 @@
 
     python3 dev.py test     # ruff, mypy --strict, stubtest, docs build (-W), pytest
     python3 dev.py demo     # the example virtio-blk device serving the fake driver
+    python3 dev.py guest    # fetch the guest kernel for the end-to-end tests (root, apt)
     python3 dev.py env      # only create/refresh .venv
 
 The environment lives in ``.venv`` next to this file and is reinstalled when ``pyproject.toml``
@@ -87,8 +88,18 @@ def demo(extra: list[str]) -> int:
     return _run([str(PY), "-m", "virtio_schema.examples.demo", *extra])
 
 
+def guest(extra: list[str]) -> int:
+    """Fetch and unpack the Debian cloud kernel the QEMU tests boot (needs apt-get as root)."""
+    ensure_env()
+    code = (
+        "import sys; from virtio_schema.testing.qemu import find_kernel; "
+        "k = find_kernel(fetch=True); print('guest kernel:', k); sys.exit(k is None)"
+    )
+    return _run([str(PY), "-c", code])
+
+
 def main(argv: list[str]) -> int:
-    tasks = {"test": test, "demo": demo}
+    tasks = {"test": test, "demo": demo, "guest": guest}
     if not argv or argv[0] not in (*tasks, "env"):
         print(__doc__)
         return 2

@@ -196,6 +196,8 @@ class ReadableChain(_Walker):
     def readinto(self, buffer: WriteBuffer) -> int:
         """Copy up to ``len(buffer)`` bytes straight from guest memory into ``buffer``; returns
         the count (0 at the end)."""
+        if self.chain.returned:
+            raise ChainAlreadyReturned(self.chain.queue_index, self.chain.head)
         out = memoryview(buffer).cast("B")
         total = 0
         want = len(out)
@@ -224,6 +226,8 @@ class ReadableChain(_Walker):
     def read_record(self, layout: Layout[R]) -> R:
         """Read one record of ``layout`` (e.g. a virtio-blk request header), across buffer
         boundaries. Raises :class:`InsufficientData` if the chain has fewer bytes left."""
+        if self.chain.returned:
+            raise ChainAlreadyReturned(self.chain.queue_index, self.chain.head)
         if self._left < layout.size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, layout.size, self._left)
         buf = bytearray(layout.size)
@@ -284,18 +288,23 @@ class WritableChain(_Walker):
 
     def write(self, data: ReadBuffer) -> int:
         """Write as much of ``data`` as fits; returns the count (0 when the chain is full)."""
+        chain = self.chain
+        if chain.returned:
+            raise ChainAlreadyReturned(chain.queue_index, chain.head)
         src = memoryview(data).cast("B")
         total = 0
         want = len(src)
-        while total < want:
-            view = self._piece(want - total)
-            if view is None:
-                break
-            n = len(view)
-            view[:] = src[total : total + n]
-            total += n
-        if total:
-            self.chain.written = self.chain.written + total
+        try:
+            while total < want:
+                view = self._piece(want - total)
+                if view is None:
+                    break
+                n = len(view)
+                view[:] = src[total : total + n]
+                total += n
+        finally:  # bytes that landed count, even if a later buffer turned out unmapped
+            if total:
+                chain.written = chain.written + total
         return total
 
     def write_all(self, data: ReadBuffer) -> None:

@@ -119,6 +119,16 @@ class FakeMemory:
         end = addr + max(size, 1)
         pos = addr
         pieces: list[int] = []
+        try:
+            self._reserve(pos, end, pieces)
+        except BaseException:
+            for p in pieces:
+                self._free_piece(p)
+            raise
+        self._pieces[addr] = pieces
+        return addr
+
+    def _reserve(self, pos: int, end: int, pieces: list[int]) -> None:
         while pos < end:
             r = self._region_of(pos)
             stop = min(end, r.end)
@@ -132,12 +142,8 @@ class FakeMemory:
                     pieces.append(pos)
                     break
             else:
-                for p in pieces:
-                    self._free_piece(p)
                 raise DeviceUsageError(f"[{pos:#x}, {stop:#x}) overlaps an allocation")
             pos = stop
-        self._pieces[addr] = pieces
-        return addr
 
     def free(self, addr: int) -> None:
         """Give back a block from :meth:`alloc` or :meth:`alloc_at`."""
@@ -404,8 +410,8 @@ class FakeDriver:
     def set_no_interrupt(self, on: bool) -> None:
         """Set or clear ``avail.flags`` NO_INTERRUPT (other bits are kept)."""
         flags = self.avail.flags()
-        flags = flags | AvailFlags.NO_INTERRUPT if on else flags & ~AvailFlags.NO_INTERRUPT
-        self.avail.set_flags(flags & 0xFFFF)
+        bit = int(AvailFlags.NO_INTERRUPT)
+        self.avail.set_flags((flags | bit) if on else (flags & ~bit & 0xFFFF))
 
     def set_avail_flags(self, value: int) -> None:
         self.avail.set_flags(value)

@@ -132,9 +132,10 @@ class DescChainStream:
         return self
 
     async def __anext__(self) -> DescChain:
-        if self._event is None:
+        loop = asyncio.get_running_loop()
+        if self._event is None or self._loop is not loop:  # first use, or a new event loop
             with self._lock:
-                self._loop = asyncio.get_running_loop()
+                self._loop = loop
                 self._event = asyncio.Event()
         event = self._event
         assert event is not None

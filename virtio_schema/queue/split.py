@@ -62,6 +62,8 @@ __all__ = ["Queue"]
 _NEXT = int(DescFlags.NEXT)
 _WRITE = int(DescFlags.WRITE)
 _INDIRECT = int(DescFlags.INDIRECT)
+_NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
+_NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
 _MAX_TOTAL = (1 << 32) - 1
 _ADDR_END = 1 << 64
 _MAX_INDIRECT_ENTRIES = 65535
@@ -310,7 +312,7 @@ class Queue:
             used_event: int = _U16.unpack_from(self._avail_view, self._used_event_off)[0]
             return not valid or ((new_used - used_event - 1) & 0xFFFF) < ((new_used - old) & 0xFFFF)
         flags: int = _U16.unpack_from(self._avail_view, self._avail_flags_off)[0]
-        return not flags & AvailFlags.NO_INTERRUPT
+        return not flags & _NO_INTERRUPT
 
     # --- kick suppression ----------------------------------------------------------------------
 
@@ -321,7 +323,7 @@ class Queue:
         if self._broken is not None or self._event_idx:
             return
         flags: int = _U16.unpack_from(self._used_view, self._used_flags_off)[0]
-        _U16.pack_into(self._used_view, self._used_flags_off, flags | UsedFlags.NO_NOTIFY)
+        _U16.pack_into(self._used_view, self._used_flags_off, flags | _NO_NOTIFY)
 
     def enable_notifications(self) -> bool:
         """Ask the driver to kick again, then re-check the ring (virtio 1.2, 2.7.10: without the
@@ -338,7 +340,7 @@ class Queue:
         else:
             flags: int = _U16.unpack_from(self._used_view, self._used_flags_off)[0]
             _U16.pack_into(
-                self._used_view, self._used_flags_off, flags & ~UsedFlags.NO_NOTIFY & 0xFFFF
+                self._used_view, self._used_flags_off, flags & ~_NO_NOTIFY & 0xFFFF
             )
         full_barrier()  # the request to kick before re-reading avail.idx
         avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]

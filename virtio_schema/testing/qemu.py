@@ -39,7 +39,9 @@ __all__ = [
     "run_guest",
 ]
 
-DEFAULT_CACHE = Path(os.environ.get("VIRTIO_SCHEMA_GUEST_CACHE", Path.home() / ".cache" / "virtio_schema"))
+DEFAULT_CACHE = Path(
+    os.environ.get("VIRTIO_SCHEMA_GUEST_CACHE", Path.home() / ".cache" / "virtio_schema")
+)
 """Where the downloaded kernel is unpacked (``VIRTIO_SCHEMA_GUEST_CACHE`` overrides)."""
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -154,7 +156,9 @@ class _Cpio:
         self.data = bytearray()
         self.ino = 1
 
-    def _entry(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         fields = [self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
         self.ino += 1
         self.data += b"070701" + b"".join(b"%08X" % f for f in fields)

@@ -190,7 +190,7 @@ class Backend:
     # --- negotiation ---------------------------------------------------------------------------
 
     def offered_features(self) -> int:
-        return self.device.device_features() | Feature.PROTOCOL_FEATURES
+        return int(self.device.device_features()) | int(Feature.PROTOCOL_FEATURES)
 
     def _get_features(self, request: int, payload: bytes, fds: list[int]) -> bytes:
         _expect_size(request, payload, 0)
@@ -202,6 +202,7 @@ class Backend:
         if extra:
             raise FrontendError(f"{self.name}: SET_FEATURES acks unoffered bits {extra:#x}")
         self.acked_features = value
+        log.info("%s: features acked %#x", self.name, value)
         if not value & Feature.PROTOCOL_FEATURES:
             for vr in self.vrings:  # without protocol features, rings start enabled
                 vr.enabled = True
@@ -404,6 +405,10 @@ class Backend:
             return
         self._build_queue(vr, vr.base)
         vr.started = True
+        log.info(
+            "%s: ring %d started (size %d, avail %d)",
+            self.name, vr.index, vr.size, vr.base.next_avail,
+        )  # fmt: skip
 
     def _build_queue(self, vr: _Vring, state: QueueState) -> None:
         assert vr.size is not None
@@ -451,6 +456,7 @@ class Backend:
         vr.started = False
         self._close_kick(vr)
         if was:
+            log.info("%s: ring %d stopped", self.name, vr.index)
             self.device.stopped(vr.index)
 
     def _close_kick(self, vr: _Vring) -> None:

@@ -1,0 +1,827 @@
+"""Tests of :mod:`virtio_schema.chain`: walking a descriptor chain as bytes.
+
+What a device relies on here: a :class:`ReadableChain` yields exactly the bytes the driver put in
+its readable buffers, in order, whatever the buffer boundaries (zero-length buffers, indirect tables,
+buffers that cross a guest-memory region boundary); a :class:`WritableChain` puts bytes exactly into
+the writable buffers and the driver sees exactly those bytes, cut to the used length; records cross
+buffer boundaries; the standard binary I/O protocol works (``shutil.copyfileobj``); and every
+driver fault comes out as a :class:`~virtio_schema.errors.DriverError`, every misuse as a
+:class:`~virtio_schema.errors.DeviceUsageError`.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from virtio_schema import schema
+from virtio_schema.chain import (
+    DataRemaining,
+    InsufficientData,
+    InsufficientSpace,
+    ReadableChain,
+    Remaining,
+    WritableChain,
+)
+from virtio_schema.errors import DeviceUsageError, DriverError
+from virtio_schema.fake_queue import FakeDriver, FakeMemory, FakeQueue, UsedChain, make_queue
+from virtio_schema.layout import Layout
+from virtio_schema.mem import DriverRange
+from virtio_schema.queue import (
+    ChainAlreadyReturned,
+    ChainError,
+    ChainTooLong,
+    DescChain,
+    DescIndexOutOfRange,
+    Queue,
+    ReadableAfterWritable,
+    UnmappedBuffer,
+    WrittenTooMuch,
+)
+from virtio_schema.schema import DescFlags, Feature
+from virtio_schema.util import NotificationCounter
+
+INDIRECT = Feature.INDIRECT_DESC
+NEXT = int(DescFlags.NEXT)
+WRITE = int(DescFlags.WRITE)
+
+
+class BlkReqHdr(NamedTuple):
+    type: int
+    ioprio: int
+    sector: int
+
+
+BLK_REQ_HDR: Layout[BlkReqHdr] = Layout(schema.VirtioBlkReqHdr, BlkReqHdr, name="VirtioBlkReqHdr")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def fake(size: int = 16, *, indirect: bool = False, memory_size: int = 1 << 16) -> FakeQueue:
+    return make_queue(size, features=INDIRECT if indirect else 0, memory=FakeMemory(memory_size))
+
+
+def publish(
+    fq: FakeQueue,
+    readable: list[bytes] | tuple[bytes, ...] = (),
+    writable: list[int] | tuple[int, ...] = (),
+    *,
+    indirect: bool = False,
+) -> int:
+    head = fq.driver.publish(readable, writable, indirect=indirect)
+    assert head is not None
+    return head
+
+
+def take(fq: FakeQueue) -> DescChain:
+    chain = fq.queue.next_chain()
+    assert chain is not None
+    return chain
+
+
+def used_one(fq: FakeQueue) -> UsedChain:
+    (used,) = fq.driver.used()
+    return used
+
+
+def raw_chain(driver: FakeDriver, descs: list[tuple[int, int, int]]) -> int:
+    """Publish ``(addr, len, flags)`` descriptors linked in order (NEXT added); returns the head."""
+    idx = [driver.take_descriptor() for _ in descs]
+    for k, (addr, length, flags) in enumerate(descs):
+        more = k + 1 < len(descs)
+        driver.write_desc(
+            idx[k], addr, length, flags | (NEXT if more else 0), idx[k + 1] if more else 0
+        )
+    driver.push_head(idx[0])
+    return idx[0]
+
+
+# --- smoke: direct and indirect ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_read_all_readable_then_write_writable_driver_sees_written_bytes(indirect: bool) -> None:
+    fq = fake(indirect=indirect)
+    rings = fq.memory.allocated
+    head = publish(fq, [b"GET ", b"", b"/index", b".html"], [4, 0, 6, 8], indirect=indirect)
+    with take(fq) as chain:
+        assert chain.head == head
+        r = ReadableChain(chain)
+        assert r.read() == b"GET /index.html"
+        w = r.into_writable()
+        assert w.write(b"0123456789") == 10
+        assert w.written == 10
+        w.return_written()
+    used = used_one(fq)
+    assert used.head == head
+    assert used.len == 10
+    assert used.written == (b"0123", b"", b"456789", b"")
+    assert used.data == b"0123456789"
+    assert fq.driver.free_descriptors == 16
+    assert fq.memory.allocated == rings  # buffers (and the indirect table) freed
+    assert fq.driver.in_flight == 0
+
+
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_chain_descriptors_report_indirect(indirect: bool) -> None:
+    fq = fake(indirect=indirect)
+    publish(fq, [b"ab"], [3], indirect=indirect)
+    with take(fq) as chain:
+        assert [d.indirect for d in chain.descriptors()] == [indirect, indirect]
+        assert [d.writable for d in chain.descriptors()] == [False, True]
+        assert (chain.readable_len, chain.writable_len) == (2, 3)
+
+
+# --- next(limit) and remaining() -----------------------------------------------------------------
+
+
+def test_next_yields_ranges_with_driver_range_and_contents_and_respects_limit() -> None:
+    fq = fake()
+    publish(fq, [b"hello", b"", b"world!"])
+    with take(fq) as chain:
+        a, _, c = chain.readable()
+        r = ReadableChain(chain)
+        first = r.next(3)
+        assert first is not None
+        assert bytes(first.view) == b"hel"
+        assert first.driver_range == DriverRange(a.addr, a.addr + 3)
+        second = r.next()
+        assert second is not None
+        assert bytes(second.view) == b"lo"
+        assert second.driver_range == DriverRange(a.addr + 3, a.addr + 5)
+        third = r.next(100)  # the zero-length buffer is skipped
+        assert third is not None
+        assert bytes(third.view) == b"world!"
+        assert third.driver_range == DriverRange(c.addr, c.addr + 6)
+        assert len(third) == 6
+        assert r.next() is None
+        assert r.next(1) is None
+        assert r.remaining() == Remaining(0, 0)
+
+
+def test_next_limit_must_be_positive() -> None:
+    fq = fake()
+    publish(fq, [b"abc"])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        with pytest.raises(DeviceUsageError):
+            r.next(0)
+        with pytest.raises(DeviceUsageError):
+            r.next(-1)
+        assert r.read() == b"abc"
+
+
+def test_next_ranges_alias_guest_memory() -> None:
+    fq = fake()
+    publish(fq, [], [4])
+    with take(fq) as chain:
+        w = WritableChain(chain)
+        rng = w.next()
+        assert rng is not None
+        assert rng.driver_range is not None
+        rng.view[:] = b"wxyz"
+        assert fq.memory.read(rng.driver_range.start, 4) == b"wxyz"
+        w.add_written(4)
+    assert used_one(fq).written == (b"wxyz",)
+
+
+def test_remaining_counts_bytes_and_partly_read_buffers() -> None:
+    fq = fake()
+    publish(fq, [b"abc", b"", b"defgh"], [2, 0, 5])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        assert r.remaining() == Remaining(8, 2)
+        assert r.read(1) == b"a"
+        assert r.remaining() == Remaining(7, 2)  # the partly read buffer counts
+        assert r.read(2) == b"bc"
+        assert r.remaining() == Remaining(5, 1)
+        assert r.read(4) == b"defg"
+        assert r.remaining() == Remaining(1, 1)
+        assert r.read() == b"h"
+        assert r.remaining() == Remaining(0, 0)
+        w = r.into_writable()
+        assert w.remaining() == Remaining(7, 2)
+        assert w.write(b"x") == 1
+        assert w.remaining() == Remaining(6, 2)
+        assert w.write(b"y") == 1
+        assert w.remaining() == Remaining(5, 1)
+        w.return_written()
+    assert used_one(fq).written == (b"xy", b"", b"")
+
+
+# --- io round trips ------------------------------------------------------------------------------
+
+
+def test_read_sizes_and_read_at_end() -> None:
+    fq = fake()
+    publish(fq, [b"0123", b"4567", b"89"])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        assert r.readable()
+        assert r.read(0) == b""
+        assert r.read(3) == b"012"
+        assert r.read(3) == b"345"
+        assert r.read(-1) == b"6789"
+        assert r.read() == b""
+        assert r.read(5) == b""
+        assert r.readall() == b""
+
+
+def test_readall_reads_everything() -> None:
+    fq = fake()
+    publish(fq, [b"ab", b"cd", b"ef"])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        assert r.read(1) == b"a"
+        assert r.readall() == b"bcdef"
+
+
+def test_readinto_bytearray_across_buffers() -> None:
+    fq = fake()
+    publish(fq, [b"abc", b"defg"])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        buf = bytearray(5)
+        assert r.readinto(buf) == 5
+        assert buf == b"abcde"
+        assert r.readinto(buf) == 2
+        assert buf == b"fgcde"
+        assert r.readinto(buf) == 0
+
+
+def test_readinto_memoryview_fills_callers_buffer() -> None:
+    fq = fake()
+    publish(fq, [b"xy", b"zw"])
+    backing = bytearray(b"........")
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        view = memoryview(backing)[2:6]
+        assert r.readinto(view) == 4
+        view.release()
+    assert backing == b"..xyzw.."
+
+
+def test_readinto_non_byte_memoryview() -> None:
+    fq = fake()
+    payload = struct.pack("<4H", 1, 2, 3, 4)
+    publish(fq, [payload[:3], payload[3:]])
+    backing = bytearray(8)
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        words = memoryview(backing).cast("H")
+        assert r.readinto(words) == 8
+        assert words.tolist() == [1, 2, 3, 4]
+        words.release()
+
+
+def test_write_returns_count_and_zero_when_full() -> None:
+    fq = fake()
+    publish(fq, [], [3, 2])
+    with take(fq) as chain:
+        w = WritableChain(chain)
+        assert w.writable()
+        assert w.write(b"") == 0
+        assert w.write(b"ab") == 2
+        assert w.write(b"cdefgh") == 3
+        assert w.written == 5
+        assert w.write(b"i") == 0
+        assert w.write(bytearray(b"j")) == 0
+        w.return_written()
+    used = used_one(fq)
+    assert used.len == 5
+    assert used.written == (b"abc", b"de")
+
+
+def test_write_accepts_any_buffer() -> None:
+    fq = fake()
+    publish(fq, [], [8])
+    with take(fq) as chain, WritableChain(chain) as w:
+        assert w.write(memoryview(b"abcd")[1:3]) == 2
+        assert w.write(bytearray(b"ef")) == 2
+        assert w.write(memoryview(struct.pack("<H", 0x4847)).cast("H")) == 2
+    assert used_one(fq).data == b"bcefGH"
+
+
+def test_write_all_too_big_raises_and_writes_nothing() -> None:
+    fq = fake()
+    publish(fq, [], [3, 2])
+    with take(fq) as chain:
+        (w0, w1) = chain.writable()
+        fq.memory.write(w0.addr, b"...")
+        fq.memory.write(w1.addr, b"..")
+        w = WritableChain(chain)
+        with pytest.raises(InsufficientSpace) as info:
+            w.write_all(b"123456")
+        assert (info.value.need, info.value.have) == (6, 5)
+        assert isinstance(info.value, DriverError)
+        assert w.written == 0
+        assert w.remaining() == Remaining(5, 2)
+        assert fq.memory.read(w0.addr, 3) == b"..."
+        assert fq.memory.read(w1.addr, 2) == b".."
+        w.write_all(b"12345")
+        assert w.written == 5
+        w.return_written()
+    assert used_one(fq).written == (b"123", b"45")
+
+
+def test_copyfileobj_from_readable_chain() -> None:
+    fq = fake()
+    parts = [b"The quick ", b"", b"brown fox ", b"jumps"]
+    publish(fq, parts)
+    out = io.BytesIO()
+    with take(fq) as chain:
+        shutil.copyfileobj(ReadableChain(chain), out, 3)
+    assert out.getvalue() == b"".join(parts)
+    assert used_one(fq).len == 0
+
+
+def test_copyfileobj_into_writable_chain() -> None:
+    fq = fake()
+    publish(fq, [], [4, 0, 7, 5])
+    src = io.BytesIO(b"0123456789abcdef")
+    with take(fq) as chain, WritableChain(chain) as w:
+        shutil.copyfileobj(src, w, 3)
+        assert w.written == 16
+    used = used_one(fq)
+    assert used.len == 16
+    assert used.written == (b"0123", b"", b"456789a", b"bcdef")
+
+
+# --- schema records across descriptor boundaries -------------------------------------------------
+
+
+def test_read_record_blk_header_split_across_buffers() -> None:
+    fq = fake()
+    raw = struct.pack("<IIQ", schema.BlkType.OUT, 7, 0x1122334455667788)
+    publish(fq, [raw[:5], raw[5:], b"payload"], [1])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        hdr = r.read_record(BLK_REQ_HDR)
+        assert hdr == BlkReqHdr(schema.BlkType.OUT, 7, 0x1122334455667788)
+        assert isinstance(hdr, BlkReqHdr)
+        assert r.read() == b"payload"
+        with r.into_writable() as w:
+            w.write(bytes([schema.BlkStatus.OK]))
+    assert used_one(fq).written == (b"\x00",)
+
+
+def test_write_record_blk_header_split_across_buffers() -> None:
+    fq = fake()
+    publish(fq, [], [5, 11])
+    hdr = BlkReqHdr(schema.BlkType.IN, 3, 0xDEADBEEF)
+    with take(fq) as chain, WritableChain(chain) as w:
+        w.write_record(BLK_REQ_HDR, hdr)
+        assert w.written == 16
+    used = used_one(fq)
+    raw = struct.pack("<IIQ", schema.BlkType.IN, 3, 0xDEADBEEF)
+    assert used.written == (raw[:5], raw[5:])
+    assert BLK_REQ_HDR.unpack(used.data) == hdr
+
+
+def test_read_record_insufficient_data_consumes_nothing() -> None:
+    fq = fake()
+    publish(fq, [b"12345", b"1234567890"])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        with pytest.raises(InsufficientData) as info:
+            r.read_record(BLK_REQ_HDR)
+        assert (info.value.need, info.value.have) == (16, 15)
+        assert isinstance(info.value, DriverError)
+        assert r.remaining() == Remaining(15, 2)
+        assert r.read() == b"123451234567890"
+
+
+def test_write_record_insufficient_space_writes_nothing() -> None:
+    fq = fake()
+    publish(fq, [], [5, 10])
+    with take(fq) as chain, WritableChain(chain) as w:
+        with pytest.raises(InsufficientSpace):
+            w.write_record(BLK_REQ_HDR, BlkReqHdr(0, 0, 0))
+        assert w.written == 0
+    assert used_one(fq).len == 0
+
+
+# --- completing a chain --------------------------------------------------------------------------
+
+
+def test_return_complete_after_reading_everything() -> None:
+    fq = fake()
+    head = publish(fq, [b"abc"], [4])
+    chain = take(fq)
+    r = ReadableChain(chain)
+    assert r.read() == b"abc"
+    r.return_complete()
+    assert chain.returned
+    used = used_one(fq)
+    assert (used.head, used.len) == (head, 0)
+
+
+def test_return_complete_with_data_left_returns_and_raises() -> None:
+    fq = fake()
+    head = publish(fq, [b"abc", b"de"])
+    chain = take(fq)
+    r = ReadableChain(chain)
+    assert r.read(1) == b"a"
+    with pytest.raises(DataRemaining) as info:
+        r.return_complete()
+    assert info.value.remaining == 4
+    assert chain.returned
+    used = used_one(fq)
+    assert (used.head, used.len) == (head, 0)
+
+
+def test_into_writable_strict_raises_when_readable_bytes_remain() -> None:
+    fq = fake()
+    publish(fq, [b"abc"], [2])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        assert r.read(2) == b"ab"
+        with pytest.raises(DataRemaining) as info:
+            r.into_writable()
+        assert info.value.remaining == 1
+        assert not chain.returned
+        w = r.into_writable(ignore_remaining=True)
+        assert w.write(b"ok") == 2
+    assert used_one(fq).written == (b"ok",)
+
+
+def test_add_written_counts_writes_through_ranges() -> None:
+    fq = fake()
+    publish(fq, [], [4, 4])
+    with take(fq) as chain:
+        w = WritableChain(chain)
+        first = w.next()
+        assert first is not None
+        first.view[:] = b"abcd"
+        w.add_written(len(first))
+        second = w.next(2)
+        assert second is not None
+        second.view[:] = b"ef"
+        w.add_written(2)
+        assert w.written == 6
+        assert w.remaining() == Remaining(2, 1)
+        assert w.write(b"gh") == 2  # write() continues after the ranges
+        assert w.written == 8
+        w.return_written()
+    assert used_one(fq).written == (b"abcd", b"efgh")
+
+
+def test_with_writable_chain_returns_with_written_count() -> None:
+    fq = fake()
+    head = publish(fq, [b"req"], [10])
+    chain = take(fq)
+    with ReadableChain(chain) as r:
+        assert r.read() == b"req"
+        with r.into_writable() as w:
+            w.write(b"resp")
+        assert chain.returned
+    used = used_one(fq)
+    assert (used.head, used.len, used.data) == (head, 4, b"resp")
+
+
+def test_with_readable_chain_returns_with_zero() -> None:
+    fq = fake()
+    head = publish(fq, [b"req"], [10])
+    chain = take(fq)
+    with ReadableChain(chain) as r:
+        assert r.read(1) == b"r"
+    assert chain.returned
+    assert used_one(fq)[:2] == (head, 0)
+
+
+def test_with_writable_chain_returns_on_exception() -> None:
+    fq = fake()
+    publish(fq, [], [8])
+    chain = take(fq)
+
+    def serve() -> None:
+        with WritableChain(chain) as w:
+            w.write(b"abc")
+            raise RuntimeError("device failure")
+
+    with pytest.raises(RuntimeError):
+        serve()
+    assert chain.returned
+    assert used_one(fq).data == b"abc"
+
+
+def test_add_written_beyond_writable_space_raises() -> None:
+    fq = fake()
+    publish(fq, [], [4, 4])
+    with take(fq) as chain:
+        w = WritableChain(chain)
+        w.add_written(5)
+        with pytest.raises(WrittenTooMuch) as info:
+            w.add_written(4)
+        assert isinstance(info.value, DeviceUsageError)
+        assert w.written == 5
+    assert used_one(fq).len == 5
+
+
+def test_next_after_return_raises() -> None:
+    fq = fake()
+    publish(fq, [b"abc"], [4])
+    chain = take(fq)
+    r = ReadableChain(chain)
+    w = WritableChain(chain)
+    chain.return_written(0)
+    with pytest.raises(ChainAlreadyReturned):
+        r.next()
+    with pytest.raises(ChainAlreadyReturned):
+        w.next()
+    with pytest.raises(ChainAlreadyReturned):
+        ReadableChain(chain)
+
+
+def test_write_after_return_raises_and_leaves_driver_memory_alone() -> None:
+    """Once returned, the writable buffers belong to the driver again: the device must not
+    scribble on them (the driver may already have reused them)."""
+    fq = fake()
+    publish(fq, [], [4])
+    chain = take(fq)
+    (wd,) = chain.writable()
+    w = WritableChain(chain)
+    chain.return_written(0)
+    used_one(fq)  # the driver takes the buffer back
+    with pytest.raises(ChainAlreadyReturned):
+        w.write(b"late")
+    assert fq.memory.read(wd.addr, 4) == bytes(4)
+
+
+def test_read_after_return_raises() -> None:
+    """Reading after return is refused, as ``next()`` and ``DescChain.readable()`` refuse it."""
+    fq = fake()
+    publish(fq, [b"abcd"])
+    chain = take(fq)
+    r = ReadableChain(chain)
+    chain.return_written(0)
+    with pytest.raises(ChainAlreadyReturned):
+        r.read(4)
+
+
+# --- buffers that cross a region boundary --------------------------------------------------------
+
+BOUNDARY = 0x11000
+SPANNING = BOUNDARY - 8
+
+
+def two_regions() -> FakeQueue:
+    mem = FakeMemory(regions=[(0x10000, 0x1000), (BOUNDARY, 0x1000)])
+    mem.alloc_at(SPANNING, 16)
+    return make_queue(8, memory=mem)
+
+
+def test_read_buffer_spanning_two_regions() -> None:
+    fq = two_regions()
+    fq.memory.write(SPANNING, b"0123456789ABCDEF")
+    head = raw_chain(fq.driver, [(SPANNING, 16, 0)])
+    with take(fq) as chain:
+        assert ReadableChain(chain).read() == b"0123456789ABCDEF"
+    assert used_one(fq)[:2] == (head, 0)
+
+
+def test_next_splits_a_spanning_buffer_into_contiguous_ranges() -> None:
+    fq = two_regions()
+    fq.memory.write(SPANNING, b"0123456789ABCDEF")
+    raw_chain(fq.driver, [(SPANNING, 16, 0)])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        first = r.next()
+        second = r.next()
+        assert first is not None
+        assert second is not None
+        assert r.next() is None
+        assert (bytes(first.view), bytes(second.view)) == (b"01234567", b"89ABCDEF")
+        assert first.driver_range == DriverRange(SPANNING, BOUNDARY)
+        assert second.driver_range == DriverRange(BOUNDARY, SPANNING + 16)
+
+
+def test_next_limit_inside_a_spanning_buffer() -> None:
+    fq = two_regions()
+    fq.memory.write(SPANNING, b"0123456789ABCDEF")
+    raw_chain(fq.driver, [(SPANNING, 16, 0)])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        sizes = []
+        data = b""
+        while (rng := r.next(5)) is not None:
+            assert rng.driver_range is not None
+            assert rng.driver_range.start == SPANNING + len(data)
+            sizes.append(len(rng))
+            data += bytes(rng.view)
+        assert data == b"0123456789ABCDEF"
+        assert sizes == [5, 3, 5, 3]  # a range never crosses the region boundary
+
+
+def test_write_buffer_spanning_two_regions_lands_in_both() -> None:
+    fq = two_regions()
+    head = raw_chain(fq.driver, [(SPANNING, 16, WRITE)])
+    with take(fq) as chain, WritableChain(chain) as w:
+        assert w.write(b"abcdefghijklmnop") == 16
+    assert used_one(fq)[:2] == (head, 16)
+    assert fq.memory.buffers[0][-8:] == b"abcdefgh"
+    assert fq.memory.buffers[1][:8] == b"ijklmnop"
+    assert fq.memory.read(SPANNING, 16) == b"abcdefghijklmnop"
+
+
+def test_record_across_a_region_boundary_queue_built_by_hand() -> None:
+    mem = FakeMemory(regions=[(0x10000, 0x1000), (BOUNDARY, 0x1000)])
+    mem.alloc_at(SPANNING, 16)
+    driver = FakeDriver(mem, 8)
+    notifier = NotificationCounter()
+    queue = Queue(driver.queue_memory(), 8, mem, features=0, notify=notifier)
+    hdr = BlkReqHdr(schema.BlkType.GET_ID, 0, 42)
+    mem.write(SPANNING, BLK_REQ_HDR.pack(hdr))
+    status = driver.alloc_buffer(1)
+    raw_chain(driver, [(SPANNING, 16, 0), (status, 1, WRITE)])
+    chain = queue.next_chain()
+    assert chain is not None
+    with ReadableChain(chain) as r:
+        assert r.read_record(BLK_REQ_HDR) == hdr
+        with r.into_writable() as w:
+            w.write(b"\x02")
+    assert [u[:2] for u in driver.used()] == [(chain.head, 1)]
+    assert mem.read(status, 1) == b"\x02"
+    assert notifier.count == 1
+
+
+# --- driver faults -------------------------------------------------------------------------------
+
+
+def test_buffer_outside_memory_raises_unmapped_buffer_on_read() -> None:
+    fq = fake()
+    head = raw_chain(fq.driver, [(0x4000_0000, 16, 0)])
+    with take(fq) as chain:
+        assert chain.error is None  # translation happens when the buffer is reached
+        r = ReadableChain(chain)
+        with pytest.raises(UnmappedBuffer) as info:
+            r.read()
+        assert isinstance(info.value, ChainError)
+        assert isinstance(info.value, DriverError)
+        assert info.value.addr == 0x4000_0000
+        with pytest.raises(UnmappedBuffer):
+            r.next()
+    assert used_one(fq)[:2] == (head, 0)
+
+
+def test_buffer_outside_memory_raises_unmapped_buffer_on_write() -> None:
+    fq = fake()
+    raw_chain(fq.driver, [(0x4000_0000, 16, WRITE)])
+    with take(fq) as chain, WritableChain(chain) as w:
+        with pytest.raises(UnmappedBuffer):
+            w.write(b"x")
+        assert w.written == 0
+    assert used_one(fq).len == 0
+
+
+def test_buffer_running_past_the_end_of_memory_raises_unmapped_buffer() -> None:
+    mem = FakeMemory(0x1000)
+    fq = make_queue(4, memory=mem)
+    head = raw_chain(fq.driver, [(0x10000 + 0x1000 - 4, 8, 0)])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        with pytest.raises(UnmappedBuffer):
+            r.read()
+    assert used_one(fq)[:2] == (head, 0)
+
+
+def test_write_reports_the_bytes_that_landed_before_an_unmapped_buffer() -> None:
+    """Rule 3 of the chain module: the written count is exactly what reached the driver's
+    buffers, also when a later buffer turns out to be unmapped halfway through a write."""
+    fq = make_queue(4, memory=FakeMemory(0x1000))
+    first = fq.driver.alloc_buffer(4)
+    edge = 0x10000 + 0x1000 - 4  # 4 mapped bytes, then the end of memory
+    raw_chain(fq.driver, [(first, 4, WRITE), (edge, 8, WRITE)])
+    with take(fq) as chain, WritableChain(chain) as w:
+        with pytest.raises(UnmappedBuffer):
+            w.write(b"ABCDEFGHIJKL")
+        # the buffers started zeroed and the data has no zero byte: count what arrived
+        landed = len(fq.memory.read(first, 4).strip(b"\0"))
+        landed += len(fq.memory.read(edge, 4).strip(b"\0"))
+        assert landed == 8
+        assert w.written == landed
+
+
+def malformed_readable_after_writable(driver: FakeDriver) -> int:
+    a = driver.alloc_buffer(4)
+    b = driver.alloc_buffer(b"read")
+    return raw_chain(driver, [(a, 4, WRITE), (b, 4, 0)])
+
+
+def malformed_next_out_of_range(driver: FakeDriver) -> int:
+    d = driver.take_descriptor()
+    driver.write_desc(d, driver.alloc_buffer(b"x"), 1, NEXT, 99)
+    driver.push_head(d)
+    return d
+
+
+def malformed_loop(driver: FakeDriver) -> int:
+    d0, d1 = driver.take_descriptor(), driver.take_descriptor()
+    buf = driver.alloc_buffer(b"x")
+    driver.write_desc(d0, buf, 1, NEXT, d1)
+    driver.write_desc(d1, buf, 1, NEXT, d0)
+    driver.push_head(d0)
+    return d0
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (malformed_readable_after_writable, ReadableAfterWritable),
+        (malformed_next_out_of_range, DescIndexOutOfRange),
+        (malformed_loop, ChainTooLong),
+    ],
+)
+@pytest.mark.parametrize("walker", [ReadableChain, WritableChain])
+def test_malformed_chain_raises_its_error_at_construction(
+    build: Callable[[FakeDriver], int],
+    error: type[ChainError],
+    walker: type[ReadableChain | WritableChain],
+) -> None:
+    fq = fake(8)
+    head = build(fq.driver)
+    with take(fq) as chain:
+        assert isinstance(chain.error, error)
+        with pytest.raises(error) as info:
+            walker(chain)
+        assert info.value is chain.error
+        chain.written = 0
+    assert used_one(fq)[:2] == (head, 0)
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+buffer_sizes = st.lists(st.integers(0, 64), min_size=1, max_size=8)
+
+
+@settings(max_examples=75, deadline=None)
+@given(sizes=buffer_sizes, indirect=st.booleans(), data=st.data())
+def test_reads_in_any_sizes_concatenate_to_the_payload(
+    sizes: list[int], indirect: bool, data: st.DataObject
+) -> None:
+    payload = data.draw(st.binary(min_size=sum(sizes), max_size=sum(sizes)), label="payload")
+    parts, pos = [], 0
+    for n in sizes:
+        parts.append(payload[pos : pos + n])
+        pos += n
+    fq = fake(indirect=indirect)
+    publish(fq, parts, indirect=indirect)
+    got = b""
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        while True:
+            assert r.remaining().bytes == len(payload) - len(got)
+            how = data.draw(st.sampled_from(["read", "readinto", "next"]), label="how")
+            size = data.draw(st.integers(1, 70), label="size")
+            if how == "read":
+                piece = r.read(size)
+            elif how == "readinto":
+                buf = bytearray(size)
+                piece = bytes(buf[: r.readinto(buf)])
+            else:
+                rng = r.next(size)
+                piece = b"" if rng is None else bytes(rng.view)
+            assert len(piece) <= size
+            if not piece:
+                break
+            got += piece
+        r.return_complete()
+    assert got == payload
+    assert used_one(fq).len == 0
+
+
+@settings(max_examples=75, deadline=None)
+@given(
+    sizes=buffer_sizes,
+    chunks=st.lists(st.binary(max_size=40), max_size=12),
+    indirect=st.booleans(),
+)
+def test_driver_sees_exactly_the_bytes_written_in_order(
+    sizes: list[int], chunks: list[bytes], indirect: bool
+) -> None:
+    fq = fake(indirect=indirect)
+    publish(fq, [], sizes, indirect=indirect)
+    accepted = b""
+    with take(fq) as chain, WritableChain(chain) as w:
+        for chunk in chunks:
+            n = w.write(chunk)
+            assert n == min(len(chunk), sum(sizes) - len(accepted))
+            accepted += chunk[:n]
+        assert w.written == len(accepted)
+        assert w.remaining().bytes == sum(sizes) - len(accepted)
+    used = used_one(fq)
+    assert used.len == len(accepted)
+    assert used.data == accepted
+    expected, pos = [], 0
+    for n in sizes:
+        expected.append(accepted[pos : pos + n])
+        pos += n
+    assert used.written == tuple(expected)

@@ -1,0 +1,313 @@
+"""End to end: Linux's virtio drivers in a QEMU guest (TCG) against our vhost-user back-ends.
+
+Each test builds a busybox initramfs whose ``/init`` runs a workload and prints ``E2E-...`` marker
+lines, starts the example back-end as a separate process (the documented command line), boots the
+guest with a hard timeout, and checks the guest's results and the host-side state (the image file,
+the recorded random stream, the back-end's log).
+
+Skipped, with the reason, where QEMU, a static busybox or the Debian cloud kernel is missing;
+``.ci/run`` installs them and sets ``VIRTIO_SCHEMA_REQUIRE_E2E=1``, which turns a skip into a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from virtio_schema.schema import Feature
+from virtio_schema.testing.qemu import (
+    INIT_EPILOGUE,
+    INIT_PRELUDE,
+    GuestResult,
+    KernelKit,
+    build_initramfs,
+    find_busybox,
+    find_kernel,
+    qemu_binary,
+    run_guest,
+)
+
+GUEST_TIMEOUT = 150.0
+DISK_MIB = 8
+PATTERN_OFFSET = (1 << 20) + 3 * 4096  # 4 KiB aligned, not 64 KiB aligned
+PATTERN_LEN = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Guest:
+    kit: KernelKit
+    busybox: Path
+
+
+def _require(reason: str) -> None:
+    if os.environ.get("VIRTIO_SCHEMA_REQUIRE_E2E") == "1":
+        pytest.fail(f"end-to-end prerequisites missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def guest() -> Guest:
+    if qemu_binary() is None:
+        _require("qemu-system-x86_64 not installed (Debian package qemu-system-x86)")
+    busybox = find_busybox()
+    if busybox is None:
+        _require("no static busybox (Debian package busybox-static)")
+    can_fetch = os.geteuid() == 0
+    kit = find_kernel(fetch=can_fetch)
+    if kit is None:
+        _require(
+            "no Debian cloud kernel in the cache (run .ci/run as root, or python3 dev.py guest)"
+        )
+    assert busybox is not None
+    assert kit is not None
+    return Guest(kit, busybox)
+
+
+class Backend:
+    """An example back-end process, started with its documented command line."""
+
+    def __init__(self, args: list[str], sock: Path, log: Path) -> None:
+        self.sock = sock
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"back-end did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 10 s: only the process this object started."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory for unix sockets (sun_path is ~107 bytes; pytest's tmp_path can be long)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vs-e2e-") as d:
+        yield Path(d)
+
+
+def _boot(
+    guest: Guest,
+    tmp: Path,
+    workload: str,
+    modules: list[str],
+    device_args: list[str],
+    files: dict[str, bytes] | None = None,
+) -> GuestResult:
+    initrd = build_initramfs(
+        tmp / "initrd.cpio",
+        init_script=INIT_PRELUDE + "echo E2E-BEGIN\n" + workload + INIT_EPILOGUE,
+        busybox=guest.busybox,
+        modules=guest.kit.module_paths(["virtio_pci", *modules]),
+        files=files,
+    )
+    return run_guest(guest.kit, initrd, device_args, timeout=GUEST_TIMEOUT)
+
+
+def _explain(result: GuestResult, backend: Backend) -> str:
+    return (
+        f"guest exit={result.returncode} timed_out={result.timed_out} after {result.seconds:.1f}s\n"
+        f"--- guest console (tail) ---\n{result.tail()}\n--- back-end log (tail) ---\n"
+        + "\n".join(backend.log().splitlines()[-30:])
+    )
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+BLK_WORKLOAD = f"""
+sha256sum /dev/vda | sed 's/^/E2E-SHA-DISK /'
+dd if=/data/pattern of=/dev/vda bs=4096 seek={PATTERN_OFFSET // 4096} oflag=direct conv=notrunc 2>/dev/null && echo E2E-WROTE
+dd if=/dev/vda bs=4096 skip={PATTERN_OFFSET // 4096} count={PATTERN_LEN // 4096} iflag=direct 2>/dev/null | sha256sum | sed 's/^/E2E-SHA-PATTERN /'
+for i in 0 1 2 3 4 5 6 7; do
+  (dd if=/dev/vda bs=65536 skip=$((i * {DISK_MIB * 2})) count={DISK_MIB * 2} iflag=direct 2>/dev/null | sha256sum | sed "s/^/E2E-SLICE-$i /") &
+done
+wait
+"""
+
+BLK_VARIANTS = {
+    "default": "",
+    "no-indirect": ",indirect_desc=off",
+    "no-event-idx": ",event_idx=off",
+    "neither": ",indirect_desc=off,event_idx=off",
+}
+
+
+@pytest.mark.parametrize("variant", list(BLK_VARIANTS))
+def test_linux_virtio_blk_reads_writes_and_reads_in_parallel(
+    guest: Guest, short_tmp: Path, variant: str
+) -> None:
+    rng = random.Random(variant)
+    original = rng.randbytes(DISK_MIB << 20)
+    pattern = rng.randbytes(PATTERN_LEN)
+    image = short_tmp / "disk.img"
+    image.write_bytes(original)
+    sock = short_tmp / "blk.sock"
+    backend = Backend(
+        ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)],
+        sock,
+        short_tmp / "backend.log",
+    )
+    try:
+        result = _boot(
+            guest,
+            short_tmp,
+            BLK_WORKLOAD,
+            ["virtio_blk"],
+            [
+                "-chardev",
+                f"socket,id=blk0,path={sock}",
+                "-device",
+                f"vhost-user-blk-pci,chardev=blk0,num-queues=1{BLK_VARIANTS[variant]}",
+            ],
+            files={"/data/pattern": pattern},
+        )
+    finally:
+        backend.stop()
+    why = _explain(result, backend)
+    assert not result.timed_out, why
+    assert result.lines("E2E-DONE") == [""], why
+    # the whole disk as the guest read it
+    assert result.lines("E2E-SHA-DISK") == [f"{_sha(original)}  /dev/vda"], why
+    # the O_DIRECT write, read back by the guest
+    assert result.lines("E2E-WROTE") == [""], why
+    assert result.lines("E2E-SHA-PATTERN") == [f"{_sha(pattern)}  -"], why
+    # the image on the host holds exactly the written bytes
+    expected = bytearray(original)
+    expected[PATTERN_OFFSET : PATTERN_OFFSET + PATTERN_LEN] = pattern
+    assert image.read_bytes() == bytes(expected), "image differs from original + pattern"
+    # 8 parallel O_DIRECT readers, each a 1 MiB slice of the modified disk
+    slice_len = (DISK_MIB << 20) // 8
+    for i in range(8):
+        want = _sha(bytes(expected[i * slice_len : (i + 1) * slice_len]))
+        assert result.lines(f"E2E-SLICE-{i}") == [f"{want}  -"], why
+    # the variation really happened: the features the driver acked
+    acked = [
+        int(line.rsplit(" ", 1)[1], 16)
+        for line in backend.log().splitlines()
+        if "features acked" in line
+    ]
+    assert acked, why
+    last = acked[-1]
+    assert bool(last & Feature.INDIRECT_DESC) == (
+        "indirect" not in variant and variant != "neither"
+    )
+    assert bool(last & Feature.EVENT_IDX) == ("event-idx" not in variant and variant != "neither")
+
+
+def test_firmware_start_stop_then_linux_restart(guest: Guest, short_tmp: Path) -> None:
+    """SeaBIOS starts and stops the device before Linux starts it again (VIRTIO_FACTS): the
+    back-end serves both, across a new memory table and new ring addresses."""
+    image = short_tmp / "disk.img"
+    data = random.Random(5).randbytes(DISK_MIB << 20)
+    image.write_bytes(data)
+    sock = short_tmp / "blk.sock"
+    backend = Backend(
+        ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)],
+        sock,
+        short_tmp / "backend.log",
+    )
+    try:
+        result = _boot(
+            guest,
+            short_tmp,
+            "sha256sum /dev/vda | sed 's/^/E2E-SHA-DISK /'\n",
+            ["virtio_blk"],
+            [
+                "-chardev",
+                f"socket,id=blk0,path={sock}",
+                "-device",
+                "vhost-user-blk-pci,chardev=blk0",
+            ],
+        )
+    finally:
+        backend.stop()
+    why = _explain(result, backend)
+    assert result.lines("E2E-SHA-DISK") == [f"{_sha(data)}  /dev/vda"], why
+    log = backend.log()
+    assert log.count("ring 0 started") >= 2, why  # firmware, then Linux
+    assert log.count("ring 0 stopped") >= 1, why
+    assert "closing the connection" not in log, why
+
+
+def test_linux_virtio_rng_reads_the_bytes_the_device_produced(
+    guest: Guest, short_tmp: Path
+) -> None:
+    sock = short_tmp / "rng.sock"
+    record = short_tmp / "rng.bin"
+    backend = Backend(
+        [
+            "-m",
+            "virtio_schema.examples.rng",
+            "--vhost-user",
+            str(sock),
+            "--seed",
+            "1234",
+            "--record",
+            str(record),
+        ],
+        sock,
+        short_tmp / "backend.log",
+    )
+    try:
+        result = _boot(
+            guest,
+            short_tmp,
+            "cat /sys/class/misc/hw_random/rng_current | sed 's/^/E2E-RNG-CURRENT /'\n"
+            "dd if=/dev/hwrng bs=64 count=4 2>/dev/null | od -An -tx1 -v | tr -d ' \\n' | sed 's/^/E2E-HWRNG-BYTES /'\n"
+            "echo\n",
+            ["virtio_rng"],
+            [
+                "-chardev",
+                f"socket,id=rng0,path={sock}",
+                "-device",
+                "vhost-user-rng-pci,chardev=rng0",
+            ],
+        )
+    finally:
+        backend.stop()
+    why = _explain(result, backend)
+    assert not result.timed_out, why
+    current = result.lines("E2E-RNG-CURRENT")
+    assert current, why
+    assert current[0].startswith("virtio_rng"), why
+    (hexdata,) = result.lines("E2E-HWRNG-BYTES")
+    got = bytes.fromhex(hexdata)
+    assert len(got) == 256, why
+    produced = record.read_bytes()
+    assert got in produced, "the guest read bytes the device never produced"
+    # the stream is the seeded generator's: the device produced nothing else
+    assert produced == random.Random(1234).randbytes(len(produced))
