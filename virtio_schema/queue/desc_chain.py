@@ -177,6 +177,8 @@ class DescChain:
     def written(self, n: int) -> None:
         if self._returned:
             raise ChainAlreadyReturned(self._queue.index, self.head)
+        if self.error is not None:
+            return  # a malformed chain goes back with 0, whatever the device counted
         if not 0 <= n <= self.writable_len:
             raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
         self._written = n
@@ -192,7 +194,7 @@ class DescChain:
             raise ChainAlreadyReturned(self._queue.index, self.head)
         if n is None:
             n = self._written
-        elif not 0 <= n <= self.writable_len:
+        elif self.error is None and not 0 <= n <= self.writable_len:
             raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
         self._returned = True
         self._written = n
