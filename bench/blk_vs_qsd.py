@@ -68,10 +68,11 @@ def start_qsd(sock: Path, image: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             qsd,
-            "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off",
+            "--blockdev",
+            f"driver=file,node-name=file0,filename={image},cache.direct=off",
             "--export",
             f"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on",
-        ],  # fmt: skip
+        ],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -80,7 +81,8 @@ def start_qsd(sock: Path, image: Path, log: Path) -> subprocess.Popen[bytes]:
 def measure(name: str, start: object, disk_mib: int, tmp: Path) -> dict[str, float]:
     kit = find_kernel()
     busybox = find_busybox()
-    assert kit is not None and busybox is not None
+    assert kit is not None
+    assert busybox is not None
     image = tmp / f"{name}.img"
     image.write_bytes(bytes(disk_mib << 20))
     sock = tmp / f"{name}.sock"
@@ -89,7 +91,9 @@ def measure(name: str, start: object, disk_mib: int, tmp: Path) -> dict[str, flo
         deadline = time.monotonic() + 20
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{name} back-end did not start: {(tmp / f'{name}.log').read_text()}")
+                raise SystemExit(
+                    f"{name} back-end did not start: {(tmp / f'{name}.log').read_text()}"
+                )
             time.sleep(0.05)
         initrd = build_initramfs(
             tmp / "initrd",
@@ -126,14 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if qemu_binary() is None or find_kernel() is None or find_busybox() is None:
-        raise SystemExit("needs QEMU, busybox-static and the guest kernel: run python3 dev.py guest")
+        raise SystemExit(
+            "needs QEMU, busybox-static and the guest kernel: run python3 dev.py guest"
+        )
     runs: dict[str, list[dict[str, float]]] = {"virtio_schema": [], "qemu-storage-daemon": []}
     with tempfile.TemporaryDirectory(prefix="vs-bench-") as d:
         for _ in range(args.rounds):
             runs["virtio_schema"].append(measure("ours", start_ours, args.disk_mib, Path(d)))
             runs["qemu-storage-daemon"].append(measure("qsd", start_qsd, args.disk_mib, Path(d)))
     med = {k: {ph: statistics.median(r[ph] for r in v) for ph in PHASES} for k, v in runs.items()}
-    print(f"guest workload, {args.disk_mib} MiB disk, median of {args.rounds} (MB/s inside the guest)")
+    print(
+        f"guest workload, {args.disk_mib} MiB disk, median of {args.rounds} (MB/s inside the guest)"
+    )
     print(f"{'phase':<12}{'virtio_schema':>16}{'qemu-storage-daemon':>22}{'ours / C':>10}")
     for ph in PHASES:
         ours, ref = med["virtio_schema"][ph], med["qemu-storage-daemon"][ph]

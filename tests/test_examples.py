@@ -158,7 +158,8 @@ def test_demo_verifies_every_byte() -> None:
     summary = demo.run(requests=400, seed=7, size_mib=2)
     assert summary.mismatches == []
     assert sum(summary.requests.values()) + summary.malformed_returned == 400
-    assert summary.requests["in"] > 0 and summary.requests["out"] > 0
+    assert summary.requests["in"] > 0
+    assert summary.requests["out"] > 0
 
 
 def test_demo_main_prints_a_verified_summary(capsys: pytest.CaptureFixture[str]) -> None:
