@@ -339,9 +339,7 @@ class Queue:
             _U16.pack_into(self._used_view, self._avail_event_off, self._next_avail)
         else:
             flags: int = _U16.unpack_from(self._used_view, self._used_flags_off)[0]
-            _U16.pack_into(
-                self._used_view, self._used_flags_off, flags & ~_NO_NOTIFY & 0xFFFF
-            )
+            _U16.pack_into(self._used_view, self._used_flags_off, flags & ~_NO_NOTIFY & 0xFFFF)
         full_barrier()  # the request to kick before re-reading avail.idx
         avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
         return avail_idx != self._next_avail
