@@ -4,6 +4,7 @@
     python3 dev.py test     # ruff, mypy --strict, stubtest, docs build (-W), pytest
     python3 dev.py demo     # the example virtio-blk device serving the fake driver
     python3 dev.py guest    # fetch the guest kernel for the end-to-end tests (root, apt)
+    python3 dev.py fuzz [--seconds N]   # the queue fuzz target, bounded (atheris)
     python3 dev.py env      # only create/refresh .venv
 
 The environment lives in ``.venv`` next to this file and is reinstalled when ``pyproject.toml``
@@ -98,8 +99,14 @@ def guest(extra: list[str]) -> int:
     return _run([str(PY), "-c", code])
 
 
+def fuzz(extra: list[str]) -> int:
+    """Run the queue fuzz target for a bounded time (default 60 s) and summarise."""
+    ensure_env()
+    return _run([str(PY), "fuzz/run.py", *(extra or ["--seconds", "60"])])
+
+
 def main(argv: list[str]) -> int:
-    tasks = {"test": test, "demo": demo, "guest": guest}
+    tasks = {"test": test, "demo": demo, "guest": guest, "fuzz": fuzz}
     if not argv or argv[0] not in (*tasks, "env"):
         print(__doc__)
         return 2

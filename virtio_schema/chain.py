@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
 from virtio_schema.errors import DeviceUsageError, DriverError
 from virtio_schema.layout import Layout
 from virtio_schema.mem import DeviceRange, DriverMem, DriverRange
-from virtio_schema.queue import ChainAlreadyReturned, ChainDescriptor, DescChain, UnmappedBuffer
+from virtio_schema.queue import ChainDescriptor, DescChain, UnmappedBuffer
 
 if TYPE_CHECKING:
     from virtio_schema._buffers import ReadBuffer, WriteBuffer
@@ -160,8 +160,8 @@ class _Walker:
         """The next device range: the rest of the current buffer (or of the part of it in one
         memory region), cut to ``limit`` bytes if given; ``None`` at the end. Zero-length buffers
         are skipped. Ranges from a writable chain count as written only via ``add_written``."""
-        if self.chain.returned:
-            raise ChainAlreadyReturned(self.chain.queue_index, self.chain.head)
+        if not self.chain.usable:
+            self.chain.check_usable()
         if limit is not None and limit <= 0:
             raise DeviceUsageError(f"next(limit={limit}): the limit must be positive")
         if not self._left:
@@ -196,8 +196,8 @@ class ReadableChain(_Walker):
     def readinto(self, buffer: WriteBuffer) -> int:
         """Copy up to ``len(buffer)`` bytes straight from guest memory into ``buffer``; returns
         the count (0 at the end)."""
-        if self.chain.returned:
-            raise ChainAlreadyReturned(self.chain.queue_index, self.chain.head)
+        if not self.chain.usable:
+            self.chain.check_usable()
         out = memoryview(buffer).cast("B")
         total = 0
         want = len(out)
@@ -226,8 +226,8 @@ class ReadableChain(_Walker):
     def read_record(self, layout: Layout[R]) -> R:
         """Read one record of ``layout`` (e.g. a virtio-blk request header), across buffer
         boundaries. Raises :class:`InsufficientData` if the chain has fewer bytes left."""
-        if self.chain.returned:
-            raise ChainAlreadyReturned(self.chain.queue_index, self.chain.head)
+        if not self.chain.usable:
+            self.chain.check_usable()
         if self._left < layout.size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, layout.size, self._left)
         buf = bytearray(layout.size)
@@ -289,8 +289,8 @@ class WritableChain(_Walker):
     def write(self, data: ReadBuffer) -> int:
         """Write as much of ``data`` as fits; returns the count (0 when the chain is full)."""
         chain = self.chain
-        if chain.returned:
-            raise ChainAlreadyReturned(chain.queue_index, chain.head)
+        if not chain.usable:
+            chain.check_usable()
         src = memoryview(data).cast("B")
         total = 0
         want = len(src)

@@ -24,7 +24,13 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Protocol, final
 
-from virtio_schema.queue.errors import ChainAlreadyReturned, ChainError, WrittenTooMuch
+from virtio_schema.queue.errors import (
+    ChainAlreadyReturned,
+    ChainError,
+    QueueBroken,
+    RingError,
+    WrittenTooMuch,
+)
 
 if TYPE_CHECKING:
     from virtio_schema.mem import DriverMem
@@ -53,6 +59,7 @@ class _ChainOwner(Protocol):
     index: int
     driver_mem: DriverMem
     _generation: int
+    _broken: RingError | None
 
     def _return_chain(self, chain: DescChain, written: int) -> None: ...
 
@@ -136,6 +143,20 @@ class DescChain:
     @property
     def returned(self) -> bool:
         return self._returned
+
+    @property
+    def usable(self) -> bool:
+        """The chain's buffers may still be accessed: not returned, and its queue not broken
+        (after a ring violation the library touches no guest memory until reset)."""
+        return not self._returned and self._queue._broken is None
+
+    def check_usable(self) -> None:
+        """Raise :class:`ChainAlreadyReturned` or :class:`QueueBroken` if not :attr:`usable`."""
+        if self._returned:
+            raise ChainAlreadyReturned(self._queue.index, self.head)
+        broken = self._queue._broken
+        if broken is not None:
+            raise QueueBroken(self._queue.index, broken)
 
     def _check(self) -> None:
         if self.error is not None:

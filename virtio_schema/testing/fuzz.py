@@ -1,0 +1,228 @@
+"""A fuzz harness for the split queue: raw ring memory plus a sequence of device operations.
+
+:func:`run_queue_case` decodes one input (any bytes are a valid input) into a queue size, negotiated
+features, a starting position, 8 KiB of raw guest memory holding the rings and the buffers, and up
+to 64 operations: the device pops chains, reads and writes them, returns them in any order, toggles
+notifications, resets or restores the queue; the "driver" rewrites arbitrary bytes between device
+operations. After every operation it checks the invariants of the threat model and raises
+:class:`InvariantViolation` (a crash, for the fuzzer) when one fails:
+
+* only :class:`~virtio_schema.errors.VirtioError` subclasses come out of the public API (anything
+  else propagates as it is, which the fuzzer reports);
+* a ``next_chain()`` reads at most ``size + 2`` descriptors from the ring's table (the chain limit,
+  one over it to notice, and one indirect descriptor), and each indirect table once;
+* the device writes nothing outside the used ring and the writable buffers of chains it held;
+* once broken, the queue writes nothing at all until reset/restore.
+
+``fuzz/fuzz_queue.py`` runs it under atheris; the test suite replays the corpus and every saved
+finding through the same function, so a finding becomes a regression test by saving its input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from virtio_schema.chain import ReadableChain, WritableChain
+from virtio_schema.errors import VirtioError
+from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
+from virtio_schema.queue import DescChain, Queue, QueueMemory, QueueState
+from virtio_schema.records import BLK_REQ_HDR
+from virtio_schema.schema import Feature, avail_ring, used_ring
+from virtio_schema.util import NotificationCounter
+
+if TYPE_CHECKING:
+    from virtio_schema._buffers import ReadBuffer
+
+__all__ = ["MEM_BASE", "MEM_SIZE", "CaseStats", "InvariantViolation", "run_queue_case"]
+
+MEM_BASE = 0x1000
+MEM_SIZE = 8192
+DESC_OFF = 0x0
+AVAIL_OFF = 0x100
+USED_OFF = 0x200
+MAX_OPS = 64
+
+
+class InvariantViolation(AssertionError):
+    """The library broke a promise of its threat model on this input."""
+
+
+class _Reader:
+    """Consumes the fuzz input; past its end every read returns zeros (any input is valid)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk.ljust(n, b"\0")
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        value: int = struct.unpack("<H", self.take(2))[0]
+        return value
+
+    @property
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.data)
+
+
+@dataclass
+class CaseStats:
+    """What one case did (for the fuzz run's summary and for tests)."""
+
+    ops: int = 0
+    chains: int = 0
+    malformed: int = 0
+    broken: bool = False
+    returned: int = 0
+
+
+def run_queue_case(data: bytes) -> CaseStats:
+    """Run one fuzz case; raises :class:`InvariantViolation` if the library misbehaves."""
+    r = _Reader(data)
+    size = 1 << (r.u8() % 5)  # 1..16
+    flags = r.u8()
+    features = (Feature.INDIRECT_DESC if flags & 1 else 0) | (Feature.EVENT_IDX if flags & 2 else 0)
+    state = QueueState(r.u16(), r.u16())
+    mem = bytearray(r.take(MEM_SIZE))
+    stats = CaseStats()
+    gm = GuestMemory([(MEM_BASE, mem)])
+    try:
+        _run(r, mem, gm, size, int(features), state, stats)
+    finally:
+        gm.close()
+    return stats
+
+
+def _run(
+    r: _Reader,
+    mem: bytearray,
+    gm: GuestMemory,
+    size: int,
+    features: int,
+    state: QueueState,
+    stats: CaseStats,
+) -> None:
+    def area(off: int, length: int) -> DeviceRange:
+        dr = gm.translate(DriverRange.from_addr_len(MEM_BASE + off, length))
+        assert dr is not None
+        return dr
+
+    used_len = used_ring(size).sizeof()
+    qmem = QueueMemory(
+        area(DESC_OFF, 16 * size),
+        area(AVAIL_OFF, avail_ring(size).sizeof()),
+        area(USED_OFF, used_len),
+    )
+    queue = Queue(qmem, size, gm, features=features, notify=NotificationCounter(), state=state)
+    reads = [0]
+    inner = queue._unpack_desc
+
+    def counting(buffer: ReadBuffer, offset: int = 0) -> tuple[Any, ...]:
+        reads[0] += 1
+        return inner(buffer, offset)
+
+    queue._unpack_desc = counting
+    held: list[DescChain] = []
+    used_span = (USED_OFF, USED_OFF + used_len)
+
+    def allowed_spans() -> list[tuple[int, int]]:
+        spans = [used_span]
+        for c in held:
+            if c.error is None and not c.returned:
+                for d in c.writable():
+                    start = d.addr - MEM_BASE
+                    spans.append((start, start + d.len))
+        return spans
+
+    def check(before: bytes, spans: list[tuple[int, int]], what: str) -> None:
+        if before == mem:
+            return
+        masked = bytearray(before)
+        for s, e in spans:  # bytes the device may write take their new values
+            s, e = max(s, 0), min(e, MEM_SIZE)
+            if s < e:
+                masked[s:e] = mem[s:e]
+        if masked != mem:
+            i = next(k for k in range(MEM_SIZE) if masked[k] != mem[k])
+            raise InvariantViolation(f"{what}: byte {MEM_BASE + i:#x} changed outside")
+
+    try:
+        for _ in range(MAX_OPS):
+            if r.exhausted:
+                break
+            op = r.u8() % 10
+            stats.ops += 1
+            before = bytes(mem)
+            spans = allowed_spans()
+            was_broken = queue.broken is not None
+            try:
+                if op in (0, 1, 2):
+                    reads[0] = 0
+                    chain = queue.next_chain()
+                    if chain is not None:
+                        stats.chains += 1
+                        stats.malformed += chain.error is not None
+                        held.append(chain)
+                        spans = allowed_spans()
+                    if reads[0] > size + 2:
+                        raise InvariantViolation(f"next_chain read {reads[0]} descriptors")
+                elif op == 3 and held:
+                    c = held[r.u8() % len(held)]
+                    rc = ReadableChain(c)
+                    if r.u8() & 1:
+                        rc.read_record(BLK_REQ_HDR)
+                    else:
+                        rc.read(r.u8())
+                elif op == 4 and held:
+                    c = held[r.u8() % len(held)]
+                    WritableChain(c).write(r.take(r.u8() % 64))
+                elif op in (5, 6) and held:
+                    c = held.pop(r.u8() % len(held))
+                    spans = allowed_spans() + [
+                        (d.addr - MEM_BASE, d.addr - MEM_BASE + d.len)
+                        for d in (c.writable() if c.error is None and not c.returned else ())
+                    ]
+                    if op == 5:
+                        c.return_written(min(r.u16(), c.writable_len) if c.error is None else 0)
+                    else:
+                        with c:
+                            pass
+                    stats.returned += 1
+                elif op == 7:
+                    if r.u8() & 1:
+                        queue.disable_notifications()
+                    else:
+                        queue.enable_notifications()
+                elif op == 8:
+                    # the driver rewrites bytes at will (any ring byte may change at any moment)
+                    off = r.u16() % MEM_SIZE
+                    chunk = r.take(r.u8() % 32)
+                    mem[off : off + len(chunk)] = chunk[: MEM_SIZE - off]
+                    continue
+                elif op == 9:
+                    if r.u8() & 1:
+                        queue.reset()
+                    else:
+                        queue.restore(QueueState(r.u16(), r.u16()))
+                    was_broken = False
+            except VirtioError:
+                pass
+            if queue.broken is not None:
+                stats.broken = True
+            if was_broken and queue.broken is not None:
+                spans = []  # a broken queue touches nothing
+            check(before, spans, f"op {op}")
+    finally:
+        for c in held:
+            if not c.returned:
+                with contextlib.suppress(VirtioError):
+                    c.return_written(0)
