@@ -31,7 +31,7 @@ from virtio_schema.chain import (
     WritableChain,
 )
 from virtio_schema.errors import DeviceUsageError, DriverError
-from virtio_schema.fake_queue import FakeDriver, FakeMemory, FakeQueue, UsedChain, make_queue
+from virtio_schema.fake_queue import FakeDriver, FakeMemory, SplitFakeQueue, UsedChain, make_queue
 from virtio_schema.layout import Layout
 from virtio_schema.mem import DriverRange
 from virtio_schema.queue import (
@@ -65,12 +65,12 @@ BLK_REQ_HDR: Layout[BlkReqHdr] = Layout(schema.VirtioBlkReqHdr, BlkReqHdr, name=
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def fake(size: int = 16, *, indirect: bool = False, memory_size: int = 1 << 16) -> FakeQueue:
+def fake(size: int = 16, *, indirect: bool = False, memory_size: int = 1 << 16) -> SplitFakeQueue:
     return make_queue(size, features=INDIRECT if indirect else 0, memory=FakeMemory(memory_size))
 
 
 def publish(
-    fq: FakeQueue,
+    fq: SplitFakeQueue,
     readable: list[bytes] | tuple[bytes, ...] = (),
     writable: list[int] | tuple[int, ...] = (),
     *,
@@ -81,13 +81,13 @@ def publish(
     return head
 
 
-def take(fq: FakeQueue) -> DescChain:
+def take(fq: SplitFakeQueue) -> DescChain:
     chain = fq.queue.next_chain()
     assert chain is not None
     return chain
 
 
-def used_one(fq: FakeQueue) -> UsedChain:
+def used_one(fq: SplitFakeQueue) -> UsedChain:
     (used,) = fq.driver.used()
     return used
 
@@ -573,7 +573,7 @@ BOUNDARY = 0x11000
 SPANNING = BOUNDARY - 8
 
 
-def two_regions() -> FakeQueue:
+def two_regions() -> SplitFakeQueue:
     mem = FakeMemory(regions=[(0x10000, 0x1000), (BOUNDARY, 0x1000)])
     mem.alloc_at(SPANNING, 16)
     return make_queue(8, memory=mem)

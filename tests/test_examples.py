@@ -11,7 +11,7 @@ import pytest
 
 from virtio_schema.examples import demo
 from virtio_schema.examples.blk import SEG_MAX, SIZE_MAX, BlkDevice
-from virtio_schema.fake_queue import FakeQueue, make_queue
+from virtio_schema.fake_queue import SplitFakeQueue, make_queue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
 from virtio_schema.schema import BlkFeature, BlkStatus, BlkType, DescFlags, Feature
 
@@ -27,7 +27,7 @@ def image(tmp_path: Path) -> Iterator[io.FileIO]:
 
 
 @pytest.fixture
-def fq() -> Iterator[FakeQueue]:
+def fq() -> Iterator[SplitFakeQueue]:
     q = make_queue(16, features=Feature.INDIRECT_DESC | Feature.EVENT_IDX)
     yield q
     q.memory.close()
@@ -37,7 +37,9 @@ def _hdr(kind: int, sector: int = 0) -> bytes:
     return BLK_REQ_HDR.pack(BlkReqHdr(kind, 0, sector))
 
 
-def test_in_request_reads_the_image_into_the_data_buffers(image: io.FileIO, fq: FakeQueue) -> None:
+def test_in_request_reads_the_image_into_the_data_buffers(
+    image: io.FileIO, fq: SplitFakeQueue
+) -> None:
     dev = BlkDevice(image)
     fq.driver.publish([_hdr(BlkType.IN, 2)], [512, 512, 1], indirect=True)
     assert dev.serve(fq.queue) == 1
@@ -49,7 +51,7 @@ def test_in_request_reads_the_image_into_the_data_buffers(image: io.FileIO, fq: 
     assert used.written[2] == bytes([BlkStatus.OK])
 
 
-def test_out_request_writes_the_image(image: io.FileIO, fq: FakeQueue) -> None:
+def test_out_request_writes_the_image(image: io.FileIO, fq: SplitFakeQueue) -> None:
     dev = BlkDevice(image)
     data = b"\xa5" * 1024
     fq.driver.publish([_hdr(BlkType.OUT, 5), data[:512], data[512:]], [1])
@@ -61,7 +63,7 @@ def test_out_request_writes_the_image(image: io.FileIO, fq: FakeQueue) -> None:
 
 
 def test_header_split_across_descriptors_is_read_as_one_record(
-    image: io.FileIO, fq: FakeQueue
+    image: io.FileIO, fq: SplitFakeQueue
 ) -> None:
     dev = BlkDevice(image)
     hdr = _hdr(BlkType.IN, 1)
@@ -73,7 +75,7 @@ def test_header_split_across_descriptors_is_read_as_one_record(
     assert used.written[1] == bytes([BlkStatus.OK])
 
 
-def test_get_id_returns_the_serial_padded_to_20_bytes(image: io.FileIO, fq: FakeQueue) -> None:
+def test_get_id_returns_the_serial_padded_to_20_bytes(image: io.FileIO, fq: SplitFakeQueue) -> None:
     dev = BlkDevice(image, serial=b"disk-7")
     fq.driver.publish([_hdr(BlkType.GET_ID)], [20, 1])
     dev.serve(fq.queue)
@@ -81,14 +83,14 @@ def test_get_id_returns_the_serial_padded_to_20_bytes(image: io.FileIO, fq: Fake
     assert used.written == (b"disk-7".ljust(20, b"\0"), bytes([BlkStatus.OK]))
 
 
-def test_flush_answers_ok(image: io.FileIO, fq: FakeQueue) -> None:
+def test_flush_answers_ok(image: io.FileIO, fq: SplitFakeQueue) -> None:
     dev = BlkDevice(image)
     fq.driver.publish([_hdr(BlkType.FLUSH)], [1])
     dev.serve(fq.queue)
     assert fq.driver.used()[0].written == (bytes([BlkStatus.OK]),)
 
 
-def test_unknown_request_type_answers_unsupp(image: io.FileIO, fq: FakeQueue) -> None:
+def test_unknown_request_type_answers_unsupp(image: io.FileIO, fq: SplitFakeQueue) -> None:
     dev = BlkDevice(image)
     fq.driver.publish([_hdr(99)], [1])
     dev.serve(fq.queue)
@@ -96,7 +98,7 @@ def test_unknown_request_type_answers_unsupp(image: io.FileIO, fq: FakeQueue) ->
 
 
 def test_read_past_the_end_answers_ioerr_with_the_status_inside_the_used_length(
-    image: io.FileIO, fq: FakeQueue
+    image: io.FileIO, fq: SplitFakeQueue
 ) -> None:
     dev = BlkDevice(image)
     fq.driver.publish([_hdr(BlkType.IN, SECTORS - 1)], [1024, 1])
@@ -106,7 +108,7 @@ def test_read_past_the_end_answers_ioerr_with_the_status_inside_the_used_length(
     assert used.written == (bytes(1024), bytes([BlkStatus.IOERR]))
 
 
-def test_write_to_a_read_only_device_answers_ioerr(image: io.FileIO, fq: FakeQueue) -> None:
+def test_write_to_a_read_only_device_answers_ioerr(image: io.FileIO, fq: SplitFakeQueue) -> None:
     dev = BlkDevice(image, read_only=True)
     assert dev.features & BlkFeature.RO
     fq.driver.publish([_hdr(BlkType.OUT, 0), b"x" * 512], [1])
@@ -117,7 +119,7 @@ def test_write_to_a_read_only_device_answers_ioerr(image: io.FileIO, fq: FakeQue
 
 
 def test_malformed_chain_is_logged_returned_with_zero_and_the_queue_goes_on(
-    image: io.FileIO, fq: FakeQueue, caplog: pytest.LogCaptureFixture
+    image: io.FileIO, fq: SplitFakeQueue, caplog: pytest.LogCaptureFixture
 ) -> None:
     dev = BlkDevice(image)
     d = fq.driver
@@ -137,7 +139,7 @@ def test_malformed_chain_is_logged_returned_with_zero_and_the_queue_goes_on(
 
 
 def test_request_without_room_for_the_status_is_returned_with_zero(
-    image: io.FileIO, fq: FakeQueue
+    image: io.FileIO, fq: SplitFakeQueue
 ) -> None:
     dev = BlkDevice(image)
     fq.driver.publish([_hdr(BlkType.FLUSH)], [])

@@ -20,7 +20,7 @@ from virtio_schema.fake_queue import (
     FakeDriver,
     FakeMemory,
     FakeMemoryFull,
-    FakeQueue,
+    SplitFakeQueue,
     UsedChain,
     make_queue,
 )
@@ -33,7 +33,7 @@ BASE = 0x10000
 SIZE = 0x1000
 
 
-def take(fq: FakeQueue) -> DescChain:
+def take(fq: SplitFakeQueue) -> DescChain:
     chain = fq.queue.next_chain()
     assert chain is not None
     return chain

@@ -53,8 +53,8 @@ def test_the_harness_catches_a_write_outside_the_allowed_memory(
 ) -> None:
     real = Queue._publish_used
 
-    def leaky(self: Queue, head: int, written: int) -> None:
-        real(self, head, written)
+    def leaky(self: Queue, head: int, written: int, slots: int = 1) -> None:
+        real(self, head, written, slots)
         struct.pack_into("<B", self._desc_view, 0, 0xEE)  # scribble on the descriptor table
 
     monkeypatch.setattr(Queue, "_publish_used", leaky)

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio_schema.errors import DeviceUsageError, DriverError, VirtioError
-from virtio_schema.fake_queue import FakeDriver, FakeMemory, FakeQueue, UsedChain, make_queue
+from virtio_schema.fake_queue import FakeDriver, FakeMemory, SplitFakeQueue, UsedChain, make_queue
 from virtio_schema.queue import (
     AvailIndexJump,
     BufferAddressOverflow,
@@ -67,17 +67,17 @@ TOP = 1 << 64
 QUEUE = 3  # the queue index every error message must name
 
 
-def take(fq: FakeQueue) -> DescChain:
+def take(fq: SplitFakeQueue) -> DescChain:
     chain = fq.queue.next_chain()
     assert chain is not None
     return chain
 
 
-def snapshot(fq: FakeQueue) -> list[bytes]:
+def snapshot(fq: SplitFakeQueue) -> list[bytes]:
     return [bytes(b) for b in fq.memory.buffers]
 
 
-def used_ring_bytes(fq: FakeQueue) -> bytes:
+def used_ring_bytes(fq: SplitFakeQueue) -> bytes:
     return bytes(fq.driver.used_ring.view)
 
 
@@ -98,7 +98,7 @@ def no_notify(d: FakeDriver) -> bool:
     return d.no_notify
 
 
-def process(fq: FakeQueue, count: int) -> list[int]:
+def process(fq: SplitFakeQueue, count: int) -> list[int]:
     """Publish ``count`` small chains, take and return each, and check that the driver sees each
     one used (which also gives its descriptors back to the fake driver); the heads, in order."""
     heads: list[int] = []
@@ -570,14 +570,14 @@ BAD_CHAINS = [
 ]
 
 
-def _bad_queue(case: BadChain) -> tuple[FakeQueue, DescChain, int, str]:
+def _bad_queue(case: BadChain) -> tuple[SplitFakeQueue, DescChain, int, str]:
     fq = make_queue(size=case.size, features=case.features, index=QUEUE)
     head, value = case.build(fq.driver)
     chain = take(fq)
     return fq, chain, head, value
 
 
-def _assert_queue_still_works(fq: FakeQueue) -> None:
+def _assert_queue_still_works(fq: SplitFakeQueue) -> None:
     """A good chain published after the bad one comes out intact and reaches the driver."""
     d = fq.driver
     buf = d.alloc_buffer(b"good")
@@ -1119,7 +1119,7 @@ def test_no_interrupt_is_a_bit_test() -> None:
     assert fq.notifier.take() == 2
 
 
-def _notified_at(fq: FakeQueue, chains: list[DescChain]) -> list[int]:
+def _notified_at(fq: SplitFakeQueue, chains: list[DescChain]) -> list[int]:
     """Return ``chains`` one at a time; the 1-based positions of the returns that notified."""
     out: list[int] = []
     for k, chain in enumerate(chains, start=1):

@@ -21,7 +21,7 @@ from typing import TypeVar
 import pytest
 
 from virtio_schema.chain import ReadableChain
-from virtio_schema.fake_queue import FakeDriver, FakeMemory, FakeQueue, make_queue
+from virtio_schema.fake_queue import FakeDriver, FakeMemory, SplitFakeQueue, make_queue
 from virtio_schema.queue import AvailIndexJump, DescChain, Queue, QueueBroken
 from virtio_schema.util import BufferedNotify, DescChainStream, NotificationCounter
 
@@ -38,7 +38,7 @@ def run(awaitable: Awaitable[T]) -> T:
     return asyncio.run(bounded())
 
 
-def fake(size: int = 8) -> FakeQueue:
+def fake(size: int = 8) -> SplitFakeQueue:
     return make_queue(size, memory=FakeMemory(1 << 18))
 
 

@@ -1,4 +1,4 @@
-"""Typed views of the split virtqueue rings over device memory (virtio 1.2, 2.7).
+"""Typed views of the virtqueue rings over device memory: split (virtio 1.2, 2.7) and packed (2.8).
 
 Theory of operation. A split queue is three driver-allocated areas: the descriptor table, the available
 ring (driver area) and the used ring (device area). A transport translates their driver addresses into
@@ -25,15 +25,22 @@ from typing import NamedTuple, final
 from virtio_schema.errors import DeviceUsageError, DriverError
 from virtio_schema.layout import ArrayField, IntField, Layout
 from virtio_schema.mem import DeviceRange
+from virtio_schema.schema import packed as pk
 from virtio_schema.schema import split as sp
 
 __all__ = [
     "DESC",
+    "EVENT_SUPPRESSION",
+    "PACKED_DESC",
     "USED_ELEM",
     "AvailRing",
     "Desc",
     "DescTable",
+    "EventArea",
+    "EventSuppressionRecord",
     "MisalignedRing",
+    "PackedDesc",
+    "PackedRing",
     "RingTooSmall",
     "UsedElemRecord",
     "UsedRing",
@@ -77,7 +84,7 @@ class MisalignedRing(DriverError):
         super().__init__(f"{area} at {addr:#x} is not {align}-byte aligned")
 
 
-def _area(dr: DeviceRange, area: str, size: int, need: int, align: int) -> memoryview:
+def _area(dr: DeviceRange, area: str, size: int, need: int, align: int) -> DeviceRange:
     have = len(dr.view)
     if have < need:
         raise RingTooSmall(area, size, have, need)
@@ -85,19 +92,22 @@ def _area(dr: DeviceRange, area: str, size: int, need: int, align: int) -> memor
         raise MisalignedRing(area, dr.driver_range.start, align)
     if have > need:  # split, not slice: the piece stays tracked by the memory it came from
         dr = dr.split_at(need)[0]
-    return dr.view
+    return dr
 
 
 @final
 class DescTable:
     """The descriptor table: ``size`` descriptors of 16 bytes, 16-aligned."""
 
-    __slots__ = ("size", "view")
+    __slots__ = ("range", "size", "view")
 
     def __init__(self, dr: DeviceRange, size: int) -> None:
         sp.check_split_queue_size(size)
         self.size = size
-        self.view = _area(dr, "descriptor table", size, DESC.size * size, sp.DESC_ALIGN)
+        self.range = _area(
+            dr, "descriptor table", size, DESC.size * size, sp.DESC_ALIGN
+        )  # kept: the memory tracks (and releases) ranges
+        self.view = self.range.view
 
     def get(self, index: int) -> Desc:
         """Descriptor ``index`` (``0 <= index < size``; the caller checks the bound)."""
@@ -134,14 +144,17 @@ def _used_fields(size: int) -> tuple[IntField, IntField, ArrayField, IntField]:
 class AvailRing:
     """The available ring (driver area), written by the driver, read by the device."""
 
-    __slots__ = ("_elem", "_flags", "_idx", "_ring", "_used_event", "size", "view")
+    __slots__ = ("_elem", "_flags", "_idx", "_ring", "_used_event", "range", "size", "view")
 
     def __init__(self, dr: DeviceRange, size: int) -> None:
         sp.check_split_queue_size(size)
         self._flags, self._idx, self._ring, self._used_event = _avail_fields(size)
         self._elem = self._ring.element_int()
         self.size = size
-        self.view = _area(dr, "available ring", size, sp.avail_ring(size).sizeof(), sp.AVAIL_ALIGN)
+        self.range = _area(
+            dr, "available ring", size, sp.avail_ring(size).sizeof(), sp.AVAIL_ALIGN
+        )  # kept: the memory tracks (and releases) ranges
+        self.view = self.range.view
 
     @property
     def ring_offset(self) -> int:
@@ -191,13 +204,16 @@ class AvailRing:
 class UsedRing:
     """The used ring (device area), written by the device, read by the driver."""
 
-    __slots__ = ("_avail_event", "_flags", "_idx", "_ring", "size", "view")
+    __slots__ = ("_avail_event", "_flags", "_idx", "_ring", "range", "size", "view")
 
     def __init__(self, dr: DeviceRange, size: int) -> None:
         sp.check_split_queue_size(size)
         self._flags, self._idx, self._ring, self._avail_event = _used_fields(size)
         self.size = size
-        self.view = _area(dr, "used ring", size, sp.used_ring(size).sizeof(), sp.USED_ALIGN)
+        self.range = _area(
+            dr, "used ring", size, sp.used_ring(size).sizeof(), sp.USED_ALIGN
+        )  # kept: the memory tracks (and releases) ranges
+        self.view = self.range.view
 
     @property
     def ring_offset(self) -> int:
@@ -241,3 +257,106 @@ class UsedRing:
 
     def set_avail_event(self, value: int) -> None:
         self._avail_event.set(self.view, value)
+
+
+# --- packed ring (virtio 1.2, 2.8) ---------------------------------------------------------------
+
+
+class PackedDesc(NamedTuple):
+    """One packed descriptor (``struct pvirtq_desc``)."""
+
+    addr: int
+    len: int
+    id: int
+    flags: int
+
+
+class EventSuppressionRecord(NamedTuple):
+    """An event suppression area (``struct pvirtq_event_suppress``)."""
+
+    off_wrap: int
+    flags: int
+
+
+PACKED_DESC: Layout[PackedDesc] = Layout(pk.PackedDescriptor, PackedDesc, name="PackedDescriptor")
+EVENT_SUPPRESSION: Layout[EventSuppressionRecord] = Layout(
+    pk.EventSuppression, EventSuppressionRecord, name="EventSuppression"
+)
+
+
+@final
+class PackedRing:
+    """The packed descriptor ring: ``size`` 16-byte descriptors, 16-aligned, written by the driver
+    (available descriptors) and by the device (used descriptors)."""
+
+    __slots__ = ("_flags", "_id", "_len", "range", "size", "view")
+
+    def __init__(self, dr: DeviceRange, size: int) -> None:
+        pk.check_packed_queue_size(size)
+        self.size = size
+        self.range = _area(
+            dr, "packed descriptor ring", size, PACKED_DESC.size * size, pk.PACKED_RING_ALIGN
+        )  # kept: the memory tracks (and releases) ranges
+        self.view = self.range.view
+        self._len = IntField.of(pk.PackedDescriptor, "len")
+        self._id = IntField.of(pk.PackedDescriptor, "id")
+        self._flags = IntField.of(pk.PackedDescriptor, "flags")
+
+    @property
+    def flags_offset(self) -> int:
+        """Offset of ``flags`` inside a descriptor (read first, written last)."""
+        return self._flags.offset
+
+    @property
+    def id_offset(self) -> int:
+        return self._id.offset
+
+    @property
+    def len_offset(self) -> int:
+        return self._len.offset
+
+    def get(self, index: int) -> PackedDesc:
+        return PACKED_DESC.unpack_from(self.view, PACKED_DESC.size * index)
+
+    def set(self, index: int, desc: PackedDesc) -> None:
+        """Write a whole descriptor (drivers and tests; the device writes id/len then flags)."""
+        PACKED_DESC.pack_into(self.view, PACKED_DESC.size * index, desc)
+
+    def flags(self, index: int) -> int:
+        return self._flags.get(self.view, PACKED_DESC.size * index)
+
+    def set_flags(self, index: int, value: int) -> None:
+        self._flags.set(self.view, value, PACKED_DESC.size * index)
+
+
+@final
+class EventArea:
+    """A driver or device event suppression area (4 bytes, 4-aligned)."""
+
+    __slots__ = ("_flags", "_off_wrap", "range", "view")
+
+    def __init__(self, dr: DeviceRange, area: str) -> None:
+        self.range = _area(
+            dr, area, 0, EVENT_SUPPRESSION.size, pk.EVENT_SUPPRESSION_ALIGN
+        )  # kept: the memory tracks (and releases) ranges
+        self.view = self.range.view
+        self._off_wrap = IntField.of(pk.EventSuppression, "off_wrap")
+        self._flags = IntField.of(pk.EventSuppression, "flags")
+
+    @property
+    def off_wrap_offset(self) -> int:
+        return self._off_wrap.offset
+
+    @property
+    def flags_offset(self) -> int:
+        return self._flags.offset
+
+    def off_wrap(self) -> int:
+        return self._off_wrap.get(self.view)
+
+    def flags(self) -> int:
+        return self._flags.get(self.view)
+
+    def set(self, off_wrap: int, flags: int) -> None:
+        self._off_wrap.set(self.view, off_wrap)
+        self._flags.set(self.view, flags)

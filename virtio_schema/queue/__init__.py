@@ -7,13 +7,17 @@ type, so the layers above never ask which format they serve. The validation cata
 Imports: :mod:`virtio_schema.ring`, :mod:`virtio_schema.mem`, :mod:`virtio_schema.schema`.
 """
 
+from virtio_schema.mem import DriverMem
+from virtio_schema.queue.base import QueueBase
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     AvailIndexJump,
     BufferAddressOverflow,
+    BufferIdOutOfRange,
     ChainAlreadyReturned,
     ChainError,
     ChainLengthOverflow,
+    ChainNeverEnds,
     ChainTooLong,
     DescIndexOutOfRange,
     HeadOutOfRange,
@@ -21,6 +25,7 @@ from virtio_schema.queue.errors import (
     IndirectTableTooLarge,
     IndirectWithNext,
     InvalidIndirectLength,
+    InvalidQueueState,
     NestedIndirect,
     QueueBroken,
     ReadableAfterWritable,
@@ -29,16 +34,40 @@ from virtio_schema.queue.errors import (
     UnmappedIndirectTable,
     WrittenTooMuch,
 )
+from virtio_schema.queue.packed import PackedQueue
 from virtio_schema.queue.split import Queue
 from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState, vring_need_event
+from virtio_schema.schema import Feature
+
+VirtQueue = Queue | PackedQueue
+"""Either queue format: what transports build and devices are handed."""
+
+
+def create_queue(
+    memory: QueueMemory,
+    size: int,
+    driver_mem: DriverMem,
+    *,
+    features: int,
+    notify: DriverNotify,
+    state: QueueState | None = None,
+    index: int = 0,
+) -> VirtQueue:
+    """The queue of the negotiated format: :class:`PackedQueue` if ``features`` has RING_PACKED,
+    else :class:`Queue`. Device code never asks which it got."""
+    cls = PackedQueue if features & Feature.RING_PACKED else Queue
+    return cls(memory, size, driver_mem, features=features, notify=notify, state=state, index=index)
+
 
 __all__ = [
     "AvailIndexJump",
     "BufferAddressOverflow",
+    "BufferIdOutOfRange",
     "ChainAlreadyReturned",
     "ChainDescriptor",
     "ChainError",
     "ChainLengthOverflow",
+    "ChainNeverEnds",
     "ChainTooLong",
     "DescChain",
     "DescIndexOutOfRange",
@@ -48,8 +77,11 @@ __all__ = [
     "IndirectTableTooLarge",
     "IndirectWithNext",
     "InvalidIndirectLength",
+    "InvalidQueueState",
     "NestedIndirect",
+    "PackedQueue",
     "Queue",
+    "QueueBase",
     "QueueBroken",
     "QueueMemory",
     "QueueState",
@@ -57,6 +89,8 @@ __all__ = [
     "RingError",
     "UnmappedBuffer",
     "UnmappedIndirectTable",
+    "VirtQueue",
     "WrittenTooMuch",
+    "create_queue",
     "vring_need_event",
 ]

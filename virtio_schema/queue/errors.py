@@ -20,9 +20,11 @@ from virtio_schema.errors import DeviceUsageError, DriverError
 __all__ = [
     "AvailIndexJump",
     "BufferAddressOverflow",
+    "BufferIdOutOfRange",
     "ChainAlreadyReturned",
     "ChainError",
     "ChainLengthOverflow",
+    "ChainNeverEnds",
     "ChainTooLong",
     "DescIndexOutOfRange",
     "HeadOutOfRange",
@@ -30,6 +32,7 @@ __all__ = [
     "IndirectTableTooLarge",
     "IndirectWithNext",
     "InvalidIndirectLength",
+    "InvalidQueueState",
     "NestedIndirect",
     "QueueBroken",
     "ReadableAfterWritable",
@@ -92,6 +95,26 @@ class HeadOutOfRange(RingError):
         self.slot = slot
         self.index = head
         super().__init__(queue, f"avail.ring[{slot}] = {head} is not below the queue size {size}")
+
+
+class ChainNeverEnds(RingError):
+    """Packed ring: ``NEXT`` on ``size`` consecutive slots, so the chain's end (and its buffer id)
+    cannot be found; the chain cannot be returned."""
+
+    def __init__(self, queue: int, head: int, size: int) -> None:
+        self.head = head
+        super().__init__(queue, f"the chain at slot {head} has NEXT on all {size} slots")
+
+
+class BufferIdOutOfRange(RingError):
+    """Packed ring: a chain's buffer id (in its last descriptor) is not below the queue size."""
+
+    def __init__(self, queue: int, head: int, buffer_id: int, size: int) -> None:
+        self.head = head
+        self.buffer_id = buffer_id
+        super().__init__(
+            queue, f"the chain at slot {head} has buffer id {buffer_id}, not below {size}"
+        )
 
 
 # --- chain-level: return the chain with length 0 -------------------------------------------------
@@ -226,6 +249,10 @@ class ChainAlreadyReturned(DeviceUsageError):
         self.queue = queue
         self.head = head
         super().__init__(f"queue {queue}: chain at head {head} was already returned")
+
+
+class InvalidQueueState(DeviceUsageError):
+    """A :class:`QueueState` that does not fit the queue (e.g. a packed position >= size)."""
 
 
 class WrittenTooMuch(DeviceUsageError):

@@ -24,7 +24,6 @@ another thread are handed back through a thread-safe side list.
 
 from __future__ import annotations
 
-import collections
 import struct
 
 from virtio_schema.mem import (
@@ -34,6 +33,7 @@ from virtio_schema.mem import (
     read_barrier,
     write_barrier,
 )
+from virtio_schema.queue.base import QueueBase
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     AvailIndexJump,
@@ -50,7 +50,6 @@ from virtio_schema.queue.errors import (
     NestedIndirect,
     QueueBroken,
     ReadableAfterWritable,
-    RingError,
     UnmappedIndirectTable,
 )
 from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState
@@ -72,7 +71,7 @@ _USED_ELEM = struct.Struct("<LL")
 _new_desc = tuple.__new__
 
 
-class Queue:
+class Queue(QueueBase):
     """A split virtqueue, device side.
 
     ``memory`` holds the translated descriptor table, available ring and used ring; ``size`` is the
@@ -97,11 +96,7 @@ class Queue:
         self.desc_table = DescTable(memory.desc, size)
         self.avail_ring = AvailRing(memory.avail, size)
         self.used_ring = UsedRing(memory.used, size)
-        self.size = size
-        self.driver_mem = driver_mem
-        self.features = features
-        self.notifier = notify
-        self.index = index
+        super().__init__(size, driver_mem, features, notify, index)
         self._indirect = bool(features & Feature.INDIRECT_DESC)
         self._event_idx = bool(features & Feature.EVENT_IDX)
         # bound once: the hot path calls these directly
@@ -117,39 +112,18 @@ class Queue:
         self._avail_flags_off = self.avail_ring.flags_offset
         self._avail_event_off = self.used_ring.avail_event_offset
         self._unpack_desc = DESC.struct.unpack_from
-        self._orphans: collections.deque[tuple[int, int]] = collections.deque()
-        self._generation = 0
         self._start(state or QueueState())
 
     # --- state ---------------------------------------------------------------------------------
 
-    def _start(self, state: QueueState) -> None:
-        self._generation += 1
+    def _start_format(self, state: QueueState) -> None:
         self._next_avail = state.next_avail
         self._next_used = state.next_used
-        self._broken: RingError | None = None
-        self._signalled_valid = False
         self._signalled_used = state.next_used
-        self._notify_enabled = True
-        self._orphans.clear()
 
     def state(self) -> QueueState:
         """The position to save (vhost-user GET_VRING_BASE reports ``next_avail``)."""
         return QueueState(self._next_avail, self._next_used)
-
-    def restore(self, state: QueueState) -> None:
-        """Continue from ``state``; clears a broken latch. Chains still held from before are
-        stale: returning them does nothing."""
-        self._start(state)
-
-    def reset(self) -> None:
-        """Back to the device-reset state (indices 0, not broken, notifications enabled)."""
-        self._start(QueueState())
-
-    @property
-    def broken(self) -> RingError | None:
-        """The ring violation that broke the queue, or ``None``."""
-        return self._broken
 
     @property
     def next_avail(self) -> int:
@@ -158,10 +132,6 @@ class Queue:
     @property
     def next_used(self) -> int:
         return self._next_used
-
-    def _break(self, error: RingError) -> QueueBroken:
-        self._broken = error
-        return QueueBroken(self.index, error)
 
     # --- taking chains -------------------------------------------------------------------------
 
@@ -275,21 +245,7 @@ class Queue:
 
     # --- returning chains ----------------------------------------------------------------------
 
-    def _return_chain(self, chain: DescChain, written: int) -> None:
-        if chain._gen != self._generation or self._broken is not None:
-            return  # from before a reset/restore, or the queue is broken: leave the ring alone
-        self._publish_used(chain.head, written)
-
-    def _orphan(self, chain: DescChain) -> None:
-        self._orphans.append((chain._gen, chain.head))
-
-    def _return_orphans(self) -> None:
-        while self._orphans:
-            gen, head = self._orphans.popleft()
-            if gen == self._generation and self._broken is None:
-                self._publish_used(head, 0)
-
-    def _publish_used(self, head: int, written: int) -> None:
+    def _publish_used(self, head: int, written: int, slots: int = 1) -> None:
         used = self._used_view
         next_used = self._next_used
         _USED_ELEM.pack_into(
@@ -343,10 +299,3 @@ class Queue:
         full_barrier()  # the request to kick before re-reading avail.idx
         avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
         return avail_idx != self._next_avail
-
-    def __repr__(self) -> str:
-        state = f"broken: {self._broken}" if self._broken else "ok"
-        return (
-            f"Queue(index={self.index}, size={self.size}, next_avail={self._next_avail},"
-            f" next_used={self._next_used}, {state})"
-        )

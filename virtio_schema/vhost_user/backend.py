@@ -368,6 +368,10 @@ class Backend:
             )
         fd = fds[0] if fds else None
         fds.clear()  # owned by the ring from here on
+        if fd is not None and request != Request.SET_VRING_KICK:
+            # never block the server on a saturated call/err eventfd (QEMU's and DPDK's eventfds
+            # are non-blocking already; this only protects against a hostile front-end)
+            os.set_blocking(fd, False)
         if request == Request.SET_VRING_KICK:
             self._close_kick(vr)
             vr.kick_fd = fd
@@ -471,9 +475,11 @@ class Backend:
             self._stop(vr)
 
     def _suspend_queues(self) -> list[tuple[_Vring, QueueState]]:
+        """Take the running queues off the old memory; the device drops them (``stopped``)."""
         running = [(vr, vr.queue.state()) for vr in self.vrings if vr.queue is not None]
         for vr, _ in running:
             vr.queue = None
+            self.device.stopped(vr.index)
         return running
 
     def _resume_queues(self, running: list[tuple[_Vring, QueueState]]) -> None:

@@ -292,6 +292,19 @@ _STATE_REQUESTS = {
 }
 
 
+_OWN_REPLIES = {
+    Request.GET_FEATURES,
+    Request.GET_PROTOCOL_FEATURES,
+    Request.GET_QUEUE_NUM,
+    Request.GET_VRING_BASE,
+    Request.GET_CONFIG,
+    Request.GET_MAX_MEM_SLOTS,
+    Request.GET_STATUS,
+    Request.GET_INFLIGHT_FD,
+}
+"""Requests whose reply has its own payload; any other reply is an ack (u64)."""
+
+
 def describe(request: int, flags: int, payload: bytes, nfds: int = 0) -> str:
     """A one-line decoding of a message for the trace (Construct parses it; errors are shown, not
     raised: the trace must never be the thing that fails)."""
@@ -306,7 +319,10 @@ def describe(request: int, flags: int, payload: bytes, nfds: int = 0) -> str:
     if nfds:
         head += f" fds={nfds}"
     try:
-        body = _describe_payload(request, payload)
+        if flags & HeaderFlags.REPLY and request not in _OWN_REPLIES and len(payload) == 8:
+            body = f"u64={U64Payload.parse(payload).u64:#x}"  # a REPLY_ACK acknowledgement
+        else:
+            body = _describe_payload(request, payload)
     except Exception as exc:  # a dissector shows garbage, it does not die of it
         body = f"<undecodable: {type(exc).__name__}> {payload[:32].hex()}"
     return f"{head} {body}".rstrip()

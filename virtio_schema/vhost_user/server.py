@@ -180,6 +180,17 @@ class VhostUserServer:
         self._served += 1
 
     def _on_message(self, conn: _Conn) -> None:
+        error = self._serve_message(conn)
+        # dropped outside the except blocks: a live traceback would keep the old queues (and
+        # through them the guest memory mappings) alive while the connection is torn down
+        if error is not None:
+            self._drop(conn, error or None)
+        else:
+            self._sync_kicks(conn)
+
+    def _serve_message(self, conn: _Conn) -> str | None:
+        """Read and act on one message; ``None`` if the connection goes on, ``""`` on a clean
+        disconnect, else the error that ends it."""
         fds: list[int] = []
         try:
             request, flags, payload, fds = self._read_message(conn.sock)
@@ -195,19 +206,16 @@ class VhostUserServer:
                     )
                 conn.sock.sendall(reply)
         except _Disconnect:
-            self._drop(conn, None)
-            return
+            return ""
         except (FrontendError, OSError) as exc:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            self._drop(conn, str(exc))
-            return
+            return str(exc)
         except Exception as exc:  # a bug of ours or of the device: never take the server down
             log.exception("%s: internal error", conn.name)
-            self._drop(conn, f"internal error: {type(exc).__name__}: {exc}")
-            return
-        self._sync_kicks(conn)
+            return f"internal error: {type(exc).__name__}: {exc}"
+        return None
 
     def _read_message(self, sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
         data, anc, msg_flags, _ = sock.recvmsg(HEADER.size, _FD_SPACE)
@@ -273,8 +281,11 @@ class VhostUserServer:
         index = conn.kicks.get(fd)
         if index is None:
             return
+        error = None
         try:
             conn.backend.kick(index)
         except Exception as exc:
             log.exception("%s: ring %d: device error", conn.name, index)
-            self._drop(conn, f"device error on ring {index}: {type(exc).__name__}: {exc}")
+            error = f"device error on ring {index}: {type(exc).__name__}: {exc}"
+        if error is not None:  # outside the except block (see _on_message)
+            self._drop(conn, error)

@@ -1,0 +1,138 @@
+"""A driver simulator for testing devices: fake guest memory, a fake driver, a one-call harness.
+
+Theory of operation. :class:`FakeMemory` is identity driver memory: driver addresses are offsets in a
+few bytearray regions, handed out by an allocator that asserts allocations never overlap.
+:class:`FakeDriver` plays the driver's half of a split queue on it: it lays out the rings, publishes
+chains (direct, indirect, mixed) exactly as a well-behaved driver would, reads used entries back with
+the bytes the device wrote, and sets or reads the notification fields. For robustness tests it also
+writes anything a hostile driver could: raw descriptors, bad ``next`` values, loops, readable after
+writable, bad indirect tables, avail index jumps. :func:`make_queue` builds a device-side
+:class:`~virtio_schema.queue.Queue` and its fake driver in one call (``packed=True``: a
+:class:`~virtio_schema.queue.PackedQueue` and a :class:`FakePackedDriver`)::
+
+    fq = make_queue(size=8)
+    fq.driver.publish([b"ping"], [16])
+    with fq.queue.next_chain() as chain:
+        ...
+    (used,) = fq.driver.used()
+
+Nothing here is fast or hostile by default; everything here is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar, overload
+
+from virtio_schema.errors import DeviceUsageError
+from virtio_schema.fake_queue.memory import FakeMemory, FakeMemoryFull
+from virtio_schema.fake_queue.packed import FakePackedDriver
+from virtio_schema.fake_queue.split import FakeDriver, UsedChain
+from virtio_schema.queue import PackedQueue, Queue, QueueState, VirtQueue, create_queue
+from virtio_schema.schema import Feature
+from virtio_schema.util import NotificationCounter
+
+__all__ = [
+    "FakeDriver",
+    "FakeMemory",
+    "FakeMemoryFull",
+    "FakePackedDriver",
+    "FakeQueue",
+    "PackedFakeQueue",
+    "SplitFakeQueue",
+    "UsedChain",
+    "make_queue",
+]
+
+
+Q = TypeVar("Q", Queue, PackedQueue, VirtQueue)
+D = TypeVar("D", FakeDriver, FakePackedDriver, FakeDriver | FakePackedDriver)
+
+
+@dataclass
+class FakeQueue(Generic[Q, D]):
+    """A device-side queue wired to a fake driver (see :func:`make_queue`)."""
+
+    queue: Q
+    driver: D
+    memory: FakeMemory
+    notifier: NotificationCounter
+
+
+SplitFakeQueue = FakeQueue[Queue, FakeDriver]
+"""A split queue and its fake driver (``make_queue()``)."""
+PackedFakeQueue = FakeQueue[PackedQueue, FakePackedDriver]
+"""A packed queue and its fake driver (``make_queue(packed=True)``)."""
+
+
+@overload
+def make_queue(
+    size: int = ...,
+    *,
+    features: int = ...,
+    packed: Literal[False] = ...,
+    state: QueueState | None = ...,
+    memory: FakeMemory | None = ...,
+    index: int = ...,
+) -> FakeQueue[Queue, FakeDriver]: ...
+
+
+@overload
+def make_queue(
+    size: int = ...,
+    *,
+    features: int = ...,
+    packed: Literal[True],
+    state: QueueState | None = ...,
+    memory: FakeMemory | None = ...,
+    index: int = ...,
+) -> FakeQueue[PackedQueue, FakePackedDriver]: ...
+
+
+@overload
+def make_queue(
+    size: int = ...,
+    *,
+    features: int = ...,
+    packed: bool,
+    state: QueueState | None = ...,
+    memory: FakeMemory | None = ...,
+    index: int = ...,
+) -> FakeQueue[VirtQueue, FakeDriver | FakePackedDriver]: ...
+
+
+def make_queue(
+    size: int = 16,
+    *,
+    features: int = 0,
+    packed: bool = False,
+    state: QueueState | None = None,
+    memory: FakeMemory | None = None,
+    index: int = 0,
+) -> FakeQueue[Any, Any]:
+    """Build fake memory, a fake driver and the device's queue on it, with a
+    :class:`~virtio_schema.util.NotificationCounter` as the notifier. ``packed=True`` adds
+    RING_PACKED to ``features`` and builds a :class:`~virtio_schema.queue.PackedQueue` with a
+    :class:`FakePackedDriver`; the queue is made by :func:`~virtio_schema.queue.create_queue`, as a
+    transport would."""
+    if bool(features & Feature.RING_PACKED) and not packed:
+        raise DeviceUsageError("features has RING_PACKED: pass packed=True")
+    mem = memory or FakeMemory()
+    start = state or QueueState()
+    driver: FakeDriver | FakePackedDriver
+    if packed:
+        features |= Feature.RING_PACKED
+        driver = FakePackedDriver(mem, size, int(features), start)
+    else:
+        driver = FakeDriver(mem, size, features, start)
+    notifier = NotificationCounter()
+    queue = create_queue(
+        driver.queue_memory(),
+        size,
+        mem,
+        features=int(features),
+        notify=notifier,
+        state=start,
+        index=index,
+    )
+    return FakeQueue(queue, driver, mem, notifier)

@@ -1,0 +1,159 @@
+"""Fake guest memory for tests: identity driver addresses over bytearray regions, with an allocator.
+
+:class:`FakeMemory` is a :class:`~virtio_schema.mem.DriverMem`: driver addresses are offsets in a few
+bytearray regions, handed out by an allocator that asserts allocations never overlap. Regions given
+adjacent make buffers that cross a region boundary possible (:meth:`FakeMemory.alloc_at`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from virtio_schema.errors import DeviceUsageError
+from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
+
+__all__ = ["FakeMemory", "FakeMemoryFull"]
+
+
+class FakeMemoryFull(DeviceUsageError):
+    """The fake memory has no free block of the requested size (make it bigger in the test)."""
+
+
+class _Region:
+    __slots__ = ("allocs", "end", "free", "start")
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.end = start + size
+        self.free: list[tuple[int, int]] = [(start, self.end)]  # sorted, coalesced [start, end)
+        self.allocs: dict[int, int] = {}
+
+
+class FakeMemory:
+    """Identity driver memory for tests: :class:`~virtio_schema.mem.GuestMemory` over bytearray
+    regions plus an allocator. It is a :class:`~virtio_schema.mem.DriverMem` itself.
+
+    ``regions`` lists ``(driver address, size)`` pairs; by default one region of ``size`` bytes at
+    ``base``. Regions given adjacent make buffers that cross a region boundary possible
+    (see :meth:`alloc_at`).
+    """
+
+    def __init__(
+        self,
+        size: int = 1 << 22,
+        *,
+        base: int = 0x10000,
+        regions: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        spec = list(regions) if regions is not None else [(base, size)]
+        self.buffers = [bytearray(n) for _, n in spec]
+        self.memory = GuestMemory([(a, b) for (a, _), b in zip(spec, self.buffers, strict=True)])
+        self._regions = sorted((_Region(a, n) for a, n in spec), key=lambda r: r.start)
+        self._pieces: dict[int, list[int]] = {}  # alloc_at start -> piece starts, one per region
+
+    # DriverMem
+    def translate(self, driver_range: DriverRange) -> DeviceRange | None:
+        return self.memory.translate(driver_range)
+
+    def _region_of(self, addr: int) -> _Region:
+        for r in self._regions:
+            if r.start <= addr < r.end:
+                return r
+        raise DeviceUsageError(f"{addr:#x} is not in fake memory")
+
+    def alloc(self, size: int, align: int = 16, *, region: int = 0) -> int:
+        """A fresh block of ``size`` bytes (at least 1 is reserved), aligned to ``align``, zeroed."""
+        r = self._regions[region]
+        need = max(size, 1)
+        for k, (fs, fe) in enumerate(r.free):
+            start = -(-fs // align) * align
+            if start + need <= fe:
+                rest = [(fs, start)] if start > fs else []
+                if start + need < fe:
+                    rest.append((start + need, fe))
+                r.free[k : k + 1] = rest
+                r.allocs[start] = need
+                self.write(start, bytes(size))
+                return start
+        raise FakeMemoryFull(f"no free block of {size} bytes (align {align}) in region {region}")
+
+    def alloc_at(self, addr: int, size: int) -> int:
+        """Reserve ``[addr, addr+size)`` exactly (it may span adjacent regions)."""
+        end = addr + max(size, 1)
+        pos = addr
+        pieces: list[int] = []
+        try:
+            self._reserve(pos, end, pieces)
+        except BaseException:
+            for p in pieces:
+                self._free_piece(p)
+            raise
+        self._pieces[addr] = pieces
+        return addr
+
+    def _reserve(self, pos: int, end: int, pieces: list[int]) -> None:
+        while pos < end:
+            r = self._region_of(pos)
+            stop = min(end, r.end)
+            for k, (fs, fe) in enumerate(r.free):
+                if fs <= pos and stop <= fe:
+                    rest = [(fs, pos)] if pos > fs else []
+                    if stop < fe:
+                        rest.append((stop, fe))
+                    r.free[k : k + 1] = rest
+                    r.allocs[pos] = stop - pos
+                    pieces.append(pos)
+                    break
+            else:
+                raise DeviceUsageError(f"[{pos:#x}, {stop:#x}) overlaps an allocation")
+            pos = stop
+
+    def free(self, addr: int) -> None:
+        """Give back a block from :meth:`alloc` or :meth:`alloc_at`."""
+        for piece in self._pieces.pop(addr, [addr]):
+            self._free_piece(piece)
+
+    def _free_piece(self, addr: int) -> None:
+        r = self._region_of(addr)
+        size = r.allocs.pop(addr, None)
+        if size is None:
+            raise DeviceUsageError(f"{addr:#x} was not allocated")
+        k = bisect.bisect_left(r.free, (addr, addr))
+        r.free.insert(k, (addr, addr + size))
+        merged: list[tuple[int, int]] = []
+        for fs, fe in r.free:
+            if merged and merged[-1][1] == fs:
+                merged[-1] = (merged[-1][0], fe)
+            else:
+                merged.append((fs, fe))
+        r.free = merged
+
+    @property
+    def allocated(self) -> int:
+        """Bytes currently allocated (for leak checks)."""
+        return sum(n for r in self._regions for n in r.allocs.values())
+
+    def read(self, addr: int, length: int) -> bytes:
+        """Bytes at ``addr``; may span adjacent regions."""
+        out = bytearray()
+        pos, end = addr, addr + length
+        while pos < end:
+            r = self._region_of(pos)
+            stop = min(end, r.end)
+            out += self.memory.read(pos, stop - pos)
+            pos = stop
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``addr``; may span adjacent regions."""
+        src = memoryview(data).cast("B")
+        pos, end = addr, addr + len(src)
+        while pos < end:
+            r = self._region_of(pos)
+            stop = min(end, r.end)
+            self.memory.write(pos, src[pos - addr : stop - addr])
+            pos = stop
+
+    def close(self) -> None:
+        self.memory.close()

@@ -1,0 +1,336 @@
+"""The packed virtqueue state machine, device side (virtio 1.2, 2.8).
+
+Theory of operation. The ring is one array of ``size`` descriptors shared by both sides. The driver
+makes a chain available by writing its descriptors in consecutive slots (wrapping at ``size``) and,
+last, the first descriptor's flags with ``AVAIL`` equal to its wrap counter and ``USED`` the
+opposite. ``next_chain()`` reads that first descriptor's flags; if the slot is available it reads
+each descriptor of the chain once as a whole record, follows at most one indirect table, takes the
+buffer id from the last descriptor and advances its avail position by the slots the chain took.
+Returning a chain writes ONE used descriptor at the device's used position: id and length first,
+then, after the write barrier, flags with ``AVAIL`` = ``USED`` = the used wrap counter; the used
+position advances by the slots the chain took (out-of-order returns are legal: each return takes the
+next used position).
+
+Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply here too):
+
+1. Every value read from the ring is read once and validated; work per ``next_chain()`` is bounded
+   by ``size`` slots, plus one indirect table whose entries count against the same limit.
+2. What can be returned is returned: a chain whose extent and buffer id are known but whose contents
+   break a rule is handed out with ``error`` set and goes back with length 0. A chain whose end
+   cannot be found (``NEXT`` on ``size`` consecutive slots) or whose buffer id is not below the queue
+   size cannot be returned: the queue latches broken.
+3. Notifications: the driver event area says when to notify (ENABLE / DISABLE / DESC with an
+   offset and wrap bit, EVENT_IDX only), the device event area is where this queue says when it wants
+   kicks.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from virtio_schema.mem import DriverMem, DriverRange, full_barrier, read_barrier, write_barrier
+from virtio_schema.queue.base import QueueBase
+from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
+from virtio_schema.queue.errors import (
+    BufferAddressOverflow,
+    BufferIdOutOfRange,
+    ChainError,
+    ChainLengthOverflow,
+    ChainNeverEnds,
+    ChainTooLong,
+    IndirectNotNegotiated,
+    IndirectTableTooLarge,
+    IndirectWithNext,
+    InvalidIndirectLength,
+    InvalidQueueState,
+    NestedIndirect,
+    QueueBroken,
+    ReadableAfterWritable,
+    UnmappedIndirectTable,
+)
+from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState, vring_need_event
+from virtio_schema.ring import PACKED_DESC, EventArea, PackedRing
+from virtio_schema.schema import EventFlags, Feature, PackedDescFlags
+
+__all__ = ["PackedQueue"]
+
+_NEXT = int(PackedDescFlags.NEXT)
+_WRITE = int(PackedDescFlags.WRITE)
+_INDIRECT = int(PackedDescFlags.INDIRECT)
+_AVAIL = int(PackedDescFlags.AVAIL)
+_USED = int(PackedDescFlags.USED)
+_ENABLE = int(EventFlags.ENABLE)
+_DISABLE = int(EventFlags.DISABLE)
+_DESC = int(EventFlags.DESC)
+_MAX_TOTAL = (1 << 32) - 1
+_ADDR_END = 1 << 64
+_MAX_INDIRECT_ENTRIES = 65535
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<L")
+_new_desc = tuple.__new__
+
+
+class PackedQueue(QueueBase):
+    """A packed virtqueue, device side: the same contract as :class:`~virtio_schema.queue.Queue`.
+
+    ``memory.desc`` is the descriptor ring, ``memory.avail`` the driver event suppression area
+    (driver area), ``memory.used`` the device event suppression area (device area). ``size`` is any
+    value in 1..32768. ``state`` carries ring positions (``0 <= next_avail, next_used < size``) and
+    the wrap counters.
+    """
+
+    def __init__(
+        self,
+        memory: QueueMemory,
+        size: int,
+        driver_mem: DriverMem,
+        *,
+        features: int,
+        notify: DriverNotify,
+        state: QueueState | None = None,
+        index: int = 0,
+    ) -> None:
+        self.ring = PackedRing(memory.desc, size)
+        self.driver_event = EventArea(memory.avail, "driver event area")
+        self.device_event = EventArea(memory.used, "device event area")
+        super().__init__(size, driver_mem, features, notify, index)
+        self._indirect = bool(features & Feature.INDIRECT_DESC)
+        self._event_idx = bool(features & Feature.EVENT_IDX)
+        self._ring_view = self.ring.view
+        self._drv_view = self.driver_event.view
+        self._dev_view = self.device_event.view
+        self._flags_off = self.ring.flags_offset
+        self._id_off = self.ring.id_offset
+        self._len_off = self.ring.len_offset
+        self._drv_off_wrap_off = self.driver_event.off_wrap_offset
+        self._drv_flags_off = self.driver_event.flags_offset
+        self._dev_off_wrap_off = self.device_event.off_wrap_offset
+        self._dev_flags_off = self.device_event.flags_offset
+        self._unpack_desc = PACKED_DESC.struct.unpack_from
+        self._start(state or QueueState())
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _start_format(self, state: QueueState) -> None:
+        for name in ("next_avail", "next_used"):
+            if getattr(state, name) >= self.size:
+                raise InvalidQueueState(
+                    f"QueueState.{name} = {getattr(state, name)} is not a ring position below"
+                    f" {self.size}"
+                )
+        self._next_avail = state.next_avail
+        self._avail_wrap = state.avail_wrap
+        self._next_used = state.next_used
+        self._used_wrap = state.used_wrap
+        self._signalled_used = state.next_used
+
+    def state(self) -> QueueState:
+        """Ring positions and wrap counters (vhost-user packs them as ``idx | wrap << 15``)."""
+        return QueueState(self._next_avail, self._next_used, self._avail_wrap, self._used_wrap)
+
+    # --- taking chains -------------------------------------------------------------------------
+
+    def _available(self, pos: int) -> bool:
+        flags: int = _U16.unpack_from(self._ring_view, 16 * pos + self._flags_off)[0]
+        wrap = self._avail_wrap
+        return bool(flags & _AVAIL) == wrap and bool(flags & _USED) != wrap
+
+    def pending(self) -> int:
+        """1 if the next slot holds an available chain, else 0 (a packed ring has no index that
+        counts them)."""
+        if self._broken is not None:
+            raise QueueBroken(self.index, self._broken)
+        return int(self._available(self._next_avail))
+
+    def next_chain(self) -> DescChain | None:
+        """The next available chain, or ``None`` (see :meth:`Queue.next_chain`)."""
+        if self._orphans:
+            self._return_orphans()
+        if self._broken is not None:
+            raise QueueBroken(self.index, self._broken)
+        if not self._available(self._next_avail):
+            return None
+        read_barrier()  # the AVAIL flag before the descriptor contents (virtio 1.2, 2.8.21)
+        return self._walk()
+
+    def _walk(self) -> DescChain:
+        size = self.size
+        unpack = self._unpack_desc
+        ring = self._ring_view
+        pos = start = self._next_avail
+        descs: list[ChainDescriptor] = []
+        append = descs.append
+        error: ChainError | None = None
+        n_readable = rlen = wlen = count = slots = 0
+        buf_id = 0
+        while True:
+            addr, length, buf_id, flags = unpack(ring, 16 * pos)
+            slots += 1
+            if error is None:
+                try:
+                    if flags & _INDIRECT:
+                        self._check_indirect(start, pos, addr, length, flags, slots)
+                        n_readable, rlen, wlen, count = self._walk_indirect(
+                            start, addr, length, descs, n_readable, rlen, wlen, count
+                        )
+                    else:
+                        count += 1
+                        if count > size:
+                            raise ChainTooLong(self.index, start, size)
+                        if addr + length > _ADDR_END:
+                            raise BufferAddressOverflow(self.index, start, pos, addr, length)
+                        if flags & _WRITE:
+                            wlen += length
+                            append(_new_desc(ChainDescriptor, (addr, length, True, pos, False)))
+                        else:
+                            if len(descs) > n_readable:
+                                raise ReadableAfterWritable(self.index, start, pos)
+                            rlen += length
+                            n_readable += 1
+                            append(_new_desc(ChainDescriptor, (addr, length, False, pos, False)))
+                except ChainError as exc:
+                    error = exc  # keep walking: the chain's end and buffer id are still needed
+            if not flags & _NEXT:
+                break
+            if slots >= size:
+                raise self._break(ChainNeverEnds(self.index, start, size))
+            pos += 1
+            if pos == size:
+                pos = 0
+        if buf_id >= size:
+            raise self._break(BufferIdOutOfRange(self.index, start, buf_id, size))
+        if error is None and rlen + wlen > _MAX_TOTAL:
+            error = ChainLengthOverflow(self.index, start, rlen + wlen)
+        nxt = start + slots
+        if nxt >= size:
+            nxt -= size
+            self._avail_wrap = not self._avail_wrap
+        self._next_avail = nxt
+        if self._event_idx and self._notify_enabled:
+            self._write_device_event()
+        if error is not None:
+            return DescChain(self, buf_id, [], 0, 0, 0, error, slots)
+        return DescChain(self, buf_id, descs, n_readable, rlen, wlen, None, slots)
+
+    def _check_indirect(
+        self, head: int, pos: int, addr: int, length: int, flags: int, slots: int
+    ) -> None:
+        """virtio 1.2, 2.8.19: an indirect descriptor is alone in its chain, never with NEXT."""
+        if not self._indirect:
+            raise IndirectNotNegotiated(self.index, head, pos)
+        if flags & _NEXT or slots > 1:
+            raise IndirectWithNext(self.index, head, pos)
+        if length == 0 or length & 15:
+            raise InvalidIndirectLength(self.index, head, pos, length)
+        if length >> 4 > _MAX_INDIRECT_ENTRIES:
+            raise IndirectTableTooLarge(self.index, head, pos, length)
+        if addr + length > _ADDR_END:
+            raise UnmappedIndirectTable(self.index, head, pos, addr, length)
+
+    def _walk_indirect(
+        self,
+        head: int,
+        addr: int,
+        length: int,
+        descs: list[ChainDescriptor],
+        n_readable: int,
+        rlen: int,
+        wlen: int,
+        count: int,
+    ) -> tuple[int, int, int, int]:
+        """The entries of a packed indirect table: all ``len/16`` of them, in order; only WRITE
+        (and INDIRECT, which is refused) is meaningful, NEXT is ignored (virtio 1.2, 2.8.19)."""
+        dr = self.driver_mem.translate(DriverRange(addr, addr + length))
+        if dr is None:
+            raise UnmappedIndirectTable(self.index, head, 0, addr, length)
+        table = dr.view
+        unpack = self._unpack_desc
+        size = self.size
+        for i in range(length >> 4):
+            baddr, blen, _id, bflags = unpack(table, 16 * i)
+            if bflags & _INDIRECT:
+                raise NestedIndirect(self.index, head, i)
+            count += 1
+            if count > size:
+                raise ChainTooLong(self.index, head, size)
+            if baddr + blen > _ADDR_END:
+                raise BufferAddressOverflow(self.index, head, i, baddr, blen)
+            if bflags & _WRITE:
+                wlen += blen
+                descs.append(_new_desc(ChainDescriptor, (baddr, blen, True, i, True)))
+            else:
+                if len(descs) > n_readable:
+                    raise ReadableAfterWritable(self.index, head, i)
+                rlen += blen
+                n_readable += 1
+                descs.append(_new_desc(ChainDescriptor, (baddr, blen, False, i, True)))
+        return n_readable, rlen, wlen, count
+
+    # --- returning chains ----------------------------------------------------------------------
+
+    def _publish_used(self, head: int, written: int, slots: int = 1) -> None:
+        ring = self._ring_view
+        pos = self._next_used
+        base = 16 * pos
+        _U16.pack_into(ring, base + self._id_off, head)
+        _U32.pack_into(ring, base + self._len_off, written)
+        flags = (_AVAIL | _USED) if self._used_wrap else 0
+        if written:
+            flags |= _WRITE
+        write_barrier()  # id and len before the flags that publish them (virtio 1.2, 2.8.21)
+        _U16.pack_into(ring, base + self._flags_off, flags)
+        pos += slots
+        if pos >= self.size:
+            pos -= self.size
+            self._used_wrap = not self._used_wrap
+        self._next_used = pos
+        if self._should_notify(pos):
+            self.notifier.notify()
+
+    def _should_notify(self, new_used: int) -> bool:
+        """The used-buffer notification decision from the driver event area (virtio 1.2,
+        2.8.10; the same arithmetic as QEMU's ``virtio_packed_should_notify``)."""
+        full_barrier()  # the used descriptor before reading the driver's event area
+        off_wrap: int = _U16.unpack_from(self._drv_view, self._drv_off_wrap_off)[0]
+        flags: int = _U16.unpack_from(self._drv_view, self._drv_flags_off)[0]
+        old = self._signalled_used
+        valid = self._signalled_valid
+        self._signalled_used = new_used
+        self._signalled_valid = True
+        if flags == _DISABLE:
+            return False
+        if flags != _DESC or not self._event_idx:
+            return True  # ENABLE; DESC without EVENT_IDX or an unknown value: notify, to be safe
+        if not valid:
+            return True  # the first decision after a start always notifies (as QEMU)
+        off = off_wrap & 0x7FFF
+        if bool(off_wrap >> 15) != self._used_wrap:
+            off -= self.size
+        return vring_need_event(off & 0xFFFF, new_used, old)
+
+    # --- kick suppression ----------------------------------------------------------------------
+
+    def _write_device_event(self) -> None:
+        off_wrap = self._next_avail | (self._avail_wrap << 15)
+        _U16.pack_into(self._dev_view, self._dev_off_wrap_off, off_wrap)
+        _U16.pack_into(self._dev_view, self._dev_flags_off, _DESC)
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick: the device event area says DISABLE."""
+        self._notify_enabled = False
+        if self._broken is not None:
+            return
+        _U16.pack_into(self._dev_view, self._dev_flags_off, _DISABLE)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again (ENABLE, or DESC at the next avail position with EVENT_IDX), then
+        re-check the ring; returns ``True`` if a chain is available (process it, or lose it)."""
+        self._notify_enabled = True
+        if self._broken is not None:
+            raise QueueBroken(self.index, self._broken)
+        if self._event_idx:
+            self._write_device_event()
+        else:
+            _U16.pack_into(self._dev_view, self._dev_flags_off, _ENABLE)
+        full_barrier()  # the request to kick before re-reading the ring
+        return self._available(self._next_avail)
