@@ -149,6 +149,7 @@ def _sha(data: bytes) -> str:
 
 
 BLK_WORKLOAD = f"""
+for f in /sys/bus/virtio/devices/*/features; do echo "E2E-FEATURES $(cat $f)"; done
 sha256sum /dev/vda | sed 's/^/E2E-SHA-DISK /'
 dd if=/data/pattern of=/dev/vda bs=4096 seek={PATTERN_OFFSET // 4096} oflag=direct conv=notrunc 2>/dev/null && echo E2E-WROTE
 dd if=/dev/vda bs=4096 skip={PATTERN_OFFSET // 4096} count={PATTERN_LEN // 4096} iflag=direct 2>/dev/null | sha256sum | sed 's/^/E2E-SHA-PATTERN /'
@@ -163,6 +164,8 @@ BLK_VARIANTS = {
     "no-indirect": ",indirect_desc=off",
     "no-event-idx": ",event_idx=off",
     "neither": ",indirect_desc=off,event_idx=off",
+    "packed": ",packed=on",
+    "packed-no-indirect-no-event-idx": ",packed=on,indirect_desc=off,event_idx=off",
 }
 
 

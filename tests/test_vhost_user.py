@@ -43,7 +43,7 @@ from vhost_user_frontend import (
 
 from virtio_schema.examples.blk import BlkDevice, VhostUserBlk
 from virtio_schema.examples.rng import RngDevice
-from virtio_schema.queue import Queue
+from virtio_schema.queue import VirtQueue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
 from virtio_schema.schema import BlkStatus, BlkType, Feature
 from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
@@ -410,9 +410,9 @@ class QueueKeepingBlk(VhostUserBlk):
 
     def __init__(self, blk: BlkDevice) -> None:
         super().__init__(blk)
-        self.queues: dict[int, Queue] = {}
+        self.queues: dict[int, VirtQueue] = {}
 
-    def started(self, index: int, queue: Queue) -> None:
+    def started(self, index: int, queue: VirtQueue) -> None:
         self.queues[index] = queue
 
     def stopped(self, index: int) -> None:
@@ -929,7 +929,7 @@ class FaultyBlk(VhostUserBlk):
         super().__init__(blk)
         self.fail: str | None = None
 
-    def handle(self, index: int, queue: Queue) -> None:
+    def handle(self, index: int, queue: VirtQueue) -> None:
         if self.fail == "handle":
             raise RuntimeError("device bug in handle")
         super().handle(index, queue)

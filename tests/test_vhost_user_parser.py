@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio_schema.errors import VirtioError
-from virtio_schema.queue import Queue
+from virtio_schema.queue import VirtQueue
 from virtio_schema.vhost_user import Backend, FrontendError, VhostUserDevice
 from virtio_schema.vhost_user.messages import Request
 
@@ -23,7 +23,7 @@ class Dummy(VhostUserDevice):
     def config(self) -> bytes:
         return bytes(range(32))
 
-    def handle(self, index: int, queue: Queue) -> None:
+    def handle(self, index: int, queue: VirtQueue) -> None:
         raise AssertionError("no ring can start without a valid memory table")
 
 

@@ -19,7 +19,7 @@ import threading
 from types import TracebackType
 from typing import Self
 
-from virtio_schema.queue import DescChain, DriverNotify, Queue
+from virtio_schema.queue import DescChain, DriverNotify, VirtQueue
 
 __all__ = ["BufferedNotify", "DescChainStream", "NotificationCounter"]
 
@@ -107,7 +107,7 @@ class DescChainStream:
     after :meth:`close`.
     """
 
-    def __init__(self, queue: Queue) -> None:
+    def __init__(self, queue: VirtQueue) -> None:
         self.queue = queue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None

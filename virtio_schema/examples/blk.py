@@ -22,7 +22,7 @@ import sys
 
 from virtio_schema.chain import InsufficientSpace, ReadableChain, WritableChain
 from virtio_schema.errors import DriverError
-from virtio_schema.queue import DescChain, Queue
+from virtio_schema.queue import DescChain, VirtQueue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkConfig
 from virtio_schema.schema import (
     BLK_ID_BYTES,
@@ -94,7 +94,7 @@ class BlkDevice:
         )
         return BLK_CONFIG.pack(BlkConfig(**zeros))
 
-    def serve(self, queue: Queue) -> int:
+    def serve(self, queue: VirtQueue) -> int:
         """Serve every chain available on ``queue``; returns how many."""
         n = 0
         while (chain := queue.next_chain()) is not None:
@@ -200,7 +200,7 @@ class VhostUserBlk(VhostUserDevice):
     def config(self) -> bytes:
         return self.blk.config()
 
-    def handle(self, index: int, queue: Queue) -> None:
+    def handle(self, index: int, queue: VirtQueue) -> None:
         self.blk.serve(queue)
 
 

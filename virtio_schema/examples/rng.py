@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from virtio_schema.chain import WritableChain
 from virtio_schema.errors import DriverError
-from virtio_schema.queue import Queue
+from virtio_schema.queue import VirtQueue
 from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
 
 __all__ = ["RngDevice", "main"]
@@ -43,7 +43,7 @@ class RngDevice(VhostUserDevice):
     def _random(self, n: int) -> bytes:
         return self._rng.randbytes(n) if self._rng is not None else os.urandom(n)
 
-    def handle(self, index: int, queue: Queue) -> None:
+    def handle(self, index: int, queue: VirtQueue) -> None:
         while (chain := queue.next_chain()) is not None:
             with chain:
                 try:

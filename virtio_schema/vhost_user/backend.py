@@ -29,8 +29,14 @@ from dataclasses import dataclass, field
 
 from virtio_schema.errors import DriverError, VirtioError
 from virtio_schema.mem import DriverRange, GuestMemory
-from virtio_schema.queue import Queue, QueueBroken, QueueMemory, QueueState
-from virtio_schema.schema import Feature, avail_ring, check_split_queue_size, used_ring
+from virtio_schema.queue import QueueBroken, QueueMemory, QueueState, VirtQueue, create_queue
+from virtio_schema.schema import (
+    Feature,
+    avail_ring,
+    check_packed_queue_size,
+    check_split_queue_size,
+    used_ring,
+)
 from virtio_schema.util import BufferedNotify
 from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.messages import (
@@ -109,7 +115,7 @@ class _Vring:
     err_fd: int | None = None
     enabled: bool = False
     started: bool = False
-    queue: Queue | None = None
+    queue: VirtQueue | None = None
     notify: BufferedNotify | None = None
     broken_logged: bool = False
 
@@ -304,6 +310,31 @@ class Backend:
 
     # --- rings ---------------------------------------------------------------------------------
 
+    @property
+    def packed(self) -> bool:
+        """The driver negotiated packed rings (sizes, areas and bases follow)."""
+        return bool(self.acked_features & Feature.RING_PACKED)
+
+    def _decode_base(self, num: int) -> QueueState:
+        """SET_VRING_BASE's number. Split: the next avail index. Packed (QEMU's layout,
+        ``virtio_queue_packed_set_last_avail_idx``): bits 0-14 the avail position, bit 15 its wrap
+        counter, bits 16-30 the used position, bit 31 its wrap counter. DPDK's virtio-user sends
+        only the low half (used = avail): zero high bits are read that way."""
+        if not self.packed:
+            return QueueState(next_avail=num, next_used=num)
+        avail, used = num & 0xFFFF, num >> 16
+        if used == 0:
+            used = avail
+        return QueueState(avail & 0x7FFF, used & 0x7FFF, bool(avail >> 15), bool(used >> 15))
+
+    def _encode_base(self, state: QueueState) -> int:
+        """GET_VRING_BASE's number, in the layout :meth:`_decode_base` reads."""
+        if not self.packed:
+            return state.next_avail
+        avail = state.next_avail | (state.avail_wrap << 15)
+        used = state.next_used | (state.used_wrap << 15)
+        return avail | (used << 16)
+
     def _vring(self, request: int, index: int) -> _Vring:
         if not 0 <= index < len(self.vrings):
             raise FrontendError(
@@ -319,7 +350,10 @@ class Backend:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
         try:
-            check_split_queue_size(s.num)
+            if self.packed:
+                check_packed_queue_size(s.num)
+            else:
+                check_split_queue_size(s.num)
         except VirtioError as exc:
             raise FrontendError(f"{self.name}: SET_VRING_NUM ring {s.index}: {exc}") from None
         if vr.started:
@@ -341,11 +375,11 @@ class Backend:
     def _set_vring_base(self, request: int, payload: bytes, fds: list[int]) -> None:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
-        if s.num > 0xFFFF:
+        if s.num > 0xFFFF and not self.packed:
             raise FrontendError(f"{self.name}: SET_VRING_BASE ring {s.index}: base {s.num}")
         if vr.started:
             raise FrontendError(f"{self.name}: SET_VRING_BASE on running ring {s.index}")
-        vr.base = QueueState(next_avail=s.num, next_used=s.num)
+        vr.base = self._decode_base(s.num)
         return None
 
     def _get_vring_base(self, request: int, payload: bytes, fds: list[int]) -> bytes:
@@ -354,7 +388,7 @@ class Backend:
         state = vr.queue.state() if vr.queue is not None else vr.base
         self._stop(vr)
         vr.base = state
-        return _reply(request, VRING_STATE.pack(VringStateRec(s.index, state.next_avail)))
+        return _reply(request, VRING_STATE.pack(VringStateRec(s.index, self._encode_base(state))))
 
     def _set_vring_fd(self, request: int, payload: bytes, fds: list[int]) -> None:
         value = _u64(request, payload)
@@ -422,8 +456,8 @@ class Backend:
         areas = []
         for what, uva, length in (
             ("descriptor table", vr.addr.descriptor, 16 * n),
-            ("available ring", vr.addr.available, avail_ring(n).sizeof()),
-            ("used ring", vr.addr.used, used_ring(n).sizeof()),
+            ("available ring", vr.addr.available, 4 if self.packed else avail_ring(n).sizeof()),
+            ("used ring", vr.addr.used, 4 if self.packed else used_ring(n).sizeof()),
         ):
             gpa = self.uva_to_gpa(uva, length)
             dr = (
@@ -440,7 +474,7 @@ class Backend:
         if vr.notify is None:
             vr.notify = BufferedNotify(EventfdNotify(vr.call_fd))
         try:
-            vr.queue = Queue(
+            vr.queue = create_queue(
                 QueueMemory(areas[0], areas[1], areas[2]),
                 n,
                 self.memory,

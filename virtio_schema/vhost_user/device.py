@@ -2,7 +2,8 @@
 
 Subclass :class:`VhostUserDevice`, say which features, configuration space and how many queues the
 device has, and implement :meth:`~VhostUserDevice.handle`, called with a ready
-:class:`~virtio_schema.queue.Queue` whenever the driver kicked that queue (and the ring is started
+:class:`~virtio_schema.queue.Queue` or :class:`~virtio_schema.queue.PackedQueue` (whichever
+format the driver negotiated) whenever the driver kicked that queue (and the ring is started
 and enabled). Everything else, negotiation, memory, ring addresses, eventfds, stop and restart at the
 right index, is the transport's.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from virtio_schema.queue import Queue
+from virtio_schema.queue import VirtQueue
 from virtio_schema.schema import Feature
 
 __all__ = ["VhostUserDevice"]
@@ -31,7 +32,9 @@ class VhostUserDevice:
     def device_features(self) -> int:
         """Virtio feature bits offered to the driver. The default offers the ring features the
         library implements; devices add their own bits."""
-        return int(Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX)
+        return int(
+            Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX | Feature.RING_PACKED
+        )
 
     def config(self) -> bytes:
         """The device configuration space (GET_CONFIG reads from it)."""
@@ -42,12 +45,12 @@ class VhostUserDevice:
         default: most fields are read-only)."""
         log.info("SET_CONFIG offset=%d size=%d ignored", offset, len(data))
 
-    def handle(self, index: int, queue: Queue) -> None:
+    def handle(self, index: int, queue: VirtQueue) -> None:
         """Serve what is available on queue ``index``. Called on every kick of a started and
         enabled ring; notifications the queue raises while this runs are coalesced into one."""
         raise NotImplementedError
 
-    def started(self, index: int, queue: Queue) -> None:
+    def started(self, index: int, queue: VirtQueue) -> None:
         """Queue ``index`` was (re)started (SET_VRING_KICK with memory and addresses known)."""
 
     def stopped(self, index: int) -> None:
