@@ -615,8 +615,8 @@ CASES = [
     ),
     Case(
         "unoffered-feature",
-        lambda h: h.fe.set_features(h.fe.get_features() | Feature.RING_PACKED),
-        r"SET_FEATURES acks unoffered bits 0x400000000",
+        lambda h: h.fe.set_features(h.fe.get_features() | Feature.ACCESS_PLATFORM),
+        r"SET_FEATURES acks unoffered bits 0x200000000",
     ),
     Case(
         "unoffered-protocol-feature",

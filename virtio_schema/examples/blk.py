@@ -77,6 +77,8 @@ class BlkDevice:
             | BlkFeature.SEG_MAX
             | BlkFeature.BLK_SIZE
             | BlkFeature.FLUSH
+            | Feature.RING_PACKED
+            | Feature.IN_ORDER  # requests complete in the order they arrive
         )
         if self.read_only:
             f |= BlkFeature.RO

@@ -22,6 +22,7 @@ from typing import BinaryIO
 from virtio_schema.chain import WritableChain
 from virtio_schema.errors import DriverError
 from virtio_schema.queue import VirtQueue
+from virtio_schema.schema import Feature
 from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
 
 __all__ = ["RngDevice", "main"]
@@ -34,6 +35,9 @@ class RngDevice(VhostUserDevice):
     generator for tests)."""
 
     num_queues = 1
+
+    def device_features(self) -> int:
+        return super().device_features() | int(Feature.IN_ORDER)  # served strictly in order
 
     def __init__(self, *, seed: int | None = None, record: BinaryIO | None = None) -> None:
         self._rng = random.Random(seed) if seed is not None else None

@@ -12,6 +12,7 @@ Positions are reported like vhost-user and QEMU pack them: ``position | wrap_cou
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -78,6 +79,7 @@ class FakePackedDriver:
         self._free_slots = n
         self._chains: dict[int, _Chain] = {}
         self._raw_slots: dict[int, int] = {}
+        self._order: collections.deque[int] = collections.deque()  # buffer ids, publish order
         if self.avail_pos or not self.avail_wrap:
             # a resumed ring: mark every slot as used on the previous lap, so nothing looks available
             for i in range(n):
@@ -173,6 +175,7 @@ class FakePackedDriver:
             chain.table = table
             entries = [(table, PACKED_DESC.size * count, _INDIRECT)]
         self._chains[buf_id] = chain
+        self._order.append(buf_id)
         self._free_slots -= slots
         self._write_chain(
             [
@@ -205,6 +208,7 @@ class FakePackedDriver:
         unless ``raw_flags``. Returns the head slot. Used entries for it are reported raw."""
         if descs:
             self._raw_slots[descs[-1].id] = len(descs)
+            self._order.append(descs[-1].id)
         return self._write_chain(descs, raw_flags=raw_flags)
 
     def write_slot(self, index: int, addr: int, length: int, flags: int, buffer_id: int) -> None:
@@ -235,6 +239,16 @@ class FakePackedDriver:
             if bool(flags & _AVAIL) != wrap or bool(flags & _USED) != wrap:
                 break
             d = self.ring.get(self.used_pos)
+            if self.features & Feature.IN_ORDER and d.id in self._order:
+                # virtio 1.2, 2.8.20: one used descriptor may complete every chain up to its id
+                while self._order:
+                    first = self._order.popleft()
+                    out.append(self._take_back(first, d.len if first == d.id else 0))
+                    if first == d.id:
+                        break
+                continue
+            if d.id in self._order:
+                self._order.remove(d.id)
             out.append(self._take_back(d.id, d.len))
         return out
 

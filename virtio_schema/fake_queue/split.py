@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -76,6 +77,7 @@ class FakeDriver:
         self.used_ring = UsedRing(self._range(self.used_addr, used_ring(n).sizeof()), n)
         self._free: list[int] = list(range(n - 1, -1, -1))  # a stack: 0 is taken first
         self._published: dict[int, _Published] = {}
+        self._order: collections.deque[int] = collections.deque()  # heads, in publish order
         self.avail_idx = self.start.next_avail
         self.last_used = self.start.next_used
         self.avail.set_idx(self.avail_idx)
@@ -191,6 +193,7 @@ class FakeDriver:
 
     def push_head(self, head: int) -> None:
         """Put ``head`` (any u16) in the next avail slot and publish it (idx + 1)."""
+        self._order.append(head)
         self.avail.set_ring(self.avail_idx % self.size, head)
         write_barrier()
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -212,10 +215,24 @@ class FakeDriver:
         with :meth:`publish` are taken apart (descriptors and buffers freed)."""
         out: list[UsedChain] = []
         end = self.used_ring.idx()
+        in_order = bool(self.features & Feature.IN_ORDER)
         while self.last_used != end:
             slot = self.last_used % self.size
             elem = self.used_ring.elem(slot)
             self.last_used = (self.last_used + 1) & 0xFFFF
+            if in_order and self._order:
+                # virtio 1.2, 2.7.10.1: one element may complete a run of chains; the slots of
+                # the run's other chains hold nothing (the fake poisons consumed slots so stale
+                # ids cannot pass for a completion)
+                head = self._order.popleft()
+                length = elem.len if elem.id == head else 0
+                self.used_ring.set_elem(slot, 0xFFFFFFFF, 0)
+                out.append(self._take_back(head, length))
+                continue
+            if self._order and self._order[0] == elem.id:
+                self._order.popleft()
+            elif elem.id in self._order:
+                self._order.remove(elem.id)
             out.append(self._take_back(elem.id, elem.len))
         return out
 

@@ -13,10 +13,13 @@ Rules of this module:
 from __future__ import annotations
 
 import collections
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from virtio_schema.queue.errors import QueueBroken, RingError
+from virtio_schema.queue.errors import OutOfOrderReturn, QueueBroken, RingError
 from virtio_schema.queue.state import DriverNotify, QueueState
+from virtio_schema.schema import Feature
 
 if TYPE_CHECKING:
     from virtio_schema.mem import DriverMem
@@ -46,6 +49,9 @@ class QueueBase:
         self._orphans: collections.deque[tuple[int, int, int]] = collections.deque()
         self._generation = 0
         self._broken: RingError | None = None
+        self._in_order = bool(features & Feature.IN_ORDER)
+        self._outstanding: collections.deque[int] = collections.deque()  # IN_ORDER: pop order
+        self._batch: list[tuple[int, int, int]] | None = None
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -55,6 +61,8 @@ class QueueBase:
         self._signalled_valid = False
         self._notify_enabled = True
         self._orphans.clear()
+        self._outstanding.clear()
+        self._batch = None
         self._start_format(state)
 
     def _start_format(self, state: QueueState) -> None:
@@ -84,10 +92,56 @@ class QueueBase:
 
     # --- returning chains ----------------------------------------------------------------------
 
+    @property
+    def in_order(self) -> bool:
+        """IN_ORDER was negotiated: chains must be returned in the order they were taken."""
+        return self._in_order
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Publish every chain returned inside the block at its end, at once: one used-index
+        update (split) and one notification decision; under IN_ORDER, runs of chains are
+        completed with a single used entry where the specification allows it. Transports wrap a
+        device's kick handling in it; device code does not change. Nested blocks join the outer."""
+        if self._batch is not None:
+            yield
+            return
+        self._batch = []
+        try:
+            yield
+        finally:
+            items, self._batch = self._batch, None
+            if items and self._broken is not None:
+                items = []
+            if items:
+                self._publish_batch(items)
+
+    def _check_return(self, chain: DescChain) -> None:
+        """Called before a chain is marked returned: refuse an out-of-order return under
+        IN_ORDER (a device-usage error; the chain stays held)."""
+        if self._in_order and chain._gen == self._generation and self._outstanding:
+            first = self._outstanding[0]
+            if chain.head != first:
+                raise OutOfOrderReturn(self.index, chain.head, first)
+
     def _return_chain(self, chain: DescChain, written: int) -> None:
         if chain._gen != self._generation or self._broken is not None:
             return  # from before a reset/restore, or the queue is broken: leave the ring alone
-        self._publish_used(chain.head, written, chain._slots)
+        if self._in_order:
+            self._forget(chain.head)
+        if self._batch is not None:
+            self._batch.append((chain.head, written, chain._slots))
+        else:
+            self._publish_used(chain.head, written, chain._slots)
+
+    def _forget(self, head: int) -> None:
+        """Drop ``head`` from the IN_ORDER bookkeeping (normally the oldest; a chain collected by
+        the GC may not be, and then IN_ORDER is already broken by the device)."""
+        with contextlib.suppress(ValueError):
+            self._outstanding.remove(head)
+
+    def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
+        raise NotImplementedError
 
     def _orphan(self, chain: DescChain) -> None:
         self._orphans.append((chain._gen, chain.head, chain._slots))
@@ -96,6 +150,8 @@ class QueueBase:
         while self._orphans:
             gen, head, slots = self._orphans.popleft()
             if gen == self._generation and self._broken is None:
+                if self._in_order:
+                    self._forget(head)
                 self._publish_used(head, 0, slots)
 
     def _publish_used(self, head: int, written: int, slots: int) -> None:

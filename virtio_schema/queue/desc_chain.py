@@ -63,6 +63,8 @@ class _ChainOwner(Protocol):
 
     def _return_chain(self, chain: DescChain, written: int) -> None: ...
 
+    def _check_return(self, chain: DescChain) -> None: ...
+
     def _orphan(self, chain: DescChain) -> None: ...
 
 
@@ -217,6 +219,7 @@ class DescChain:
             n = self._written
         elif self.error is None and not 0 <= n <= self.writable_len:
             raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
+        self._queue._check_return(self)
         self._returned = True
         self._written = n
         self._queue._return_chain(self, 0 if self.error is not None else n)

@@ -34,6 +34,7 @@ __all__ = [
     "InvalidIndirectLength",
     "InvalidQueueState",
     "NestedIndirect",
+    "OutOfOrderReturn",
     "QueueBroken",
     "ReadableAfterWritable",
     "RingError",
@@ -253,6 +254,20 @@ class ChainAlreadyReturned(DeviceUsageError):
 
 class InvalidQueueState(DeviceUsageError):
     """A :class:`QueueState` that does not fit the queue (e.g. a packed position >= size)."""
+
+
+class OutOfOrderReturn(DeviceUsageError):
+    """Under IN_ORDER, a chain returned before an older one still held (virtio 1.2, 2.7.10.1 /
+    2.8.20: the device uses buffers in the order they were made available)."""
+
+    def __init__(self, queue: int, head: int, expected: int) -> None:
+        self.queue = queue
+        self.head = head
+        self.expected = expected
+        super().__init__(
+            f"queue {queue}: IN_ORDER was negotiated, but chain {head} was returned before chain"
+            f" {expected}, which was taken earlier and is still held"
+        )
 
 
 class WrittenTooMuch(DeviceUsageError):

@@ -173,7 +173,10 @@ class Queue(QueueBase):
         if self._event_idx and self._notify_enabled:
             # ask for a kick when the driver publishes past what we have taken (virtio 1.2, 2.7.10)
             _U16.pack_into(self._used_view, self._avail_event_off, next_avail)
-        return self._walk(head)
+        chain = self._walk(head)
+        if self._in_order:
+            self._outstanding.append(head)
+        return chain
 
     def _walk(self, head: int) -> DescChain:
         """Read and validate the chain starting at descriptor ``head`` (< size)."""
@@ -244,6 +247,34 @@ class Queue(QueueBase):
             raise UnmappedIndirectTable(self.index, head, i, addr, length)
 
     # --- returning chains ----------------------------------------------------------------------
+
+    def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
+        """Publish a batch of returns with one ``used.idx`` update and one notification
+        decision. Under IN_ORDER, a run of chains that wrote nothing followed by one chain is
+        published as ONE used element (the last chain's id and length) at the run's last slot,
+        ``used.idx`` advancing by the run's length (virtio 1.2, 2.7.10.1)."""
+        used = self._used_view
+        mask = self.size - 1
+        start = next_used = self._next_used
+        pack = _USED_ELEM.pack_into
+        off = self._used_ring_off
+        if self._in_order:
+            run = 0
+            for k, (head, written, _slots) in enumerate(items):
+                run += 1
+                if written or k == len(items) - 1:
+                    pack(used, off + 8 * ((next_used + run - 1) & mask), head, written)
+                    next_used += run
+                    run = 0
+        else:
+            for head, written, _slots in items:
+                pack(used, off + 8 * (next_used & mask), head, written)
+                next_used += 1
+        write_barrier()  # the elements before the index that publishes them
+        self._next_used = next_used = next_used & 0xFFFF
+        _U16.pack_into(used, self._used_idx_off, next_used)
+        if next_used != start and self._should_notify(next_used):
+            self.notifier.notify()
 
     def _publish_used(self, head: int, written: int, slots: int = 1) -> None:
         used = self._used_view

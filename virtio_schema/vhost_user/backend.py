@@ -566,7 +566,7 @@ class Backend:
         if queue is None or notify is None or not vr.enabled:
             return
         try:
-            with notify:
+            with notify, queue.batch():  # one used-index update and one call per kick
                 self.device.handle(index, queue)
         except QueueBroken as exc:
             if not vr.broken_logged:
