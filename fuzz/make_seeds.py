@@ -80,6 +80,38 @@ def main() -> None:
     avail(mem, 4, 0, [0])
     struct.pack_into("<H", mem, AVAIL_OFF + 2, 100)
     seeds["split-jump"] = case(2, 0, 0, mem, bytes([POP, POP, RESET, 1, POKE, 2, 1, 2, 1, 0, POP]))
+    # 4. packed rings (flags bit 4): size 5, a chain straddling the ring's end, an indirect chain
+    av, us = 1 << 7, 1 << 15
+    mem = bytearray(MEM_SIZE)
+
+    def pdesc(i: int, addr: int, length: int, buf_id: int, flags: int) -> None:
+        struct.pack_into("<QLHH", mem, DESC_OFF + 16 * i, addr, length, buf_id, flags)
+
+    # ring positions 3, 4 (lap 1: AVAIL set) then 0 (lap 2 after the wrap: USED set, AVAIL clear)
+    pdesc(3, b(0x400), 16, 0, av | NEXT)
+    pdesc(4, b(0x500), 64, 0, av | WRITE | NEXT)
+    pdesc(0, b(0x600), 1, 4, us | WRITE)
+    # start state: avail at 3 (wrap 1), used at 3 (wrap 1); then one indirect chain at slot 1
+    struct.pack_into("<QLHH", mem, 0x800, b(0x900), 16, 0, 0)
+    struct.pack_into("<QLHH", mem, 0x810, b(0xA00), 32, 0, WRITE)
+    pdesc(1, b(0x800), 32, 2, us | INDIRECT)
+    ops_packed = bytes([POP, POP, READ, 0, 1, WRITE_OP, 1, 8, *b"y" * 8, RET, 0, 1, 0, WITH, 0,
+                        POP, NOTIF, 0, POP, 10, 11])  # fmt: skip
+    seeds["packed-wrap-indirect"] = (
+        bytes([4, 4 | 1 | 2]) + struct.pack("<HH", 3, 3) + bytes(mem) + ops_packed
+    )
+    seeds["packed-in-order-batch"] = (
+        bytes([4, 4 | 1 | 8]) + struct.pack("<HH", 3, 3) + bytes(mem) + bytes([POP, POP, 10, POP])
+    )
+    # regression: the queue breaks (an avail index jump) while the device holds a chain, then the
+    # device writes into that chain: before the fix the write reached guest memory
+    base = seeds["split-basic"][: 6 + MEM_SIZE]
+    jump = bytes([POKE]) + struct.pack("<HB", AVAIL_OFF + 2, 2) + bytes([100, 0])  # avail.idx = 100
+    regressions = {
+        "chain-write-after-queue-broke": base + bytes([POP, *jump, POP, WRITE_OP, 0, 8, *b"z" * 8])
+    }
+    for name, data in regressions.items():
+        (OUT.parent.parent / "regressions" / f"{name}.bin").write_bytes(data)
     for name, data in seeds.items():
         (OUT / f"{name}.bin").write_bytes(data)
     print(f"wrote {len(seeds)} seeds to {OUT}")

@@ -1,7 +1,7 @@
 """A fuzz harness for the split queue: raw ring memory plus a sequence of device operations.
 
-:func:`run_queue_case` decodes one input (any bytes are a valid input) into a queue size, negotiated
-features, a starting position, 8 KiB of raw guest memory holding the rings and the buffers, and up
+:func:`run_queue_case` decodes one input (any bytes are a valid input) into a ring format (split or
+packed), a queue size, negotiated features (INDIRECT_DESC, EVENT_IDX, IN_ORDER), a starting position, 8 KiB of raw guest memory holding the rings and the buffers, and up
 to 64 operations: the device pops chains, reads and writes them, returns them in any order, toggles
 notifications, resets or restores the queue; the "driver" rewrites arbitrary bytes between device
 operations. After every operation it checks the invariants of the threat model and raises
@@ -9,9 +9,11 @@ operations. After every operation it checks the invariants of the threat model a
 
 * only :class:`~virtio_schema.errors.VirtioError` subclasses come out of the public API (anything
   else propagates as it is, which the fuzzer reports);
-* a ``next_chain()`` reads at most ``size + 2`` descriptors from the ring's table (the chain limit,
-  one over it to notice, and one indirect descriptor), and each indirect table once;
-* the device writes nothing outside the used ring and the writable buffers of chains it held;
+* a ``next_chain()`` reads at most ``size + 2`` descriptors (split: the chain limit, one over it to
+  notice, and one indirect descriptor) or ``2 * size + 2`` (packed: ``size`` slots and at most
+  ``size`` indirect entries);
+* the device writes nothing outside the used ring (packed: the descriptor ring and the device event
+  area) and the writable buffers of chains it held;
 * once broken, the queue writes nothing at all until reset/restore.
 
 ``fuzz/fuzz_queue.py`` runs it under atheris; the test suite replays the corpus and every saved
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from virtio_schema.chain import ReadableChain, WritableChain
 from virtio_schema.errors import VirtioError
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
-from virtio_schema.queue import DescChain, Queue, QueueMemory, QueueState
+from virtio_schema.queue import DescChain, QueueMemory, QueueState, create_queue
 from virtio_schema.records import BLK_REQ_HDR
 from virtio_schema.schema import Feature, avail_ring, used_ring
 from virtio_schema.util import NotificationCounter
@@ -88,10 +90,21 @@ class CaseStats:
 def run_queue_case(data: bytes) -> CaseStats:
     """Run one fuzz case; raises :class:`InvariantViolation` if the library misbehaves."""
     r = _Reader(data)
-    size = 1 << (r.u8() % 5)  # 1..16
+    sel = r.u8()
     flags = r.u8()
-    features = (Feature.INDIRECT_DESC if flags & 1 else 0) | (Feature.EVENT_IDX if flags & 2 else 0)
-    state = QueueState(r.u16(), r.u16())
+    packed = bool(flags & 4)
+    size = (sel % 16) + 1 if packed else 1 << (sel % 5)  # packed 1..16, split 1..16 (powers of 2)
+    features = (
+        (Feature.INDIRECT_DESC if flags & 1 else 0)
+        | (Feature.EVENT_IDX if flags & 2 else 0)
+        | (Feature.RING_PACKED if packed else 0)
+        | (Feature.IN_ORDER if flags & 8 else 0)
+    )
+    a, u = r.u16(), r.u16()
+    if packed:
+        state = QueueState(a % size, u % size, not flags & 16, not flags & 32)
+    else:
+        state = QueueState(a, u)
     mem = bytearray(r.take(MEM_SIZE))
     stats = CaseStats()
     gm = GuestMemory([(MEM_BASE, mem)])
@@ -116,13 +129,22 @@ def _run(
         assert dr is not None
         return dr
 
-    used_len = used_ring(size).sizeof()
+    packed = bool(features & Feature.RING_PACKED)
+    used_len = 4 if packed else used_ring(size).sizeof()
     qmem = QueueMemory(
         area(DESC_OFF, 16 * size),
-        area(AVAIL_OFF, avail_ring(size).sizeof()),
+        area(AVAIL_OFF, 4 if packed else avail_ring(size).sizeof()),
         area(USED_OFF, used_len),
     )
-    queue = Queue(qmem, size, gm, features=features, notify=NotificationCounter(), state=state)
+    queue = create_queue(
+        qmem, size, gm, features=features, notify=NotificationCounter(), state=state
+    )
+    # the device writes the used ring (split), or used descriptors in the ring and its event
+    # area (packed); a packed chain reads at most size slots plus size indirect entries
+    device_spans = [(USED_OFF, USED_OFF + used_len)]
+    if packed:
+        device_spans.append((DESC_OFF, DESC_OFF + 16 * size))
+    max_reads = 2 * size + 2 if packed else size + 2
     reads = [0]
     inner = queue._unpack_desc
 
@@ -132,10 +154,9 @@ def _run(
 
     queue._unpack_desc = counting
     held: list[DescChain] = []
-    used_span = (USED_OFF, USED_OFF + used_len)
 
     def allowed_spans() -> list[tuple[int, int]]:
-        spans = [used_span]
+        spans = list(device_spans)
         for c in held:
             if c.error is None and not c.returned:
                 for d in c.writable():
@@ -159,7 +180,7 @@ def _run(
         for _ in range(MAX_OPS):
             if r.exhausted:
                 break
-            op = r.u8() % 10
+            op = r.u8() % 12
             stats.ops += 1
             before = bytes(mem)
             spans = allowed_spans()
@@ -173,7 +194,7 @@ def _run(
                         stats.malformed += chain.error is not None
                         held.append(chain)
                         spans = allowed_spans()
-                    if reads[0] > size + 2:
+                    if reads[0] > max_reads:
                         raise InvariantViolation(f"next_chain read {reads[0]} descriptors")
                 elif op == 3 and held:
                     c = held[r.u8() % len(held)]
@@ -211,9 +232,21 @@ def _run(
                 elif op == 9:
                     if r.u8() & 1:
                         queue.reset()
+                    elif packed:
+                        queue.restore(QueueState(r.u16() % size, r.u16() % size, True, False))
                     else:
                         queue.restore(QueueState(r.u16(), r.u16()))
                     was_broken = False
+                elif op == 10 and held:
+                    # return everything held, oldest first, in one batch
+                    spans = allowed_spans()
+                    with queue.batch():
+                        while held:
+                            c = held.pop(0)
+                            c.return_written(0)
+                            stats.returned += 1
+                elif op == 11:
+                    queue.pending()
             except VirtioError:
                 pass
             if queue.broken is not None:
