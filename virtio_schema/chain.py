@@ -25,12 +25,12 @@ Imports: :mod:`virtio_schema.queue`, :mod:`virtio_schema.mem`, :mod:`virtio_sche
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar, cast
 
 from virtio_schema.errors import DeviceUsageError, DriverError
 from virtio_schema.layout import Layout
 from virtio_schema.mem import DeviceRange, DriverMem, DriverRange
-from virtio_schema.queue import ChainDescriptor, DescChain, UnmappedBuffer
+from virtio_schema.queue import ChainAlreadyReturned, DescChain, UnmappedBuffer
 
 if TYPE_CHECKING:
     from virtio_schema._buffers import ReadBuffer, WriteBuffer
@@ -108,53 +108,128 @@ def _translate_prefix(mem: DriverMem, chain: DescChain, addr: int, length: int) 
 
 
 class _Walker:
-    """Position in a list of buffers; the common half of both chain walkers."""
+    """Position in a chain's list of buffers; the common half of both chain walkers.
 
-    __slots__ = ("_cur", "_cur_addr", "_cur_dr", "_descs", "_i", "_left", "_mem", "_pos", "chain")
+    Copies (``readinto``, ``write``) take the fast path when the memory offers one
+    (:data:`~virtio_schema.mem.Locate`): one region lookup and one slice copy per buffer, no
+    object created. ``next()`` hands out tracked :class:`~virtio_schema.mem.DeviceRange` objects.
+    """
 
-    def __init__(self, chain: DescChain, descs: tuple[ChainDescriptor, ...]) -> None:
+    __slots__ = (
+        "_cur",
+        "_cur_addr",
+        "_cur_dr",
+        "_descs",
+        "_end",
+        "_i",
+        "_left",
+        "_locate",
+        "_mem",
+        "_moved",
+        "_pos",
+        "chain",
+    )
+
+    def __init__(self, chain: DescChain, start: int, end: int, total: int) -> None:
+        queue = chain._queue
         self.chain = chain
-        self._mem = chain.driver_mem
-        self._descs = descs
-        self._i = 0  # index of the current buffer
+        self._mem = queue.driver_mem
+        self._locate = queue._locate
+        self._descs = chain._descs  # raw records: addr at [0], len at [1]
+        self._i = start  # index of the current buffer
+        self._end = end
         self._pos = 0  # bytes consumed of the current buffer
-        self._cur: memoryview | None = None  # translated piece of the current buffer
-        self._cur_dr: DeviceRange | None = None  # the range _cur is the view of
-        self._cur_addr = 0  # driver address of _cur[0]
-        self._left = sum(d.len for d in descs)
+        self._left = total
+        self._moved = 0
+        # slow path only: the translated piece of the current buffer, its range and address
+        # (_cur_dr and _cur_addr are read only while _cur is set)
+        self._cur: memoryview | None = None
 
     def remaining(self) -> Remaining:
         """Bytes and buffers left, from the validated lengths (no guest-memory access)."""
         descs = self._descs
         n = 0
-        for k in range(self._i, len(descs)):
-            if descs[k].len > (self._pos if k == self._i else 0):
+        for k in range(self._i, self._end):
+            if descs[k][1] > (self._pos if k == self._i else 0):
                 n += 1
         return Remaining(self._left, n)
 
     def _piece(self, limit: int) -> memoryview | None:
-        """A view of up to ``limit`` (> 0) bytes at the current position, advancing past it."""
+        """A view of up to ``limit`` (> 0) bytes at the current position, advancing past it
+        (the general path: translate, split across regions)."""
         descs = self._descs
-        while self._i < len(descs):
+        while self._i < self._end:
             d = descs[self._i]
-            if self._pos >= d.len:
+            length = d[1]
+            if self._pos >= length:
                 self._i += 1
                 self._pos = 0
-                self._cur = self._cur_dr = None
+                self._cur = None
                 continue
-            addr = d.addr + self._pos
+            addr = d[0] + self._pos
             cur = self._cur
             if cur is None or not self._cur_addr <= addr < self._cur_addr + len(cur):
-                dr = _translate_prefix(self._mem, self.chain, addr, d.len - self._pos)
-                self._cur_dr = dr
+                dr = _translate_prefix(self._mem, self.chain, addr, length - self._pos)
+                self._cur_dr: DeviceRange = dr
                 cur = self._cur = dr.view
-                self._cur_addr = addr
+                self._cur_addr: int = addr
             off = addr - self._cur_addr
             n = min(limit, len(cur) - off)
             self._pos += n
             self._left -= n
             return cur[off : off + n]
         return None
+
+    def _copy(self, buf: bytes | bytearray | memoryview, into_guest: bool) -> int:
+        """Copy between ``buf`` and the buffers from the current position, as far as both go.
+        ``self._moved`` holds the count even if a buffer turns out unmapped midway."""
+        descs = self._descs
+        locate = self._locate
+        end = self._end
+        want = len(buf)
+        total = fast = 0
+        i, pos = self._i, self._pos
+        self._moved = 0
+        try:
+            while total < want and i < end:
+                rec = descs[i]
+                length = rec[1]
+                if pos >= length:
+                    i += 1
+                    pos = 0
+                    continue
+                n = length - pos
+                if n > want - total:
+                    n = want - total
+                loc = locate(rec[0] + pos, n) if locate is not None else None
+                if loc is not None:
+                    base, off = loc
+                    if into_guest:
+                        base[off : off + n] = buf[total : total + n]
+                    else:
+                        cast(bytearray, buf)[total : total + n] = base[off : off + n]
+                    pos += n
+                    total += n
+                    fast += n
+                    continue
+                # the general path for this piece (no fast path, or it crosses a region)
+                self._i, self._pos = i, pos
+                self._left -= fast
+                fast = 0
+                view = self._piece(n)
+                assert view is not None
+                k = len(view)
+                if into_guest:
+                    view[:] = buf[total : total + k]
+                else:
+                    cast(bytearray, buf)[total : total + k] = view
+                total += k
+                i, pos = self._i, self._pos
+        finally:
+            self._i, self._pos = i, pos
+            self._left -= fast
+            self._moved = total
+        return total
 
     def next(self, limit: int | None = None) -> DeviceRange | None:
         """The next device range: the rest of the current buffer (or of the part of it in one
@@ -170,11 +245,9 @@ class _Walker:
         if view is None:  # pragma: no cover - _left > 0 means a piece exists
             return None
         n = len(view)
-        addr = self._descs[self._i].addr + self._pos - n
+        addr = self._descs[self._i][0] + self._pos - n
         view.release()
-        cur_dr = self._cur_dr
-        assert cur_dr is not None
-        return cur_dr.sub(addr - self._cur_addr, n)
+        return self._cur_dr.sub(addr - self._cur_addr, n)
 
 
 class ReadableChain(_Walker):
@@ -188,7 +261,11 @@ class ReadableChain(_Walker):
     __slots__ = ()
 
     def __init__(self, chain: DescChain) -> None:
-        super().__init__(chain, chain.readable())
+        if chain.error is not None:
+            raise chain.error
+        if chain._returned:
+            raise ChainAlreadyReturned(chain.queue_index, chain.head)
+        super().__init__(chain, 0, chain._n_readable, chain.readable_len)
 
     def readable(self) -> bool:
         return True
@@ -196,19 +273,11 @@ class ReadableChain(_Walker):
     def readinto(self, buffer: WriteBuffer) -> int:
         """Copy up to ``len(buffer)`` bytes straight from guest memory into ``buffer``; returns
         the count (0 at the end)."""
-        if not self.chain.usable:
-            self.chain.check_usable()
-        out = memoryview(buffer).cast("B")
-        total = 0
-        want = len(out)
-        while total < want:
-            view = self._piece(want - total)
-            if view is None:
-                break
-            n = len(view)
-            out[total : total + n] = view
-            total += n
-        return total
+        chain = self.chain
+        if chain._returned or chain._queue._broken is not None:
+            chain.check_usable()
+        out = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
+        return self._copy(out, False)
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all remaining if negative); ``b""`` at the end."""
@@ -272,7 +341,11 @@ class WritableChain(_Walker):
     __slots__ = ()
 
     def __init__(self, chain: DescChain) -> None:
-        super().__init__(chain, chain.writable())
+        if chain.error is not None:
+            raise chain.error
+        if chain._returned:
+            raise ChainAlreadyReturned(chain.queue_index, chain.head)
+        super().__init__(chain, chain._n_readable, len(chain._descs), chain.writable_len)
 
     def writable(self) -> bool:
         return True
@@ -289,22 +362,15 @@ class WritableChain(_Walker):
     def write(self, data: ReadBuffer) -> int:
         """Write as much of ``data`` as fits; returns the count (0 when the chain is full)."""
         chain = self.chain
-        if not chain.usable:
+        if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        src = memoryview(data).cast("B")
-        total = 0
-        want = len(src)
+        src = data if type(data) is bytes or type(data) is bytearray else memoryview(data).cast("B")
         try:
-            while total < want:
-                view = self._piece(want - total)
-                if view is None:
-                    break
-                n = len(view)
-                view[:] = src[total : total + n]
-                total += n
+            self._copy(src, True)
         finally:  # bytes that landed count, even if a later buffer turned out unmapped
+            total = self._moved
             if total:
-                chain.written = chain.written + total
+                chain._written += total
         return total
 
     def write_all(self, data: ReadBuffer) -> None:

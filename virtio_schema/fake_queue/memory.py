@@ -11,7 +11,7 @@ import bisect
 from collections.abc import Sequence
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
+from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory, Locate
 
 __all__ = ["FakeMemory", "FakeMemoryFull"]
 
@@ -51,6 +51,7 @@ class FakeMemory:
         self.memory = GuestMemory([(a, b) for (a, _), b in zip(spec, self.buffers, strict=True)])
         self._regions = sorted((_Region(a, n) for a, n in spec), key=lambda r: r.start)
         self._pieces: dict[int, list[int]] = {}  # alloc_at start -> piece starts, one per region
+        self.locate: Locate = self.memory.locate  # the fast path of DriverMem, passed through
 
     # DriverMem
     def translate(self, driver_range: DriverRange) -> DeviceRange | None:

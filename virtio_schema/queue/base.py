@@ -22,8 +22,8 @@ from virtio_schema.queue.state import DriverNotify, QueueState
 from virtio_schema.schema import Feature
 
 if TYPE_CHECKING:
-    from virtio_schema.mem import DriverMem
-    from virtio_schema.queue.desc_chain import DescChain
+    from virtio_schema.mem import DriverMem, Locate
+    from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 
 __all__ = ["QueueBase"]
 
@@ -52,6 +52,8 @@ class QueueBase:
         self._in_order = bool(features & Feature.IN_ORDER)
         self._outstanding: collections.deque[int] = collections.deque()  # IN_ORDER: pop order
         self._batch: list[tuple[int, int, int]] | None = None
+        locate = getattr(driver_mem, "locate", None)  # the optional fast path (mem.Locate)
+        self._locate: Locate | None = locate if callable(locate) else None
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -141,6 +143,9 @@ class QueueBase:
             self._outstanding.remove(head)
 
     def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
+        raise NotImplementedError
+
+    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
         raise NotImplementedError
 
     def _orphan(self, chain: DescChain) -> None:

@@ -33,7 +33,7 @@ from virtio_schema.queue.errors import (
 )
 
 if TYPE_CHECKING:
-    from virtio_schema.mem import DriverMem
+    from virtio_schema.mem import DriverMem, Locate
 
 __all__ = ["ChainDescriptor", "DescChain"]
 
@@ -60,10 +60,14 @@ class _ChainOwner(Protocol):
     driver_mem: DriverMem
     _generation: int
     _broken: RingError | None
+    _in_order: bool
+    _locate: Locate | None
 
     def _return_chain(self, chain: DescChain, written: int) -> None: ...
 
     def _check_return(self, chain: DescChain) -> None: ...
+
+    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]: ...
 
     def _orphan(self, chain: DescChain) -> None: ...
 
@@ -84,11 +88,13 @@ class DescChain:
     __slots__ = (
         "__weakref__",
         "_descs",
+        "_first",
         "_gen",
         "_n_readable",
         "_queue",
         "_returned",
         "_slots",
+        "_table_at",
         "_tid",
         "_written",
         "error",
@@ -110,17 +116,23 @@ class DescChain:
         self,
         queue: _ChainOwner,
         head: int,
-        descs: list[ChainDescriptor],
+        descs: list[tuple[int, ...]],
         n_readable: int,
         readable_len: int,
         writable_len: int,
         error: ChainError | None = None,
         slots: int = 1,
+        first: int = -1,
+        table_at: int = -1,
     ) -> None:
+        # descs: the raw records as read (addr and len first), readable ones first; the public
+        # ChainDescriptor view is rebuilt on demand by the queue's _describe
         self._queue = queue
         self._gen = queue._generation
         self.head = head
         self._descs = descs
+        self._first = head if first < 0 else first
+        self._table_at = table_at
         self._n_readable = n_readable
         self.readable_len = readable_len
         self.writable_len = writable_len
@@ -170,17 +182,17 @@ class DescChain:
         """All buffers in chain order: readable ones first, then writable ones. Raises
         :attr:`error` for a malformed chain."""
         self._check()
-        return tuple(self._descs)
+        return self._queue._describe(self)
 
     def readable(self) -> tuple[ChainDescriptor, ...]:
         """The device-readable buffers, in order."""
         self._check()
-        return tuple(self._descs[: self._n_readable])
+        return self._queue._describe(self)[: self._n_readable]
 
     def writable(self) -> tuple[ChainDescriptor, ...]:
         """The device-writable buffers, in order."""
         self._check()
-        return tuple(self._descs[self._n_readable :])
+        return self._queue._describe(self)[self._n_readable :]
 
     def __iter__(self) -> Iterator[ChainDescriptor]:
         return iter(self.descriptors())
@@ -219,7 +231,9 @@ class DescChain:
             n = self._written
         elif self.error is None and not 0 <= n <= self.writable_len:
             raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
-        self._queue._check_return(self)
+        queue = self._queue
+        if queue._in_order:
+            queue._check_return(self)
         self._returned = True
         self._written = n
         self._queue._return_chain(self, 0 if self.error is not None else n)

@@ -161,18 +161,21 @@ class PackedQueue(QueueBase):
         unpack = self._unpack_desc
         ring = self._ring_view
         pos = start = self._next_avail
-        descs: list[ChainDescriptor] = []
+        descs: list[tuple[int, ...]] = []
         append = descs.append
         error: ChainError | None = None
         n_readable = rlen = wlen = count = slots = 0
         buf_id = 0
+        indirect = False
         while True:
-            addr, length, buf_id, flags = unpack(ring, 16 * pos)
+            rec = unpack(ring, 16 * pos)
+            addr, length, buf_id, flags = rec
             slots += 1
             if error is None:
                 try:
                     if flags & _INDIRECT:
                         self._check_indirect(start, pos, addr, length, flags, slots)
+                        indirect = True
                         n_readable, rlen, wlen, count = self._walk_indirect(
                             start, addr, length, descs, n_readable, rlen, wlen, count
                         )
@@ -184,13 +187,12 @@ class PackedQueue(QueueBase):
                             raise BufferAddressOverflow(self.index, start, pos, addr, length)
                         if flags & _WRITE:
                             wlen += length
-                            append(_new_desc(ChainDescriptor, (addr, length, True, pos, False)))
                         else:
                             if len(descs) > n_readable:
                                 raise ReadableAfterWritable(self.index, start, pos)
                             rlen += length
                             n_readable += 1
-                            append(_new_desc(ChainDescriptor, (addr, length, False, pos, False)))
+                        append(rec)
                 except ChainError as exc:
                     error = exc  # keep walking: the chain's end and buffer id are still needed
             if not flags & _NEXT:
@@ -213,7 +215,20 @@ class PackedQueue(QueueBase):
             self._write_device_event()
         if error is not None:
             return DescChain(self, buf_id, [], 0, 0, 0, error, slots)
-        return DescChain(self, buf_id, descs, n_readable, rlen, wlen, None, slots)
+        table_at = 0 if indirect else -1
+        return DescChain(self, buf_id, descs, n_readable, rlen, wlen, None, slots, start, table_at)
+
+    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
+        """The public view of a chain's records (slot positions; table indices if indirect)."""
+        out = []
+        n_readable = chain._n_readable
+        indirect = chain._table_at >= 0
+        for k, rec in enumerate(chain._descs):
+            index = k if indirect else (chain._first + k) % self.size
+            out.append(
+                _new_desc(ChainDescriptor, (rec[0], rec[1], k >= n_readable, index, indirect))
+            )
+        return tuple(out)
 
     def _check_indirect(
         self, head: int, pos: int, addr: int, length: int, flags: int, slots: int
@@ -235,7 +250,7 @@ class PackedQueue(QueueBase):
         head: int,
         addr: int,
         length: int,
-        descs: list[ChainDescriptor],
+        descs: list[tuple[int, ...]],
         n_readable: int,
         rlen: int,
         wlen: int,
@@ -260,13 +275,12 @@ class PackedQueue(QueueBase):
                 raise BufferAddressOverflow(self.index, head, i, baddr, blen)
             if bflags & _WRITE:
                 wlen += blen
-                descs.append(_new_desc(ChainDescriptor, (baddr, blen, True, i, True)))
             else:
                 if len(descs) > n_readable:
                     raise ReadableAfterWritable(self.index, head, i)
                 rlen += blen
                 n_readable += 1
-                descs.append(_new_desc(ChainDescriptor, (baddr, blen, False, i, True)))
+            descs.append((baddr, blen, _id, bflags))
         return n_readable, rlen, wlen, count
 
     # --- returning chains ----------------------------------------------------------------------

@@ -184,16 +184,18 @@ class Queue(QueueBase):
         unpack = self._unpack_desc
         table = self._desc_view
         limit = size  # entries of the table being walked
-        descs: list[ChainDescriptor] = []
+        descs: list[tuple[int, ...]] = []
         append = descs.append
         n_readable = 0
         rlen = wlen = 0
         count = 0  # buffers read so far, against the chain length limit (the queue size)
         in_indirect = False
+        table_at = -1
         i = head
         try:
             while True:
-                addr, length, flags, nxt = unpack(table, 16 * i)
+                rec = unpack(table, 16 * i)
+                addr, length, flags, nxt = rec
                 if flags & _INDIRECT:
                     self._check_indirect(head, i, addr, length, flags, in_indirect)
                     dr = self.driver_mem.translate(DriverRange(addr, addr + length))
@@ -202,6 +204,7 @@ class Queue(QueueBase):
                     table = dr.view
                     limit = length >> 4
                     in_indirect = True
+                    table_at = len(descs)
                     i = 0
                     continue
                 count += 1
@@ -211,13 +214,12 @@ class Queue(QueueBase):
                     raise BufferAddressOverflow(self.index, head, i, addr, length)
                 if flags & _WRITE:
                     wlen += length
-                    append(_new_desc(ChainDescriptor, (addr, length, True, i, in_indirect)))
                 else:
                     if len(descs) > n_readable:
                         raise ReadableAfterWritable(self.index, head, i)
                     rlen += length
                     n_readable += 1
-                    append(_new_desc(ChainDescriptor, (addr, length, False, i, in_indirect)))
+                append(rec)
                 if not flags & _NEXT:
                     break
                 if nxt >= limit:
@@ -227,7 +229,23 @@ class Queue(QueueBase):
                 raise ChainLengthOverflow(self.index, head, rlen + wlen)
         except ChainError as error:
             return DescChain(self, head, [], 0, 0, 0, error)
-        return DescChain(self, head, descs, n_readable, rlen, wlen)
+        return DescChain(self, head, descs, n_readable, rlen, wlen, None, 1, head, table_at)
+
+    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
+        """The public view of a chain's records (indices follow ``next`` from the head, and
+        restart at 0 in an indirect table)."""
+        out = []
+        i = chain._first
+        table_at = chain._table_at
+        n_readable = chain._n_readable
+        for k, (addr, length, _flags, nxt) in enumerate(chain._descs):
+            if k == table_at:
+                i = 0
+            out.append(
+                _new_desc(ChainDescriptor, (addr, length, k >= n_readable, i, 0 <= table_at <= k))
+            )
+            i = nxt
+        return tuple(out)
 
     def _check_indirect(
         self, head: int, i: int, addr: int, length: int, flags: int, in_indirect: bool

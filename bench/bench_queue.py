@@ -1,0 +1,503 @@
+#!/usr/bin/env python3
+"""The hot path, measured: the library against a hand-written struct loop and a Construct-per-access
+implementation, on the same guest memory, in the same process.
+
+    python bench/bench_queue.py [--quick] [--json FILE] [--format split|packed|both]
+
+Scenarios (each device iteration: take a chain, read it, write it, return it):
+
+* ``a-echo-64``: one readable and one writable descriptor of 64 bytes;
+* ``b-blk-indirect``: Linux virtio-blk style, one indirect table of 16 descriptors (16-byte header
+  read as a record, 14 writable 512-byte data buffers, 1 status byte);
+* ``c-copy-64k``: 64 KiB read into the caller's buffer and 64 KiB written back (copy throughput);
+* ``d-batch-256``: ``a`` in batches of 256 chains with ``BufferedNotify`` and one flush per batch.
+
+The driver side costs the same for every implementation and almost nothing: descriptors and the
+available ring are laid out once, and each round the "driver" only moves ``avail.idx`` forward by a
+batch (the device returns every chain, so the same heads are valid again).
+
+Every figure is the median of ``--repeats`` runs; the table gives ns per chain, MB/s of payload, and
+the ratios to the hand-written floor (library / floor, lower is better) and to the Construct
+version (Construct / library, higher is better). A memory check runs scenario ``a`` for a long time
+under ``tracemalloc`` and reports the peak before and after (a flat peak means no per-chain growth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import struct
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import construct
+
+from virtio_schema.chain import ReadableChain
+from virtio_schema.fake_queue import FakeMemory, make_queue
+from virtio_schema.queue import VirtQueue
+from virtio_schema.records import BLK_REQ_HDR, BlkReqHdr
+from virtio_schema.ring import DESC
+from virtio_schema.schema import (
+    DescFlags,
+    Descriptor,
+    Feature,
+    UsedElem,
+    VirtioBlkReqHdr,
+)
+from virtio_schema.util import BufferedNotify, NotificationCounter
+
+QSIZE = 256
+"""Chains made available per round (one batch)."""
+
+
+class NullNotify:
+    """The notifier of scenarios a-c: the library still decides per return whether to notify
+    (barrier, flag read), but the notification itself costs nothing, as in the floor."""
+
+    def notify(self) -> None:
+        pass
+
+
+@dataclass
+class Rig:
+    """A queue with ``QSIZE`` identical chains laid out once, and the raw views the references use."""
+
+    queue: VirtQueue
+    mem: memoryview  # the whole fake memory region
+    base: int  # its driver address
+    desc_off: int
+    avail_off: int
+    used_off: int
+    notifier: NotificationCounter
+    payload: int  # payload bytes moved per chain (read + written)
+    packed: bool
+    size: int  # the queue size (QSIZE times descriptors per chain)
+
+    def kick(self, n: int) -> None:
+        """The driver makes ``n`` more chains available (split: move avail.idx; packed: re-arm
+        the slots' AVAIL bits for the next lap)."""
+        if self.packed:
+            raise NotImplementedError
+        idx = struct.unpack_from("<H", self.mem, self.avail_off + 2)[0]
+        struct.pack_into("<H", self.mem, self.avail_off + 2, (idx + n) & 0xFFFF)
+
+
+def build(scenario: str, *, packed: bool = False) -> Rig:
+    features = Feature.INDIRECT_DESC
+    fmem = FakeMemory(96 << 20)
+    size = QSIZE if scenario == "b-blk-indirect" else 2 * QSIZE
+    fq = make_queue(size, features=features, memory=fmem)
+    d = fq.driver
+    heads = []
+    if scenario != "d-batch-256":
+        fq.queue.notifier = NullNotify()
+    # publish QSIZE chains once; the device returns them and the driver re-offers the same heads
+    for _ in range(QSIZE):
+        if scenario in ("a-echo-64", "d-batch-256"):
+            head = d.publish([bytes(64)], [64])
+        elif scenario == "b-blk-indirect":
+            hdr = BLK_REQ_HDR.pack(BlkReqHdr(0, 0, 8))
+            head = d.publish([hdr], [512] * 14 + [1], indirect=True)
+        elif scenario == "c-copy-64k":
+            head = d.publish([bytes(65536)], [65536])
+        else:
+            raise SystemExit(f"unknown scenario {scenario}")
+        assert head is not None
+        heads.append(head)
+    # every avail slot holds one of the heads (the ring is size slots, a round uses QSIZE of them);
+    # rewind avail.idx so each round makes QSIZE chains available again
+    for slot in range(size):
+        d.avail.set_ring(slot, heads[slot % QSIZE])
+    d.set_avail_idx(0)
+    region = fmem.buffers[0]
+    base = fmem.memory.regions[0].start
+    payload = {"a-echo-64": 128, "d-batch-256": 128, "b-blk-indirect": 16 + 14 * 512 + 1,
+               "c-copy-64k": 2 * 65536}[scenario]  # fmt: skip
+    return Rig(
+        fq.queue,
+        memoryview(region),
+        base,
+        d.desc_addr - base,
+        d.avail_addr - base,
+        d.used_addr - base,
+        fq.notifier,
+        payload,
+        packed,
+        size,
+    )
+
+
+# --- the library -------------------------------------------------------------------------------
+
+
+def lib_echo(rig: Rig, rounds: int) -> int:
+    q = rig.queue
+    buf = bytearray(64)
+    n = 0
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        while (chain := q.next_chain()) is not None:
+            r = ReadableChain(chain)
+            r.readinto(buf)
+            r.into_writable().write(buf)
+            chain.return_written()
+            n += 1
+    return n
+
+
+def lib_blk(rig: Rig, rounds: int) -> int:
+    q = rig.queue
+    data = bytes(14 * 512)
+    ok = b"\0"
+    n = 0
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        while (chain := q.next_chain()) is not None:
+            r = ReadableChain(chain)
+            r.read_record(BLK_REQ_HDR)
+            w = r.into_writable()
+            w.write(data)
+            w.write(ok)
+            chain.return_written()
+            n += 1
+    return n
+
+
+def lib_copy(rig: Rig, rounds: int) -> int:
+    q = rig.queue
+    buf = bytearray(65536)
+    n = 0
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        while (chain := q.next_chain()) is not None:
+            r = ReadableChain(chain)
+            r.readinto(buf)
+            r.into_writable().write(buf)
+            chain.return_written()
+            n += 1
+    return n
+
+
+def lib_batch(rig: Rig, rounds: int) -> int:
+    q = rig.queue
+    notify = BufferedNotify(rig.notifier)
+    q.notifier = notify
+    buf = bytearray(64)
+    n = 0
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        with notify, q.batch():
+            while (chain := q.next_chain()) is not None:
+                r = ReadableChain(chain)
+                r.readinto(buf)
+                r.into_writable().write(buf)
+                chain.return_written()
+                n += 1
+    return n
+
+
+# --- the hand-written floor: struct and memoryviews, no validation ------------------------------
+
+_H = struct.Struct("<H")
+_D = struct.Struct("<QLHH")
+_U = struct.Struct("<LL")
+
+
+def floor_echo(rig: Rig, rounds: int) -> int:
+    mem, base = rig.mem, rig.base
+    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
+    unpack_h, unpack_d, pack_u, pack_h = _H.unpack_from, _D.unpack_from, _U.pack_into, _H.pack_into
+    buf = bytearray(64)
+    last = used = n = 0
+    mask = rig.size - 1
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        idx = unpack_h(mem, av + 2)[0]
+        while last != idx:
+            head = unpack_h(mem, av + 4 + 2 * (last & mask))[0]
+            last = (last + 1) & 0xFFFF
+            addr, ln, _fl, nxt = unpack_d(mem, desc + 16 * head)
+            off = addr - base
+            buf[:] = mem[off : off + ln]
+            waddr, wln, _wfl, _ = unpack_d(mem, desc + 16 * nxt)
+            off = waddr - base
+            mem[off : off + 64] = buf
+            pack_u(mem, us + 4 + 8 * (used & mask), head, 64)
+            used = (used + 1) & 0xFFFF
+            pack_h(mem, us + 2, used)
+            n += 1
+    return n
+
+
+def floor_blk(rig: Rig, rounds: int) -> int:
+    mem, base = rig.mem, rig.base
+    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
+    unpack_h, unpack_d, pack_u, pack_h = _H.unpack_from, _D.unpack_from, _U.pack_into, _H.pack_into
+    hdr_unpack = struct.Struct("<LLQ").unpack_from
+    data = bytes(14 * 512)
+    last = used = n = 0
+    mask = rig.size - 1
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        idx = unpack_h(mem, av + 2)[0]
+        while last != idx:
+            head = unpack_h(mem, av + 4 + 2 * (last & mask))[0]
+            last = (last + 1) & 0xFFFF
+            taddr, tlen, _fl, _nx = unpack_d(mem, desc + 16 * head)
+            table = taddr - base
+            haddr, _hl, _hf, i = unpack_d(mem, table)
+            hdr_unpack(mem, haddr - base)
+            pos = 0
+            written = 0
+            while True:
+                addr, ln, fl, nxt = unpack_d(mem, table + 16 * i)
+                off = addr - base
+                if pos < len(data):
+                    mem[off : off + ln] = data[pos : pos + ln]
+                    pos += ln
+                else:
+                    mem[off] = 0
+                written += ln
+                if not fl & 1:
+                    break
+                i = nxt
+            pack_u(mem, us + 4 + 8 * (used & mask), head, written)
+            used = (used + 1) & 0xFFFF
+            pack_h(mem, us + 2, used)
+            n += 1
+    return n
+
+
+def floor_copy(rig: Rig, rounds: int) -> int:
+    mem, base = rig.mem, rig.base
+    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
+    unpack_h, unpack_d, pack_u, pack_h = _H.unpack_from, _D.unpack_from, _U.pack_into, _H.pack_into
+    buf = bytearray(65536)
+    last = used = n = 0
+    mask = rig.size - 1
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        idx = unpack_h(mem, av + 2)[0]
+        while last != idx:
+            head = unpack_h(mem, av + 4 + 2 * (last & mask))[0]
+            last = (last + 1) & 0xFFFF
+            addr, ln, _fl, nxt = unpack_d(mem, desc + 16 * head)
+            off = addr - base
+            buf[:] = mem[off : off + ln]
+            waddr, wln, _wfl, _ = unpack_d(mem, desc + 16 * nxt)
+            off = waddr - base
+            mem[off : off + wln] = buf
+            pack_u(mem, us + 4 + 8 * (used & mask), head, wln)
+            used = (used + 1) & 0xFFFF
+            pack_h(mem, us + 2, used)
+            n += 1
+    return n
+
+
+def floor_batch(rig: Rig, rounds: int) -> int:
+    mem, base = rig.mem, rig.base
+    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
+    unpack_h, unpack_d, pack_u, pack_h = _H.unpack_from, _D.unpack_from, _U.pack_into, _H.pack_into
+    buf = bytearray(64)
+    last = used = n = 0
+    mask = rig.size - 1
+    notifier = rig.notifier
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        idx = unpack_h(mem, av + 2)[0]
+        while last != idx:
+            head = unpack_h(mem, av + 4 + 2 * (last & mask))[0]
+            last = (last + 1) & 0xFFFF
+            addr, ln, _fl, nxt = unpack_d(mem, desc + 16 * head)
+            off = addr - base
+            buf[:] = mem[off : off + ln]
+            waddr, _wln, _wfl, _ = unpack_d(mem, desc + 16 * nxt)
+            off = waddr - base
+            mem[off : off + 64] = buf
+            pack_u(mem, us + 4 + 8 * (used & mask), head, 64)
+            used = (used + 1) & 0xFFFF
+            n += 1
+        pack_h(mem, us + 2, used)
+        notifier.notify()
+    return n
+
+
+# --- the naive version: every access parsed or built with Construct ------------------------------
+
+_U16C = construct.Int16ul
+
+
+def naive_echo(rig: Rig, rounds: int, *, batch: bool = False) -> int:
+    mem, base = rig.mem, rig.base
+    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
+    last = used = n = 0
+    notifier = rig.notifier
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        idx = _U16C.parse(mem[av + 2 : av + 4])
+        while last != idx:
+            head = _U16C.parse(mem[av + 4 + 2 * (last % rig.size) : av + 6 + 2 * (last % rig.size)])
+            last = (last + 1) & 0xFFFF
+            d = Descriptor.parse(mem[desc + 16 * head : desc + 16 * head + 16])
+            data = bytes(mem[d.addr - base : d.addr - base + d.len])
+            w = Descriptor.parse(mem[desc + 16 * d.next : desc + 16 * d.next + 16])
+            mem[w.addr - base : w.addr - base + len(data)] = data
+            slot = us + 4 + 8 * (used % rig.size)
+            mem[slot : slot + 8] = UsedElem.build({"id": head, "len": len(data)})
+            used = (used + 1) & 0xFFFF
+            if not batch:
+                mem[us + 2 : us + 4] = _U16C.build(used)
+            n += 1
+        if batch:
+            mem[us + 2 : us + 4] = _U16C.build(used)
+            notifier.notify()
+    return n
+
+
+def naive_blk(rig: Rig, rounds: int) -> int:
+    mem, base = rig.mem, rig.base
+    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
+    data = bytes(14 * 512)
+    last = used = n = 0
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        idx = _U16C.parse(mem[av + 2 : av + 4])
+        while last != idx:
+            head = _U16C.parse(mem[av + 4 + 2 * (last % rig.size) : av + 6 + 2 * (last % rig.size)])
+            last = (last + 1) & 0xFFFF
+            t = Descriptor.parse(mem[desc + 16 * head : desc + 16 * head + 16])
+            table = t.addr - base
+            i, pos, written = 0, 0, 0
+            while True:
+                d = Descriptor.parse(mem[table + 16 * i : table + 16 * i + 16])
+                off = d.addr - base
+                if i == 0:
+                    VirtioBlkReqHdr.parse(mem[off : off + 16])
+                elif pos < len(data):
+                    mem[off : off + d.len] = data[pos : pos + d.len]
+                    pos += d.len
+                    written += d.len
+                else:
+                    mem[off] = 0
+                    written += 1
+                if not d.flags & DescFlags.NEXT:
+                    break
+                i = d.next
+            slot = us + 4 + 8 * (used % rig.size)
+            mem[slot : slot + 8] = UsedElem.build({"id": head, "len": written})
+            used = (used + 1) & 0xFFFF
+            mem[us + 2 : us + 4] = _U16C.build(used)
+            n += 1
+    return n
+
+
+def naive_copy(rig: Rig, rounds: int) -> int:
+    mem, base = rig.mem, rig.base
+    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
+    last = used = n = 0
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        idx = _U16C.parse(mem[av + 2 : av + 4])
+        while last != idx:
+            head = _U16C.parse(mem[av + 4 + 2 * (last % rig.size) : av + 6 + 2 * (last % rig.size)])
+            last = (last + 1) & 0xFFFF
+            d = Descriptor.parse(mem[desc + 16 * head : desc + 16 * head + 16])
+            data = construct.Bytes(d.len).parse(mem[d.addr - base : d.addr - base + d.len])
+            w = Descriptor.parse(mem[desc + 16 * d.next : desc + 16 * d.next + 16])
+            mem[w.addr - base : w.addr - base + w.len] = construct.Bytes(w.len).build(data)
+            slot = us + 4 + 8 * (used % rig.size)
+            mem[slot : slot + 8] = UsedElem.build({"id": head, "len": w.len})
+            used = (used + 1) & 0xFFFF
+            mem[us + 2 : us + 4] = _U16C.build(used)
+            n += 1
+    return n
+
+
+SCENARIOS: dict[str, dict[str, Callable[[Rig, int], int]]] = {
+    "a-echo-64": {"library": lib_echo, "floor": floor_echo, "construct": naive_echo},
+    "b-blk-indirect": {"library": lib_blk, "floor": floor_blk, "construct": naive_blk},
+    "c-copy-64k": {"library": lib_copy, "floor": floor_copy, "construct": naive_copy},
+    "d-batch-256": {
+        "library": lib_batch,
+        "floor": floor_batch,
+        "construct": lambda rig, rounds: naive_echo(rig, rounds, batch=True),
+    },
+}
+ROUNDS = {"a-echo-64": 40, "b-blk-indirect": 12, "c-copy-64k": 4, "d-batch-256": 40}
+
+
+def measure(scenario: str, impl: str, rounds: int, repeats: int) -> float:
+    """Median seconds per chain over ``repeats`` runs (a fresh rig each run)."""
+    fn = SCENARIOS[scenario][impl]
+    times = []
+    for _ in range(repeats):
+        rig = build(scenario)
+        fn(rig, 1)  # warm up (and check it works)
+        gc.collect()
+        t0 = time.perf_counter()
+        n = fn(rig, rounds)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+def memory_check(rounds: int) -> dict[str, float]:
+    """Peak traced memory of scenario a after ``rounds`` and after 10x as many (KiB)."""
+    rig = build("a-echo-64")
+    lib_echo(rig, 5)
+    gc.collect()
+    tracemalloc.start()
+    lib_echo(rig, rounds)
+    short = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    lib_echo(rig, rounds * 10)
+    long = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"peak_kib_short": short / 1024, "peak_kib_long": long / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--scenario", action="append", default=None)
+    args = p.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    scale = 0.25 if args.quick else 1.0
+    results: dict[str, dict[str, float]] = {}
+    names = args.scenario or list(SCENARIOS)
+    print(f"{'scenario':<16}{'impl':<11}{'ns/chain':>11}{'MB/s':>10}{'lib/floor':>11}{'construct/lib':>15}")
+    for name in names:
+        rounds = max(1, int(ROUNDS[name] * scale))
+        per = {impl: measure(name, impl, rounds, repeats) for impl in ("floor", "library", "construct")}
+        payload = build(name).payload
+        results[name] = {f"{k}_ns": v * 1e9 for k, v in per.items()}
+        results[name]["lib_over_floor"] = per["library"] / per["floor"]
+        results[name]["construct_over_lib"] = per["construct"] / per["library"]
+        results[name]["library_mb_s"] = payload / per["library"] / 1e6
+        results[name]["floor_mb_s"] = payload / per["floor"] / 1e6
+        for impl in ("floor", "library", "construct"):
+            ratio1 = f"{per[impl] / per['floor']:.2f}" if impl != "floor" else ""
+            ratio2 = f"{per['construct'] / per['library']:.1f}" if impl == "library" else ""
+            print(
+                f"{name:<16}{impl:<11}{per[impl] * 1e9:>11.0f}{payload / per[impl] / 1e6:>10.1f}"
+                f"{ratio1:>11}{ratio2:>15}"
+            )
+    mem = memory_check(int(20 * scale) or 1)
+    print(
+        f"memory: peak {mem['peak_kib_short']:.0f} KiB after {int(20 * scale) or 1} rounds of"
+        f" {QSIZE}, {mem['peak_kib_long']:.0f} KiB after 10x as many"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"scenarios": results, "memory": mem, "queue_size": QSIZE}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
