@@ -41,7 +41,6 @@ from virtio_schema.chain import ReadableChain
 from virtio_schema.fake_queue import FakeMemory, make_queue
 from virtio_schema.queue import VirtQueue
 from virtio_schema.records import BLK_REQ_HDR, BlkReqHdr
-from virtio_schema.ring import DESC
 from virtio_schema.schema import (
     DescFlags,
     Descriptor,
@@ -224,7 +223,7 @@ def floor_echo(rig: Rig, rounds: int) -> int:
             addr, ln, _fl, nxt = unpack_d(mem, desc + 16 * head)
             off = addr - base
             buf[:] = mem[off : off + ln]
-            waddr, wln, _wfl, _ = unpack_d(mem, desc + 16 * nxt)
+            waddr, _wln, _wfl, _ = unpack_d(mem, desc + 16 * nxt)
             off = waddr - base
             mem[off : off + 64] = buf
             pack_u(mem, us + 4 + 8 * (used & mask), head, 64)
@@ -248,7 +247,7 @@ def floor_blk(rig: Rig, rounds: int) -> int:
         while last != idx:
             head = unpack_h(mem, av + 4 + 2 * (last & mask))[0]
             last = (last + 1) & 0xFFFF
-            taddr, tlen, _fl, _nx = unpack_d(mem, desc + 16 * head)
+            taddr, _tlen, _fl, _nx = unpack_d(mem, desc + 16 * head)
             table = taddr - base
             haddr, _hl, _hf, i = unpack_d(mem, table)
             hdr_unpack(mem, haddr - base)
@@ -471,10 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     scale = 0.25 if args.quick else 1.0
     results: dict[str, dict[str, float]] = {}
     names = args.scenario or list(SCENARIOS)
-    print(f"{'scenario':<16}{'impl':<11}{'ns/chain':>11}{'MB/s':>10}{'lib/floor':>11}{'construct/lib':>15}")
+    print(
+        f"{'scenario':<16}{'impl':<11}{'ns/chain':>11}{'MB/s':>10}{'lib/floor':>11}{'construct/lib':>15}"
+    )
     for name in names:
         rounds = max(1, int(ROUNDS[name] * scale))
-        per = {impl: measure(name, impl, rounds, repeats) for impl in ("floor", "library", "construct")}
+        per = {
+            impl: measure(name, impl, rounds, repeats) for impl in ("floor", "library", "construct")
+        }
         payload = build(name).payload
         results[name] = {f"{k}_ns": v * 1e9 for k, v in per.items()}
         results[name]["lib_over_floor"] = per["library"] / per["floor"]
