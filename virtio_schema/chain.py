@@ -265,7 +265,17 @@ class ReadableChain(_Walker):
             raise chain.error
         if chain._returned:
             raise ChainAlreadyReturned(chain.queue_index, chain.head)
-        super().__init__(chain, 0, chain._n_readable, chain.readable_len)
+        queue = chain._queue
+        self.chain = chain
+        self._mem = queue.driver_mem
+        self._locate = queue._locate
+        self._descs = chain._descs
+        self._i = 0
+        self._end = chain._n_readable
+        self._pos = 0
+        self._left = chain.readable_len
+        self._moved = 0
+        self._cur = None
 
     def readable(self) -> bool:
         return True
@@ -277,6 +287,23 @@ class ReadableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         out = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
+        # the common case, one copy from one buffer, done here; anything else in _copy
+        i = self._i
+        locate = self._locate
+        if locate is not None and i < self._end:
+            rec = self._descs[i]
+            pos = self._pos
+            n = rec[1] - pos
+            want = len(out)
+            if 0 < want <= n or (0 < n < want and i + 1 == self._end):
+                n = min(n, want)
+                loc = locate(rec[0] + pos, n)
+                if loc is not None:
+                    base, off = loc
+                    out[:n] = base[off : off + n]
+                    self._pos = pos + n
+                    self._left -= n
+                    return n
         return self._copy(out, False)
 
     def read(self, size: int = -1) -> bytes:
@@ -316,7 +343,21 @@ class ReadableChain(_Walker):
         :class:`DataRemaining` if readable bytes are left (the chain is not returned then)."""
         if self._left and not ignore_remaining:
             raise DataRemaining(self.chain.queue_index, self.chain.head, self._left)
-        return WritableChain(self.chain)
+        chain = self.chain
+        if chain._returned:
+            raise ChainAlreadyReturned(chain.queue_index, chain.head)
+        w = WritableChain.__new__(WritableChain)  # the chain is known good: no re-checks
+        w.chain = chain
+        w._mem = self._mem
+        w._locate = self._locate
+        w._descs = descs = self._descs
+        w._i = chain._n_readable
+        w._end = len(descs)
+        w._pos = 0
+        w._left = chain.writable_len
+        w._moved = 0
+        w._cur = None
+        return w
 
     def __enter__(self) -> Self:
         return self
@@ -365,6 +406,24 @@ class WritableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         src = data if type(data) is bytes or type(data) is bytearray else memoryview(data).cast("B")
+        # the common case, one copy into one buffer, done here; anything else in _copy
+        i = self._i
+        locate = self._locate
+        if locate is not None and i < self._end:
+            rec = self._descs[i]
+            pos = self._pos
+            n = rec[1] - pos
+            want = len(src)
+            if 0 < want <= n or (0 < n < want and i + 1 == self._end):
+                n = min(n, want)
+                loc = locate(rec[0] + pos, n)
+                if loc is not None:
+                    base, off = loc
+                    base[off : off + n] = src if n == want else src[:n]
+                    self._pos = pos + n
+                    self._left -= n
+                    chain._written += n
+                    return n
         try:
             self._copy(src, True)
         finally:  # bytes that landed count, even if a later buffer turned out unmapped
