@@ -1,7 +1,7 @@
 """The vhost-user transport, driven by a test front-end over a real unix socket.
 
 The server runs :meth:`~virtio_schema.vhost_user.VhostUserServer.serve_forever` in a thread; the
-front-end (``tests/vhost_user_frontend.py``) plays QEMU: it sends the messages QEMU 7.2 sends, in the
+front-end (:mod:`virtio_schema.testing.frontend`) plays QEMU: it sends the messages QEMU 7.2 sends, in the
 order it sends them, shares guest memory as a memfd and notifies through eventfds, and plays the
 guest driver on rings laid out in that shared memory. Hostile front-ends check that a bad peer costs
 only its own connection: no fd leaked, the server goes on serving everyone else.
@@ -25,7 +25,13 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
-from vhost_user_frontend import (
+
+from virtio_schema.examples.blk import BlkDevice, VhostUserBlk
+from virtio_schema.examples.rng import RngDevice
+from virtio_schema.queue import VirtQueue
+from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
+from virtio_schema.schema import BlkStatus, BlkType, Feature
+from virtio_schema.testing.frontend import (
     GPA_BASE,
     NOFD,
     UVA_BASE,
@@ -40,12 +46,6 @@ from vhost_user_frontend import (
     wait_for,
     wait_signalled,
 )
-
-from virtio_schema.examples.blk import BlkDevice, VhostUserBlk
-from virtio_schema.examples.rng import RngDevice
-from virtio_schema.queue import VirtQueue
-from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
-from virtio_schema.schema import BlkStatus, BlkType, Feature
 from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,

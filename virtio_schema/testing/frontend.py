@@ -1,4 +1,4 @@
-"""A vhost-user FRONT-END for tests: the part QEMU plays, over a real unix socket.
+"""A vhost-user FRONT-END for tests and benchmarks: the part QEMU plays, over a real unix socket.
 
 Theory of operation. The back-end under test (a :class:`~virtio_schema.vhost_user.VhostUserServer`
 serving in a thread of the test process) sees exactly what it would see from QEMU: messages sent
