@@ -7,6 +7,10 @@ the writable buffers and the driver sees exactly those bytes, cut to the used le
 buffer boundaries; the standard binary I/O protocol works (``shutil.copyfileobj``); and every
 driver fault comes out as a :class:`~virtio_schema.errors.DriverError`, every misuse as a
 :class:`~virtio_schema.errors.DeviceUsageError`.
+
+The chain layer never asks which ring format a chain came from: every test runs on a split and on a
+packed queue (the ``packed`` fixture, ids ``[split]`` / ``[packed]``). Only the malformed chains
+that need a split ring's ``next`` field are split-only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import io
 import shutil
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -31,7 +35,14 @@ from virtio_schema.chain import (
     WritableChain,
 )
 from virtio_schema.errors import DeviceUsageError, DriverError
-from virtio_schema.fake_queue import FakeDriver, FakeMemory, SplitFakeQueue, UsedChain, make_queue
+from virtio_schema.fake_queue import (
+    FakeDriver,
+    FakeMemory,
+    FakePackedDriver,
+    FakeQueue,
+    UsedChain,
+    make_queue,
+)
 from virtio_schema.layout import Layout
 from virtio_schema.mem import DriverRange
 from virtio_schema.queue import (
@@ -40,17 +51,29 @@ from virtio_schema.queue import (
     ChainTooLong,
     DescChain,
     DescIndexOutOfRange,
+    IndirectNotNegotiated,
+    PackedQueue,
     Queue,
     ReadableAfterWritable,
     UnmappedBuffer,
+    VirtQueue,
     WrittenTooMuch,
+    create_queue,
 )
+from virtio_schema.ring import PackedDesc
 from virtio_schema.schema import DescFlags, Feature
 from virtio_schema.util import NotificationCounter
 
-INDIRECT = Feature.INDIRECT_DESC
+F_INDIRECT = Feature.INDIRECT_DESC
+# the same values in both ring formats (virtio 1.2, 2.7.5 and 2.8.1)
 NEXT = int(DescFlags.NEXT)
 WRITE = int(DescFlags.WRITE)
+INDIRECT = int(DescFlags.INDIRECT)
+
+Q = TypeVar("Q", Queue, PackedQueue, VirtQueue)
+D = TypeVar("D", FakeDriver, FakePackedDriver, FakeDriver | FakePackedDriver)
+Driver = FakeDriver | FakePackedDriver
+AnyFakeQueue = FakeQueue[VirtQueue, Driver]
 
 
 class BlkReqHdr(NamedTuple):
@@ -65,12 +88,25 @@ BLK_REQ_HDR: Layout[BlkReqHdr] = Layout(schema.VirtioBlkReqHdr, BlkReqHdr, name=
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def fake(size: int = 16, *, indirect: bool = False, memory_size: int = 1 << 16) -> SplitFakeQueue:
-    return make_queue(size, features=INDIRECT if indirect else 0, memory=FakeMemory(memory_size))
+@pytest.fixture(params=[False, True], ids=["split", "packed"])
+def packed(request: pytest.FixtureRequest) -> bool:
+    """The ring format a test runs on: the chain layer never asks which one it serves."""
+    return bool(request.param)
+
+
+def fake(
+    packed: bool, size: int = 16, *, indirect: bool = False, memory_size: int = 1 << 16
+) -> AnyFakeQueue:
+    return make_queue(
+        size,
+        features=F_INDIRECT if indirect else 0,
+        memory=FakeMemory(memory_size),
+        packed=packed,
+    )
 
 
 def publish(
-    fq: SplitFakeQueue,
+    fq: FakeQueue[Q, D],
     readable: list[bytes] | tuple[bytes, ...] = (),
     writable: list[int] | tuple[int, ...] = (),
     *,
@@ -81,22 +117,34 @@ def publish(
     return head
 
 
-def take(fq: SplitFakeQueue) -> DescChain:
+def take(fq: FakeQueue[Q, D]) -> DescChain:
     chain = fq.queue.next_chain()
     assert chain is not None
     return chain
 
 
-def used_one(fq: SplitFakeQueue) -> UsedChain:
+def used_one(fq: FakeQueue[Q, D]) -> UsedChain:
     (used,) = fq.driver.used()
     return used
 
 
-def raw_chain(driver: FakeDriver, descs: list[tuple[int, int, int]]) -> int:
-    """Publish ``(addr, len, flags)`` descriptors linked in order (NEXT added); returns the head."""
+def raw_chain(driver: Driver, descs: list[tuple[int, int, int]]) -> int:
+    """Publish ``(addr, len, flags)`` descriptors as one chain (NEXT added between them); returns
+    what the used entry will name. Split: fresh descriptors linked in order, the head pushed.
+    Packed: consecutive slots from the driver's avail position, buffer id ``size - 1``."""
+    n = len(descs)
+    if isinstance(driver, FakePackedDriver):
+        buffer_id = driver.size - 1
+        driver.push_raw(
+            [
+                PackedDesc(addr, length, buffer_id, flags | (NEXT if k + 1 < n else 0))
+                for k, (addr, length, flags) in enumerate(descs)
+            ]
+        )
+        return buffer_id
     idx = [driver.take_descriptor() for _ in descs]
     for k, (addr, length, flags) in enumerate(descs):
-        more = k + 1 < len(descs)
+        more = k + 1 < n
         driver.write_desc(
             idx[k], addr, length, flags | (NEXT if more else 0), idx[k + 1] if more else 0
         )
@@ -108,8 +156,10 @@ def raw_chain(driver: FakeDriver, descs: list[tuple[int, int, int]]) -> int:
 
 
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
-def test_read_all_readable_then_write_writable_driver_sees_written_bytes(indirect: bool) -> None:
-    fq = fake(indirect=indirect)
+def test_read_all_readable_then_write_writable_driver_sees_written_bytes(
+    indirect: bool, packed: bool
+) -> None:
+    fq = fake(packed, indirect=indirect)
     rings = fq.memory.allocated
     head = publish(fq, [b"GET ", b"", b"/index", b".html"], [4, 0, 6, 8], indirect=indirect)
     with take(fq) as chain:
@@ -131,8 +181,8 @@ def test_read_all_readable_then_write_writable_driver_sees_written_bytes(indirec
 
 
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
-def test_chain_descriptors_report_indirect(indirect: bool) -> None:
-    fq = fake(indirect=indirect)
+def test_chain_descriptors_report_indirect(indirect: bool, packed: bool) -> None:
+    fq = fake(packed, indirect=indirect)
     publish(fq, [b"ab"], [3], indirect=indirect)
     with take(fq) as chain:
         assert [d.indirect for d in chain.descriptors()] == [indirect, indirect]
@@ -143,8 +193,8 @@ def test_chain_descriptors_report_indirect(indirect: bool) -> None:
 # --- next(limit) and remaining() -----------------------------------------------------------------
 
 
-def test_next_yields_ranges_with_driver_range_and_contents_and_respects_limit() -> None:
-    fq = fake()
+def test_next_yields_ranges_with_driver_range_and_contents_and_respects_limit(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"hello", b"", b"world!"])
     with take(fq) as chain:
         a, _, c = chain.readable()
@@ -167,8 +217,8 @@ def test_next_yields_ranges_with_driver_range_and_contents_and_respects_limit() 
         assert r.remaining() == Remaining(0, 0)
 
 
-def test_next_limit_must_be_positive() -> None:
-    fq = fake()
+def test_next_limit_must_be_positive(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"abc"])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -179,8 +229,8 @@ def test_next_limit_must_be_positive() -> None:
         assert r.read() == b"abc"
 
 
-def test_next_ranges_alias_guest_memory() -> None:
-    fq = fake()
+def test_next_ranges_alias_guest_memory(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [4])
     with take(fq) as chain:
         w = WritableChain(chain)
@@ -193,8 +243,8 @@ def test_next_ranges_alias_guest_memory() -> None:
     assert used_one(fq).written == (b"wxyz",)
 
 
-def test_remaining_counts_bytes_and_partly_read_buffers() -> None:
-    fq = fake()
+def test_remaining_counts_bytes_and_partly_read_buffers(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"abc", b"", b"defgh"], [2, 0, 5])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -220,8 +270,8 @@ def test_remaining_counts_bytes_and_partly_read_buffers() -> None:
 # --- io round trips ------------------------------------------------------------------------------
 
 
-def test_read_sizes_and_read_at_end() -> None:
-    fq = fake()
+def test_read_sizes_and_read_at_end(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"0123", b"4567", b"89"])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -235,8 +285,8 @@ def test_read_sizes_and_read_at_end() -> None:
         assert r.readall() == b""
 
 
-def test_readall_reads_everything() -> None:
-    fq = fake()
+def test_readall_reads_everything(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"ab", b"cd", b"ef"])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -244,8 +294,8 @@ def test_readall_reads_everything() -> None:
         assert r.readall() == b"bcdef"
 
 
-def test_readinto_bytearray_across_buffers() -> None:
-    fq = fake()
+def test_readinto_bytearray_across_buffers(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"abc", b"defg"])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -257,8 +307,8 @@ def test_readinto_bytearray_across_buffers() -> None:
         assert r.readinto(buf) == 0
 
 
-def test_readinto_memoryview_fills_callers_buffer() -> None:
-    fq = fake()
+def test_readinto_memoryview_fills_callers_buffer(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"xy", b"zw"])
     backing = bytearray(b"........")
     with take(fq) as chain:
@@ -269,8 +319,8 @@ def test_readinto_memoryview_fills_callers_buffer() -> None:
     assert backing == b"..xyzw.."
 
 
-def test_readinto_non_byte_memoryview() -> None:
-    fq = fake()
+def test_readinto_non_byte_memoryview(packed: bool) -> None:
+    fq = fake(packed)
     payload = struct.pack("<4H", 1, 2, 3, 4)
     publish(fq, [payload[:3], payload[3:]])
     backing = bytearray(8)
@@ -282,8 +332,8 @@ def test_readinto_non_byte_memoryview() -> None:
         words.release()
 
 
-def test_write_returns_count_and_zero_when_full() -> None:
-    fq = fake()
+def test_write_returns_count_and_zero_when_full(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [3, 2])
     with take(fq) as chain:
         w = WritableChain(chain)
@@ -300,8 +350,8 @@ def test_write_returns_count_and_zero_when_full() -> None:
     assert used.written == (b"abc", b"de")
 
 
-def test_write_accepts_any_buffer() -> None:
-    fq = fake()
+def test_write_accepts_any_buffer(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [8])
     with take(fq) as chain, WritableChain(chain) as w:
         assert w.write(memoryview(b"abcd")[1:3]) == 2
@@ -310,8 +360,8 @@ def test_write_accepts_any_buffer() -> None:
     assert used_one(fq).data == b"bcefGH"
 
 
-def test_write_all_too_big_raises_and_writes_nothing() -> None:
-    fq = fake()
+def test_write_all_too_big_raises_and_writes_nothing(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [3, 2])
     with take(fq) as chain:
         (w0, w1) = chain.writable()
@@ -332,8 +382,8 @@ def test_write_all_too_big_raises_and_writes_nothing() -> None:
     assert used_one(fq).written == (b"123", b"45")
 
 
-def test_copyfileobj_from_readable_chain() -> None:
-    fq = fake()
+def test_copyfileobj_from_readable_chain(packed: bool) -> None:
+    fq = fake(packed)
     parts = [b"The quick ", b"", b"brown fox ", b"jumps"]
     publish(fq, parts)
     out = io.BytesIO()
@@ -343,8 +393,8 @@ def test_copyfileobj_from_readable_chain() -> None:
     assert used_one(fq).len == 0
 
 
-def test_copyfileobj_into_writable_chain() -> None:
-    fq = fake()
+def test_copyfileobj_into_writable_chain(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [4, 0, 7, 5])
     src = io.BytesIO(b"0123456789abcdef")
     with take(fq) as chain, WritableChain(chain) as w:
@@ -358,8 +408,8 @@ def test_copyfileobj_into_writable_chain() -> None:
 # --- schema records across descriptor boundaries -------------------------------------------------
 
 
-def test_read_record_blk_header_split_across_buffers() -> None:
-    fq = fake()
+def test_read_record_blk_header_split_across_buffers(packed: bool) -> None:
+    fq = fake(packed)
     raw = struct.pack("<IIQ", schema.BlkType.OUT, 7, 0x1122334455667788)
     publish(fq, [raw[:5], raw[5:], b"payload"], [1])
     with take(fq) as chain:
@@ -373,8 +423,8 @@ def test_read_record_blk_header_split_across_buffers() -> None:
     assert used_one(fq).written == (b"\x00",)
 
 
-def test_write_record_blk_header_split_across_buffers() -> None:
-    fq = fake()
+def test_write_record_blk_header_split_across_buffers(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [5, 11])
     hdr = BlkReqHdr(schema.BlkType.IN, 3, 0xDEADBEEF)
     with take(fq) as chain, WritableChain(chain) as w:
@@ -386,8 +436,8 @@ def test_write_record_blk_header_split_across_buffers() -> None:
     assert BLK_REQ_HDR.unpack(used.data) == hdr
 
 
-def test_read_record_insufficient_data_consumes_nothing() -> None:
-    fq = fake()
+def test_read_record_insufficient_data_consumes_nothing(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"12345", b"1234567890"])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -399,8 +449,8 @@ def test_read_record_insufficient_data_consumes_nothing() -> None:
         assert r.read() == b"123451234567890"
 
 
-def test_write_record_insufficient_space_writes_nothing() -> None:
-    fq = fake()
+def test_write_record_insufficient_space_writes_nothing(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [5, 10])
     with take(fq) as chain, WritableChain(chain) as w:
         with pytest.raises(InsufficientSpace):
@@ -412,8 +462,8 @@ def test_write_record_insufficient_space_writes_nothing() -> None:
 # --- completing a chain --------------------------------------------------------------------------
 
 
-def test_return_complete_after_reading_everything() -> None:
-    fq = fake()
+def test_return_complete_after_reading_everything(packed: bool) -> None:
+    fq = fake(packed)
     head = publish(fq, [b"abc"], [4])
     chain = take(fq)
     r = ReadableChain(chain)
@@ -424,8 +474,8 @@ def test_return_complete_after_reading_everything() -> None:
     assert (used.head, used.len) == (head, 0)
 
 
-def test_return_complete_with_data_left_returns_and_raises() -> None:
-    fq = fake()
+def test_return_complete_with_data_left_returns_and_raises(packed: bool) -> None:
+    fq = fake(packed)
     head = publish(fq, [b"abc", b"de"])
     chain = take(fq)
     r = ReadableChain(chain)
@@ -438,8 +488,8 @@ def test_return_complete_with_data_left_returns_and_raises() -> None:
     assert (used.head, used.len) == (head, 0)
 
 
-def test_into_writable_strict_raises_when_readable_bytes_remain() -> None:
-    fq = fake()
+def test_into_writable_strict_raises_when_readable_bytes_remain(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"abc"], [2])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -453,8 +503,8 @@ def test_into_writable_strict_raises_when_readable_bytes_remain() -> None:
     assert used_one(fq).written == (b"ok",)
 
 
-def test_add_written_counts_writes_through_ranges() -> None:
-    fq = fake()
+def test_add_written_counts_writes_through_ranges(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [4, 4])
     with take(fq) as chain:
         w = WritableChain(chain)
@@ -474,8 +524,8 @@ def test_add_written_counts_writes_through_ranges() -> None:
     assert used_one(fq).written == (b"abcd", b"efgh")
 
 
-def test_with_writable_chain_returns_with_written_count() -> None:
-    fq = fake()
+def test_with_writable_chain_returns_with_written_count(packed: bool) -> None:
+    fq = fake(packed)
     head = publish(fq, [b"req"], [10])
     chain = take(fq)
     with ReadableChain(chain) as r:
@@ -487,8 +537,8 @@ def test_with_writable_chain_returns_with_written_count() -> None:
     assert (used.head, used.len, used.data) == (head, 4, b"resp")
 
 
-def test_with_readable_chain_returns_with_zero() -> None:
-    fq = fake()
+def test_with_readable_chain_returns_with_zero(packed: bool) -> None:
+    fq = fake(packed)
     head = publish(fq, [b"req"], [10])
     chain = take(fq)
     with ReadableChain(chain) as r:
@@ -497,8 +547,8 @@ def test_with_readable_chain_returns_with_zero() -> None:
     assert used_one(fq)[:2] == (head, 0)
 
 
-def test_with_writable_chain_returns_on_exception() -> None:
-    fq = fake()
+def test_with_writable_chain_returns_on_exception(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [8])
     chain = take(fq)
 
@@ -513,8 +563,8 @@ def test_with_writable_chain_returns_on_exception() -> None:
     assert used_one(fq).data == b"abc"
 
 
-def test_add_written_beyond_writable_space_raises() -> None:
-    fq = fake()
+def test_add_written_beyond_writable_space_raises(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [], [4, 4])
     with take(fq) as chain:
         w = WritableChain(chain)
@@ -526,8 +576,8 @@ def test_add_written_beyond_writable_space_raises() -> None:
     assert used_one(fq).len == 5
 
 
-def test_next_after_return_raises() -> None:
-    fq = fake()
+def test_next_after_return_raises(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq, [b"abc"], [4])
     chain = take(fq)
     r = ReadableChain(chain)
@@ -541,10 +591,10 @@ def test_next_after_return_raises() -> None:
         ReadableChain(chain)
 
 
-def test_write_after_return_raises_and_leaves_driver_memory_alone() -> None:
+def test_write_after_return_raises_and_leaves_driver_memory_alone(packed: bool) -> None:
     """Once returned, the writable buffers belong to the driver again: the device must not
     scribble on them (the driver may already have reused them)."""
-    fq = fake()
+    fq = fake(packed)
     publish(fq, [], [4])
     chain = take(fq)
     (wd,) = chain.writable()
@@ -556,9 +606,9 @@ def test_write_after_return_raises_and_leaves_driver_memory_alone() -> None:
     assert fq.memory.read(wd.addr, 4) == bytes(4)
 
 
-def test_read_after_return_raises() -> None:
+def test_read_after_return_raises(packed: bool) -> None:
     """Reading after return is refused, as ``next()`` and ``DescChain.readable()`` refuse it."""
-    fq = fake()
+    fq = fake(packed)
     publish(fq, [b"abcd"])
     chain = take(fq)
     r = ReadableChain(chain)
@@ -573,14 +623,14 @@ BOUNDARY = 0x11000
 SPANNING = BOUNDARY - 8
 
 
-def two_regions() -> SplitFakeQueue:
+def two_regions(packed: bool) -> AnyFakeQueue:
     mem = FakeMemory(regions=[(0x10000, 0x1000), (BOUNDARY, 0x1000)])
     mem.alloc_at(SPANNING, 16)
-    return make_queue(8, memory=mem)
+    return make_queue(8, memory=mem, packed=packed)
 
 
-def test_read_buffer_spanning_two_regions() -> None:
-    fq = two_regions()
+def test_read_buffer_spanning_two_regions(packed: bool) -> None:
+    fq = two_regions(packed)
     fq.memory.write(SPANNING, b"0123456789ABCDEF")
     head = raw_chain(fq.driver, [(SPANNING, 16, 0)])
     with take(fq) as chain:
@@ -588,8 +638,8 @@ def test_read_buffer_spanning_two_regions() -> None:
     assert used_one(fq)[:2] == (head, 0)
 
 
-def test_next_splits_a_spanning_buffer_into_contiguous_ranges() -> None:
-    fq = two_regions()
+def test_next_splits_a_spanning_buffer_into_contiguous_ranges(packed: bool) -> None:
+    fq = two_regions(packed)
     fq.memory.write(SPANNING, b"0123456789ABCDEF")
     raw_chain(fq.driver, [(SPANNING, 16, 0)])
     with take(fq) as chain:
@@ -604,8 +654,8 @@ def test_next_splits_a_spanning_buffer_into_contiguous_ranges() -> None:
         assert second.driver_range == DriverRange(BOUNDARY, SPANNING + 16)
 
 
-def test_next_limit_inside_a_spanning_buffer() -> None:
-    fq = two_regions()
+def test_next_limit_inside_a_spanning_buffer(packed: bool) -> None:
+    fq = two_regions(packed)
     fq.memory.write(SPANNING, b"0123456789ABCDEF")
     raw_chain(fq.driver, [(SPANNING, 16, 0)])
     with take(fq) as chain:
@@ -621,8 +671,8 @@ def test_next_limit_inside_a_spanning_buffer() -> None:
         assert sizes == [5, 3, 5, 3]  # a range never crosses the region boundary
 
 
-def test_write_buffer_spanning_two_regions_lands_in_both() -> None:
-    fq = two_regions()
+def test_write_buffer_spanning_two_regions_lands_in_both(packed: bool) -> None:
+    fq = two_regions(packed)
     head = raw_chain(fq.driver, [(SPANNING, 16, WRITE)])
     with take(fq) as chain, WritableChain(chain) as w:
         assert w.write(b"abcdefghijklmnop") == 16
@@ -632,12 +682,13 @@ def test_write_buffer_spanning_two_regions_lands_in_both() -> None:
     assert fq.memory.read(SPANNING, 16) == b"abcdefghijklmnop"
 
 
-def test_record_across_a_region_boundary_queue_built_by_hand() -> None:
+def test_record_across_a_region_boundary_queue_built_by_hand(packed: bool) -> None:
     mem = FakeMemory(regions=[(0x10000, 0x1000), (BOUNDARY, 0x1000)])
     mem.alloc_at(SPANNING, 16)
-    driver = FakeDriver(mem, 8)
+    driver: Driver = FakePackedDriver(mem, 8) if packed else FakeDriver(mem, 8)
     notifier = NotificationCounter()
-    queue = Queue(driver.queue_memory(), 8, mem, features=0, notify=notifier)
+    queue = create_queue(driver.queue_memory(), 8, mem, features=driver.features, notify=notifier)
+    assert isinstance(queue, PackedQueue) is packed
     hdr = BlkReqHdr(schema.BlkType.GET_ID, 0, 42)
     mem.write(SPANNING, BLK_REQ_HDR.pack(hdr))
     status = driver.alloc_buffer(1)
@@ -656,8 +707,8 @@ def test_record_across_a_region_boundary_queue_built_by_hand() -> None:
 # --- driver faults -------------------------------------------------------------------------------
 
 
-def test_buffer_outside_memory_raises_unmapped_buffer_on_read() -> None:
-    fq = fake()
+def test_buffer_outside_memory_raises_unmapped_buffer_on_read(packed: bool) -> None:
+    fq = fake(packed)
     head = raw_chain(fq.driver, [(0x4000_0000, 16, 0)])
     with take(fq) as chain:
         assert chain.error is None  # translation happens when the buffer is reached
@@ -672,8 +723,8 @@ def test_buffer_outside_memory_raises_unmapped_buffer_on_read() -> None:
     assert used_one(fq)[:2] == (head, 0)
 
 
-def test_buffer_outside_memory_raises_unmapped_buffer_on_write() -> None:
-    fq = fake()
+def test_buffer_outside_memory_raises_unmapped_buffer_on_write(packed: bool) -> None:
+    fq = fake(packed)
     raw_chain(fq.driver, [(0x4000_0000, 16, WRITE)])
     with take(fq) as chain, WritableChain(chain) as w:
         with pytest.raises(UnmappedBuffer):
@@ -682,9 +733,9 @@ def test_buffer_outside_memory_raises_unmapped_buffer_on_write() -> None:
     assert used_one(fq).len == 0
 
 
-def test_buffer_running_past_the_end_of_memory_raises_unmapped_buffer() -> None:
+def test_buffer_running_past_the_end_of_memory_raises_unmapped_buffer(packed: bool) -> None:
     mem = FakeMemory(0x1000)
-    fq = make_queue(4, memory=mem)
+    fq = make_queue(4, memory=mem, packed=packed)
     head = raw_chain(fq.driver, [(0x10000 + 0x1000 - 4, 8, 0)])
     with take(fq) as chain:
         r = ReadableChain(chain)
@@ -693,10 +744,10 @@ def test_buffer_running_past_the_end_of_memory_raises_unmapped_buffer() -> None:
     assert used_one(fq)[:2] == (head, 0)
 
 
-def test_write_reports_the_bytes_that_landed_before_an_unmapped_buffer() -> None:
+def test_write_reports_the_bytes_that_landed_before_an_unmapped_buffer(packed: bool) -> None:
     """Rule 3 of the chain module: the written count is exactly what reached the driver's
     buffers, also when a later buffer turns out to be unmapped halfway through a write."""
-    fq = make_queue(4, memory=FakeMemory(0x1000))
+    fq = make_queue(4, memory=FakeMemory(0x1000), packed=packed)
     first = fq.driver.alloc_buffer(4)
     edge = 0x10000 + 0x1000 - 4  # 4 mapped bytes, then the end of memory
     raw_chain(fq.driver, [(first, 4, WRITE), (edge, 8, WRITE)])
@@ -710,20 +761,27 @@ def test_write_reports_the_bytes_that_landed_before_an_unmapped_buffer() -> None
         assert w.written == landed
 
 
-def malformed_readable_after_writable(driver: FakeDriver) -> int:
+def malformed_readable_after_writable(driver: Driver) -> int:
     a = driver.alloc_buffer(4)
     b = driver.alloc_buffer(b"read")
     return raw_chain(driver, [(a, 4, WRITE), (b, 4, 0)])
 
 
-def malformed_next_out_of_range(driver: FakeDriver) -> int:
+def malformed_indirect_not_negotiated(driver: Driver) -> int:
+    """An INDIRECT descriptor on a queue without INDIRECT_DESC (the table is never looked at)."""
+    return raw_chain(driver, [(driver.alloc_buffer(16), 16, INDIRECT)])
+
+
+def split_malformed_next_out_of_range(driver: Driver) -> int:
+    assert isinstance(driver, FakeDriver)  # packed descriptors have no next field
     d = driver.take_descriptor()
     driver.write_desc(d, driver.alloc_buffer(b"x"), 1, NEXT, 99)
     driver.push_head(d)
     return d
 
 
-def malformed_loop(driver: FakeDriver) -> int:
+def split_malformed_loop(driver: Driver) -> int:
+    assert isinstance(driver, FakeDriver)  # packed chains are consecutive slots: no loops
     d0, d1 = driver.take_descriptor(), driver.take_descriptor()
     buf = driver.alloc_buffer(b"x")
     driver.write_desc(d0, buf, 1, NEXT, d1)
@@ -732,21 +790,31 @@ def malformed_loop(driver: FakeDriver) -> int:
     return d0
 
 
-@pytest.mark.parametrize(
-    ("build", "error"),
-    [
-        (malformed_readable_after_writable, ReadableAfterWritable),
-        (malformed_next_out_of_range, DescIndexOutOfRange),
-        (malformed_loop, ChainTooLong),
-    ],
-)
+MALFORMED = [
+    *(
+        pytest.param(packed, build, error, id=f"{'packed' if packed else 'split'}-{name}")
+        for name, build, error in [
+            ("readable-after-writable", malformed_readable_after_writable, ReadableAfterWritable),
+            ("indirect-not-negotiated", malformed_indirect_not_negotiated, IndirectNotNegotiated),
+        ]
+        for packed in (False, True)
+    ),
+    pytest.param(
+        False, split_malformed_next_out_of_range, DescIndexOutOfRange, id="split-next-out-of-range"
+    ),
+    pytest.param(False, split_malformed_loop, ChainTooLong, id="split-loop"),
+]
+
+
+@pytest.mark.parametrize(("packed", "build", "error"), MALFORMED)
 @pytest.mark.parametrize("walker", [ReadableChain, WritableChain])
 def test_malformed_chain_raises_its_error_at_construction(
-    build: Callable[[FakeDriver], int],
+    build: Callable[[Driver], int],
     error: type[ChainError],
     walker: type[ReadableChain | WritableChain],
+    packed: bool,
 ) -> None:
-    fq = fake(8)
+    fq = fake(packed, 8)
     head = build(fq.driver)
     with take(fq) as chain:
         assert isinstance(chain.error, error)
@@ -760,19 +828,21 @@ def test_malformed_chain_raises_its_error_at_construction(
 # --- properties ----------------------------------------------------------------------------------
 
 buffer_sizes = st.lists(st.integers(0, 64), min_size=1, max_size=8)
+BOTH_FORMATS = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 
 
+@BOTH_FORMATS  # not the fixture: hypothesis runs many examples per test function
 @settings(max_examples=75, deadline=None)
 @given(sizes=buffer_sizes, indirect=st.booleans(), data=st.data())
 def test_reads_in_any_sizes_concatenate_to_the_payload(
-    sizes: list[int], indirect: bool, data: st.DataObject
+    sizes: list[int], indirect: bool, data: st.DataObject, packed: bool
 ) -> None:
     payload = data.draw(st.binary(min_size=sum(sizes), max_size=sum(sizes)), label="payload")
     parts, pos = [], 0
     for n in sizes:
         parts.append(payload[pos : pos + n])
         pos += n
-    fq = fake(indirect=indirect)
+    fq = fake(packed, indirect=indirect)
     publish(fq, parts, indirect=indirect)
     got = b""
     with take(fq) as chain:
@@ -798,6 +868,7 @@ def test_reads_in_any_sizes_concatenate_to_the_payload(
     assert used_one(fq).len == 0
 
 
+@BOTH_FORMATS
 @settings(max_examples=75, deadline=None)
 @given(
     sizes=buffer_sizes,
@@ -805,9 +876,9 @@ def test_reads_in_any_sizes_concatenate_to_the_payload(
     indirect=st.booleans(),
 )
 def test_driver_sees_exactly_the_bytes_written_in_order(
-    sizes: list[int], chunks: list[bytes], indirect: bool
+    sizes: list[int], chunks: list[bytes], indirect: bool, packed: bool
 ) -> None:
-    fq = fake(indirect=indirect)
+    fq = fake(packed, indirect=indirect)
     publish(fq, [], sizes, indirect=indirect)
     accepted = b""
     with take(fq) as chain, WritableChain(chain) as w:

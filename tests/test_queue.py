@@ -1,4 +1,10 @@
-"""Tests of :mod:`virtio_schema.queue` (split ring, device side), written against ``fake_queue``.
+"""Tests of :mod:`virtio_schema.queue` (device side), written against ``fake_queue``.
+
+Every behaviour the two ring formats share runs on both by parametrisation (the ``packed`` fixture:
+test ids ``[split]`` / ``[packed]``); what only one format has is named so (``test_split_...``) and
+packed specifics live in ``tests/test_packed_queue.py``. Where the fake drivers differ (raw
+descriptors: ``FakeDriver.write_desc``/``push_head`` vs ``FakePackedDriver.push_raw``), the small
+format-aware helpers below (:func:`push`, :func:`table`, :func:`withdraw`) hide it.
 
 What a device author relies on here:
 
@@ -10,7 +16,7 @@ What a device author relies on here:
   with length 0, the queue goes on); a :class:`RingError` latches the queue broken, after which it
   raises :class:`QueueBroken` and leaves guest memory alone until ``reset()`` or ``restore()``;
 * every error message names the queue and the offending value;
-* indices are free-running u16 counters (wrap at 65536), and a queue can be rebuilt at a saved
+* split indices are free-running u16 counters (wrap at 65536), and a queue can be rebuilt at a saved
   position;
 * device-side misuse (returning twice, claiming too many written bytes) is a
   :class:`DeviceUsageError`, and a chain the device forgets is still returned (with a warning).
@@ -20,22 +26,32 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio_schema.errors import DeviceUsageError, DriverError, VirtioError
-from virtio_schema.fake_queue import FakeDriver, FakeMemory, SplitFakeQueue, UsedChain, make_queue
+from virtio_schema.fake_queue import (
+    FakeDriver,
+    FakeMemory,
+    FakePackedDriver,
+    FakeQueue,
+    UsedChain,
+    make_queue,
+)
 from virtio_schema.queue import (
     AvailIndexJump,
     BufferAddressOverflow,
+    BufferIdOutOfRange,
     ChainAlreadyReturned,
     ChainDescriptor,
     ChainError,
     ChainLengthOverflow,
+    ChainNeverEnds,
     ChainTooLong,
     DescChain,
     DescIndexOutOfRange,
@@ -45,40 +61,62 @@ from virtio_schema.queue import (
     IndirectWithNext,
     InvalidIndirectLength,
     NestedIndirect,
+    PackedQueue,
     Queue,
     QueueBroken,
     QueueState,
     ReadableAfterWritable,
     RingError,
     UnmappedIndirectTable,
+    VirtQueue,
     WrittenTooMuch,
+    create_queue,
     vring_need_event,
 )
-from virtio_schema.ring import DESC, Desc
-from virtio_schema.schema import DescFlags, Feature
+from virtio_schema.ring import DESC, Desc, PackedDesc
+from virtio_schema.schema import DescFlags, Feature, PackedDescFlags
 from virtio_schema.util import NotificationCounter
 
+if TYPE_CHECKING:
+    from _pytest.mark.structures import ParameterSet
+
+# NEXT, WRITE and INDIRECT have the same values in both formats (virtio 1.2, 2.7.5 and 2.8.1)
 NEXT = int(DescFlags.NEXT)
 WRITE = int(DescFlags.WRITE)
 INDIRECT = int(DescFlags.INDIRECT)
+AVAIL = int(PackedDescFlags.AVAIL)
+USED = int(PackedDescFlags.USED)
 F_INDIRECT = int(Feature.INDIRECT_DESC)
 F_EVENT_IDX = int(Feature.EVENT_IDX)
 TOP = 1 << 64
 QUEUE = 3  # the queue index every error message must name
 
+Q = TypeVar("Q", Queue, PackedQueue, VirtQueue)
+D = TypeVar("D", FakeDriver, FakePackedDriver, FakeDriver | FakePackedDriver)
+Driver = FakeDriver | FakePackedDriver
+AnyFakeQueue = FakeQueue[VirtQueue, Driver]
+Descs = Sequence[tuple[int, int, int]]
+"""Raw descriptors as ``(addr, len, flags)``."""
 
-def take(fq: SplitFakeQueue) -> DescChain:
+
+@pytest.fixture(params=[False, True], ids=["split", "packed"])
+def packed(request: pytest.FixtureRequest) -> bool:
+    """The ring format a test runs on."""
+    return bool(request.param)
+
+
+def fmt(packed: bool) -> str:
+    return "packed" if packed else "split"
+
+
+def take(fq: FakeQueue[Q, D]) -> DescChain:
     chain = fq.queue.next_chain()
     assert chain is not None
     return chain
 
 
-def snapshot(fq: SplitFakeQueue) -> list[bytes]:
+def snapshot(fq: FakeQueue[Q, D]) -> list[bytes]:
     return [bytes(b) for b in fq.memory.buffers]
-
-
-def used_ring_bytes(fq: SplitFakeQueue) -> bytes:
-    return bytes(fq.driver.used_ring.view)
 
 
 def drop(holder: list[DescChain]) -> None:
@@ -93,17 +131,18 @@ def drop_on_another_thread(holder: list[DescChain]) -> None:
     thread.join()
 
 
-def no_notify(d: FakeDriver) -> bool:
-    """``used.flags`` NO_NOTIFY as the driver reads it (a call, so each read is fresh)."""
+def no_notify(d: Driver) -> bool:
+    """The device asked not to be kicked, as the driver reads it (a call, so each read is fresh)."""
     return d.no_notify
 
 
-def process(fq: SplitFakeQueue, count: int) -> list[int]:
-    """Publish ``count`` small chains, take and return each, and check that the driver sees each
-    one used (which also gives its descriptors back to the fake driver); the heads, in order."""
+def process(fq: FakeQueue[Q, D], count: int) -> list[int]:
+    """Publish ``count`` one-descriptor chains, take and return each, and check that the driver
+    sees each one used (which also gives its descriptors back to the fake driver); the heads (split)
+    or buffer ids (packed), in order. One descriptor each: both formats advance by one per chain."""
     heads: list[int] = []
     for _ in range(count):
-        head = fq.driver.publish([b"req"], [4])
+        head = fq.driver.publish([b"req"])
         assert head is not None
         chain = take(fq)
         assert chain.head == head
@@ -113,11 +152,116 @@ def process(fq: SplitFakeQueue, count: int) -> list[int]:
     return heads
 
 
+def driver_index(d: Driver, steps: int) -> int:
+    """The driver's ``avail_idx``/``used_idx`` after ``steps`` one-descriptor chains from a fresh
+    start: split, a free-running u16; packed, ``position | wrap_counter << 15``."""
+    if isinstance(d, FakeDriver):
+        return steps & 0xFFFF
+    lap, pos = divmod(steps, d.size)
+    return pos | (lap % 2 == 0) << 15
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """A chain a test wrote descriptor by descriptor."""
+
+    head: int
+    """Split: the head descriptor index. Packed: the ring slot of its first descriptor (what a
+    :class:`ChainError` names as ``head``)."""
+    id: int
+    """What the used entry names: split the head index, packed the buffer id."""
+    at: tuple[int, ...]
+    """Where each descriptor sits: descriptor table index (split) or ring slot (packed)."""
+
+
+def push(
+    d: Driver, descs: Descs, *, at: Sequence[int] | None = None, buffer_id: int | None = None
+) -> Pushed:
+    """Make ``descs`` available as one chain, NEXT added between them and nowhere else.
+
+    Split: written at the table indices ``at`` (default: descriptors reserved from the driver),
+    then the head is pushed. Packed: written from the driver's avail position (``at`` does not
+    apply), with ``buffer_id`` (default: one that differs from the head slot, so that tests tell
+    the two apart)."""
+    n = len(descs)
+    if isinstance(d, FakePackedDriver):
+        head = d.avail_pos
+        bid = (head + 3) % d.size if buffer_id is None else buffer_id
+        d.push_raw(
+            [
+                PackedDesc(addr, length, bid, flags | (NEXT if k + 1 < n else 0))
+                for k, (addr, length, flags) in enumerate(descs)
+            ]
+        )
+        return Pushed(head, bid, tuple((head + k) % d.size for k in range(n)))
+    idx = tuple(at) if at is not None else tuple(d.take_descriptor() for _ in descs)
+    for k, (addr, length, flags) in enumerate(descs):
+        more = k + 1 < n
+        d.write_desc(idx[k], addr, length, flags | (NEXT if more else 0), idx[k + 1] if more else 0)
+    d.push_head(idx[0])
+    return Pushed(idx[0], idx[0], idx)
+
+
+def table(d: Driver, entries: Descs) -> int:
+    """An indirect table holding ``entries`` in order; its address. Split links them with
+    NEXT/``next``; packed writes them as given (every one of the ``len/16`` entries counts,
+    virtio 1.2, 2.8.19)."""
+    if isinstance(d, FakePackedDriver):
+        return d.write_indirect_table([PackedDesc(a, n, 0, f) for a, n, f in entries])
+    last = len(entries) - 1
+    return d.write_indirect_table(
+        [
+            Desc(a, n, f | (NEXT if k < last else 0), k + 1 if k < last else 0)
+            for k, (a, n, f) in enumerate(entries)
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class RingMark:
+    """What the driver had made available at one moment (see :func:`withdraw`)."""
+
+    avail_idx: int
+    ring: bytes
+    """Packed: the descriptor ring's bytes (the slots a withdrawal must give back)."""
+
+
+def mark(d: Driver) -> RingMark:
+    return RingMark(d.avail_idx, bytes(d.ring.view) if isinstance(d, FakePackedDriver) else b"")
+
+
+def withdraw(d: Driver, mark: RingMark) -> None:
+    """The driver takes back everything it made available since ``mark``: a queue that looked at
+    the ring again would find nothing new. Split: ``avail.idx`` goes back. Packed: the descriptor
+    ring gets its bytes back (no slot can be marked neither available nor used for every lap)
+    and the avail position goes back."""
+    if isinstance(d, FakeDriver):
+        d.set_avail_idx(mark.avail_idx)
+        return
+    d.ring.view[:] = mark.ring
+    d.avail_pos = mark.avail_idx & 0x7FFF
+    d.avail_wrap = bool(mark.avail_idx >> 15)
+
+
+def split_driver(d: Driver) -> FakeDriver:
+    """For the catalogue rows that only a split ring can express."""
+    assert isinstance(d, FakeDriver)
+    return d
+
+
+def packed_driver(d: Driver) -> FakePackedDriver:
+    """For the catalogue rows that only a packed ring can express."""
+    assert isinstance(d, FakePackedDriver)
+    return d
+
+
 # --- the normal path --------------------------------------------------------------------------------
 
 
-def test_returned_chain_reaches_the_driver_with_written_bytes_and_one_notification() -> None:
-    fq = make_queue(size=8)
+def test_returned_chain_reaches_the_driver_with_written_bytes_and_one_notification(
+    packed: bool,
+) -> None:
+    fq = make_queue(size=8, packed=packed)
     head = fq.driver.publish([b"ping"], [16])
     assert head is not None
     chain = take(fq)
@@ -128,18 +272,18 @@ def test_returned_chain_reaches_the_driver_with_written_bytes_and_one_notificati
     chain.return_written(5)
     assert fq.notifier.count == 1
     assert fq.driver.used() == [UsedChain(head, 5, (b"pong!",))]
-    assert fq.driver.used_idx == 1
+    assert fq.driver.used_idx == driver_index(fq.driver, 2 if packed else 1)  # packed: 2 slots
 
 
-def test_each_return_notifies_once_without_suppression() -> None:
-    fq = make_queue(size=8)
+def test_each_return_notifies_once_without_suppression(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     for k in range(1, 6):
         process(fq, 1)
         assert fq.notifier.count == k
 
 
-def test_next_chain_is_none_when_the_driver_published_nothing() -> None:
-    fq = make_queue(size=8)
+def test_next_chain_is_none_when_the_driver_published_nothing(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     assert fq.queue.next_chain() is None
     process(fq, 2)
     assert fq.queue.next_chain() is None
@@ -147,9 +291,10 @@ def test_next_chain_is_none_when_the_driver_published_nothing() -> None:
     assert fq.notifier.count == 2
 
 
-def test_direct_chain_descriptors_as_published() -> None:
-    fq = make_queue(size=8, index=QUEUE)
-    head = fq.driver.publish([b"abc", b"defgh"], [16, 4])
+def test_direct_chain_descriptors_as_published(packed: bool) -> None:
+    fq = make_queue(size=8, index=QUEUE, packed=packed)
+    d = fq.driver
+    head = d.publish([b"abc", b"defgh"], [16, 4])
     assert head is not None
     chain = take(fq)
     assert chain.error is None
@@ -159,16 +304,22 @@ def test_direct_chain_descriptors_as_published() -> None:
     descs = chain.descriptors()
     assert len(chain) == 4
     assert list(chain) == list(descs)
-    assert [d.len for d in descs] == [3, 5, 16, 4]
-    assert [d.writable for d in descs] == [False, False, True, True]
-    assert not any(d.indirect for d in descs)
-    # desc_index follows the driver's next links from the head, and addr/len are the table's
-    index = head
-    for d in descs:
-        assert d.desc_index == index
-        rec = fq.driver.desc_table.get(index)
-        assert (d.addr, d.len) == (rec.addr, rec.len)
-        index = rec.next
+    assert [c.len for c in descs] == [3, 5, 16, 4]
+    assert [c.writable for c in descs] == [False, False, True, True]
+    assert not any(c.indirect for c in descs)
+    # desc_index: split follows the driver's next links from the head; packed counts the
+    # consecutive ring slots from the driver's avail position (0 here); addr/len are the ring's
+    if isinstance(d, FakePackedDriver):
+        assert [c.desc_index for c in descs] == [0, 1, 2, 3]
+        records = [d.ring.get(c.desc_index)[:2] for c in descs]
+    else:
+        index, records = head, []
+        for c in descs:
+            assert c.desc_index == index
+            rec = d.desc_table.get(index)
+            records.append((rec.addr, rec.len))
+            index = rec.next
+    assert [(c.addr, c.len) for c in descs] == records
     assert fq.memory.read(descs[0].addr, 3) == b"abc"
     assert fq.memory.read(descs[1].addr, 5) == b"defgh"
     assert chain.readable() == descs[:2]
@@ -180,8 +331,8 @@ def test_direct_chain_descriptors_as_published() -> None:
     assert (used.head, used.len) == (head, 20)
 
 
-def test_indirect_chain_descriptors_come_from_the_table() -> None:
-    fq = make_queue(size=8, features=F_INDIRECT)
+def test_indirect_chain_descriptors_come_from_the_table(packed: bool) -> None:
+    fq = make_queue(size=8, features=F_INDIRECT, packed=packed)
     head = fq.driver.publish([b"hdr", b"body"], [8], indirect=True)
     assert head is not None
     chain = take(fq)
@@ -199,16 +350,17 @@ def test_indirect_chain_descriptors_come_from_the_table() -> None:
     assert fq.driver.used() == [UsedChain(head, 4, (b"resp",))]
 
 
-def test_direct_descriptors_followed_by_one_indirect_descriptor_accepted() -> None:
-    """A mixed chain (virtio 1.2, 2.7.5.3): the indirect descriptor's own WRITE flag is ignored."""
+def test_split_direct_descriptors_followed_by_one_indirect_descriptor_accepted() -> None:
+    """A mixed chain (virtio 1.2, 2.7.5.3): the indirect descriptor's own WRITE flag is ignored.
+    (A packed ring refuses it: ``test_packed_queue``.)"""
     fq = make_queue(size=8, features=F_INDIRECT)
     d = fq.driver
     hdr = d.alloc_buffer(b"hdr")
     body = d.alloc_buffer(b"body!")
     out = d.alloc_buffer(6)
-    table = d.write_indirect_table([Desc(body, 5, NEXT, 1), Desc(out, 6, WRITE, 0)])
+    tbl = d.write_indirect_table([Desc(body, 5, NEXT, 1), Desc(out, 6, WRITE, 0)])
     d.write_desc(2, hdr, 3, NEXT, 5)
-    d.write_desc(5, table, 32, INDIRECT | WRITE, 0)
+    d.write_desc(5, tbl, 32, INDIRECT | WRITE, 0)
     d.push_head(2)
     chain = take(fq)
     assert chain.error is None
@@ -222,48 +374,47 @@ def test_direct_descriptors_followed_by_one_indirect_descriptor_accepted() -> No
     assert [(u.head, u.len) for u in d.used()] == [(2, 6)]
 
 
-def test_zero_length_descriptors_accepted_even_with_a_garbage_address() -> None:
-    fq = make_queue(size=8)
+def test_zero_length_descriptors_accepted_even_with_a_garbage_address(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     d = fq.driver
     buf = d.alloc_buffer(b"data")
-    d.write_desc(1, 0xDEAD_BEEF_0000, 0, NEXT, 2)  # far outside fake memory
-    d.write_desc(2, buf, 4, NEXT, 3)
-    d.write_desc(3, TOP - 1, 0, WRITE, 0)
-    d.push_head(1)
+    p = push(
+        d,
+        [(0xDEAD_BEEF_0000, 0, 0), (buf, 4, 0), (TOP - 1, 0, WRITE)],  # far outside fake memory
+        at=(1, 2, 3),
+    )
     chain = take(fq)
     assert chain.error is None
-    assert [(c.addr, c.len, c.writable) for c in chain.descriptors()] == [
-        (0xDEAD_BEEF_0000, 0, False),
-        (buf, 4, False),
-        (TOP - 1, 0, True),
+    assert [(c.addr, c.len, c.writable, c.desc_index) for c in chain.descriptors()] == [
+        (0xDEAD_BEEF_0000, 0, False, p.at[0]),
+        (buf, 4, False, p.at[1]),
+        (TOP - 1, 0, True, p.at[2]),
     ]
     assert (chain.readable_len, chain.writable_len) == (4, 0)
     chain.return_written(0)
-    assert [(u.head, u.len) for u in d.used()] == [(1, 0)]
+    assert [(u.head, u.len) for u in d.used()] == [(p.id, 0)]
 
 
-def test_chain_of_exactly_queue_size_descriptors_accepted() -> None:
-    fq = make_queue(size=4)
+def test_chain_of_exactly_queue_size_descriptors_accepted(packed: bool) -> None:
+    """Split: four linked descriptors; packed: a chain over all four ring slots."""
+    fq = make_queue(size=4, packed=packed)
     d = fq.driver
     buf = d.alloc_buffer(8)
-    for i in range(4):
-        d.write_desc(i, buf, 8, NEXT if i < 3 else 0, i + 1 if i < 3 else 0)
-    d.push_head(0)
+    p = push(d, [(buf, 8, 0)] * 4, at=(0, 1, 2, 3))
     chain = take(fq)
     assert chain.error is None
     assert [c.desc_index for c in chain.descriptors()] == [0, 1, 2, 3]
     chain.return_written(0)
+    assert [(u.head, u.len) for u in d.used()] == [(p.id, 0)]
 
 
-def test_chain_of_queue_size_descriptors_counting_indirect_entries_accepted() -> None:
+def test_split_chain_of_queue_size_descriptors_counting_indirect_entries_accepted() -> None:
     fq = make_queue(size=4, features=F_INDIRECT)
     d = fq.driver
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table(
-        [Desc(buf, 8, NEXT, 1), Desc(buf, 8, NEXT, 2), Desc(buf, 8, 0, 0)]
-    )
+    tbl = d.write_indirect_table([Desc(buf, 8, NEXT, 1), Desc(buf, 8, NEXT, 2), Desc(buf, 8, 0, 0)])
     d.write_desc(0, buf, 8, NEXT, 1)
-    d.write_desc(1, table, 48, INDIRECT, 0)
+    d.write_desc(1, tbl, 48, INDIRECT, 0)
     d.push_head(0)
     chain = take(fq)
     assert chain.error is None
@@ -271,7 +422,7 @@ def test_chain_of_queue_size_descriptors_counting_indirect_entries_accepted() ->
     chain.return_written(0)
 
 
-def test_next_just_below_queue_size_accepted() -> None:
+def test_split_next_just_below_queue_size_accepted() -> None:
     fq = make_queue(size=8)
     d = fq.driver
     buf = d.alloc_buffer(8)
@@ -284,37 +435,34 @@ def test_next_just_below_queue_size_accepted() -> None:
     chain.return_written(0)
 
 
-def test_total_length_of_exactly_2_32_minus_1_accepted() -> None:
+def test_total_length_of_exactly_2_32_minus_1_accepted(packed: bool) -> None:
     """Lengths are not translated when the chain is taken, so no memory is needed."""
-    fq = make_queue(size=8)
-    d = fq.driver
-    d.write_desc(0, 0x1000_0000, 1 << 31, NEXT, 1)
-    d.write_desc(1, 0x2000_0000, (1 << 31) - 1, WRITE, 0)
-    d.push_head(0)
+    fq = make_queue(size=8, packed=packed)
+    push(fq.driver, [(0x1000_0000, 1 << 31, 0), (0x2000_0000, (1 << 31) - 1, WRITE)], at=(0, 1))
     chain = take(fq)
     assert chain.error is None
     assert chain.readable_len + chain.writable_len == (1 << 32) - 1
     chain.return_written(0)
 
 
-def test_buffer_ending_exactly_at_2_64_accepted() -> None:
-    fq = make_queue(size=8)
-    d = fq.driver
-    d.write_desc(0, TOP - 16, 16, 0, 0)
-    d.push_head(0)
+def test_buffer_ending_exactly_at_2_64_accepted(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
+    push(fq.driver, [(TOP - 16, 16, 0)], at=(0,))
     chain = take(fq)
     assert chain.error is None
     assert chain.descriptors() == (ChainDescriptor(TOP - 16, 16, False, 0, False),)
     chain.return_written(0)
 
 
-def test_indirect_table_of_65535_entries_passes_the_size_check() -> None:
+def test_split_indirect_table_of_65535_entries_passes_the_size_check() -> None:
+    """(A packed ring uses all ``len/16`` entries, so there 65535 entries are a chain too long:
+    ``test_packed_queue``.)"""
     fq = make_queue(size=8, features=F_INDIRECT)
     d = fq.driver
     buf = d.alloc_buffer(b"x")
-    table = fq.memory.alloc(65535 * 16, 16)
-    fq.memory.write(table, DESC.pack(Desc(buf, 1, 0, 0)))
-    d.write_desc(0, table, 65535 * 16, INDIRECT, 0)
+    tbl = fq.memory.alloc(65535 * 16, 16)
+    fq.memory.write(tbl, DESC.pack(Desc(buf, 1, 0, 0)))
+    d.write_desc(0, tbl, 65535 * 16, INDIRECT, 0)
     d.push_head(0)
     chain = take(fq)
     assert chain.error is None
@@ -322,12 +470,16 @@ def test_indirect_table_of_65535_entries_passes_the_size_check() -> None:
     chain.return_written(0)
 
 
-def test_avail_index_exactly_queue_size_ahead_accepted() -> None:
-    fq = make_queue(size=4)
+def test_full_ring_of_queue_size_chains_accepted(packed: bool) -> None:
+    """Split: ``avail.idx`` exactly the queue size ahead; packed: every slot available."""
+    fq = make_queue(size=4, packed=packed)
     heads = [fq.driver.publish([b"r"]) for _ in range(4)]
-    assert fq.queue.pending() == 4
+    assert None not in heads
+    assert fq.driver.publish([b"r"]) is None  # the ring is full
+    assert fq.queue.pending() == (1 if packed else 4)  # packed: no index counts them
     chains = [take(fq) for _ in range(4)]
     assert [c.head for c in chains] == heads
+    assert fq.queue.next_chain() is None
     for c in chains:
         c.return_written(0)
     assert [u.head for u in fq.driver.used()] == heads
@@ -335,192 +487,186 @@ def test_avail_index_exactly_queue_size_ahead_accepted() -> None:
 
 # --- the validation catalogue: chain errors ------------------------------------------------------
 
+BOTH = (False, True)
+SPLIT_ONLY = (False,)
+PACKED_ONLY = (True,)
+
 
 @dataclass(frozen=True)
 class BadChain:
-    """A malformed chain: ``build`` writes it and pushes its head; it returns ``(head, value)``
-    where ``value`` is the offending value as the error message must show it."""
+    """A malformed chain: ``build`` makes it available and returns ``(chain, value)`` where
+    ``value`` is the offending value as the error message must show it. ``formats`` lists the ring
+    formats (``packed`` values) that can express it: split-only rows need ``next`` fields, a
+    packed-only row breaks a rule only packed rings have."""
 
     id: str
     error: type[ChainError]
-    build: Callable[[FakeDriver], tuple[int, str]]
+    build: Callable[[Driver], tuple[Pushed, str]]
     size: int = 8
     features: int = F_INDIRECT
+    formats: tuple[bool, ...] = BOTH
 
 
-def _indirect_head(d: FakeDriver, table: int, length: int, flags: int = INDIRECT) -> int:
-    d.write_desc(5, table, length, flags, 0)
-    d.push_head(5)
-    return 5
+def _indirect_head(d: Driver, tbl: int, length: int, flags: int = INDIRECT) -> Pushed:
+    return push(d, [(tbl, length, flags)], at=(5,))
 
 
-def _next_equal_to_size(d: FakeDriver) -> tuple[int, str]:
-    d.write_desc(5, d.alloc_buffer(8), 8, NEXT, d.size)
-    d.push_head(5)
-    return 5, f"next = {d.size}"
+def _next_equal_to_size(d: Driver) -> tuple[Pushed, str]:
+    sd = split_driver(d)
+    sd.write_desc(5, sd.alloc_buffer(8), 8, NEXT, sd.size)
+    sd.push_head(5)
+    return Pushed(5, 5, (5,)), f"next = {sd.size}"
 
 
-def _next_ffff(d: FakeDriver) -> tuple[int, str]:
-    buf = d.alloc_buffer(8)
-    d.write_desc(5, buf, 8, NEXT, 6)
-    d.write_desc(6, buf, 8, WRITE | NEXT, 0xFFFF)
-    d.push_head(5)
-    return 5, "next = 65535"
+def _next_ffff(d: Driver) -> tuple[Pushed, str]:
+    sd = split_driver(d)
+    buf = sd.alloc_buffer(8)
+    sd.write_desc(5, buf, 8, NEXT, 6)
+    sd.write_desc(6, buf, 8, WRITE | NEXT, 0xFFFF)
+    sd.push_head(5)
+    return Pushed(5, 5, (5, 6)), "next = 65535"
 
 
-def _next_past_indirect_table(d: FakeDriver) -> tuple[int, str]:
-    buf = d.alloc_buffer(8)
-    table = d.write_indirect_table([Desc(buf, 8, NEXT, 2), Desc(buf, 8, 0, 0)])
-    return _indirect_head(d, table, 32), "next = 2"
+def _next_past_indirect_table(d: Driver) -> tuple[Pushed, str]:
+    sd = split_driver(d)
+    buf = sd.alloc_buffer(8)
+    tbl = sd.write_indirect_table([Desc(buf, 8, NEXT, 2), Desc(buf, 8, 0, 0)])
+    return _indirect_head(sd, tbl, 32), "next = 2"
 
 
-def _next_loop(d: FakeDriver) -> tuple[int, str]:
-    buf = d.alloc_buffer(8)
-    d.write_desc(5, buf, 8, NEXT, 6)
-    d.write_desc(6, buf, 8, NEXT, 5)
-    d.push_head(5)
-    return 5, f"longer than {d.size}"
+def _next_loop(d: Driver) -> tuple[Pushed, str]:
+    sd = split_driver(d)
+    buf = sd.alloc_buffer(8)
+    sd.write_desc(5, buf, 8, NEXT, 6)
+    sd.write_desc(6, buf, 8, NEXT, 5)
+    sd.push_head(5)
+    return Pushed(5, 5, (5, 6)), f"longer than {sd.size}"
 
 
-def _self_loop(d: FakeDriver) -> tuple[int, str]:
-    d.write_desc(5, d.alloc_buffer(8), 8, WRITE | NEXT, 5)
-    d.push_head(5)
-    return 5, f"longer than {d.size}"
+def _self_loop(d: Driver) -> tuple[Pushed, str]:
+    sd = split_driver(d)
+    sd.write_desc(5, sd.alloc_buffer(8), 8, WRITE | NEXT, 5)
+    sd.push_head(5)
+    return Pushed(5, 5, (5,)), f"longer than {sd.size}"
 
 
-def _one_more_than_size(d: FakeDriver) -> tuple[int, str]:
+def _one_more_than_size(d: Driver) -> tuple[Pushed, str]:
     """size 4: 0 -> 1 -> 2 -> 3 -> 0: the fifth descriptor is one too many."""
-    buf = d.alloc_buffer(8)
+    sd = split_driver(d)
+    buf = sd.alloc_buffer(8)
     for i in range(4):
-        d.write_desc(i, buf, 8, NEXT, (i + 1) % 4)
-    d.push_head(0)
-    return 0, "longer than 4"
+        sd.write_desc(i, buf, 8, NEXT, (i + 1) % 4)
+    sd.push_head(0)
+    return Pushed(0, 0, (0, 1, 2, 3)), "longer than 4"
 
 
-def _indirect_loop(d: FakeDriver) -> tuple[int, str]:
-    buf = d.alloc_buffer(8)
-    table = d.write_indirect_table([Desc(buf, 8, NEXT, 1), Desc(buf, 8, NEXT, 0)])
-    return _indirect_head(d, table, 32), f"longer than {d.size}"
+def _indirect_loop(d: Driver) -> tuple[Pushed, str]:
+    sd = split_driver(d)
+    buf = sd.alloc_buffer(8)
+    tbl = sd.write_indirect_table([Desc(buf, 8, NEXT, 1), Desc(buf, 8, NEXT, 0)])
+    return _indirect_head(sd, tbl, 32), f"longer than {sd.size}"
 
 
-def _direct_plus_indirect_over_size(d: FakeDriver) -> tuple[int, str]:
+def _direct_plus_indirect_over_size(d: Driver) -> tuple[Pushed, str]:
     """size 4: two direct descriptors and a table of three entries make five buffers."""
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table(
-        [Desc(buf, 8, NEXT, 1), Desc(buf, 8, NEXT, 2), Desc(buf, 8, 0, 0)]
-    )
-    d.write_desc(0, buf, 8, NEXT, 1)
-    d.write_desc(1, buf, 8, NEXT, 2)
-    d.write_desc(2, table, 48, INDIRECT, 0)
-    d.push_head(0)
-    return 0, "longer than 4"
+    tbl = table(d, [(buf, 8, 0)] * 3)
+    return push(d, [(buf, 8, 0), (buf, 8, 0), (tbl, 48, INDIRECT)], at=(0, 1, 2)), "longer than 4"
 
 
-def _indirect_table_over_size(d: FakeDriver) -> tuple[int, str]:
-    """size 4: an indirect table chaining five entries."""
+def _indirect_table_over_size(d: Driver) -> tuple[Pushed, str]:
+    """size 4: an indirect table of five entries (split: chained; packed: all count)."""
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table(
-        [Desc(buf, 8, NEXT, k + 1) for k in range(4)] + [Desc(buf, 8, 0, 0)]
-    )
-    d.write_desc(1, table, 80, INDIRECT, 0)
-    d.push_head(1)
-    return 1, "longer than 4"
+    tbl = table(d, [(buf, 8, 0)] * 5)
+    return push(d, [(tbl, 80, INDIRECT)], at=(1,)), "longer than 4"
 
 
-def _readable_after_writable(d: FakeDriver) -> tuple[int, str]:
+def _readable_after_writable(d: Driver) -> tuple[Pushed, str]:
     buf = d.alloc_buffer(8)
-    d.write_desc(5, buf, 8, WRITE | NEXT, 6)
-    d.write_desc(6, buf, 8, 0, 0)
-    d.push_head(5)
-    return 5, "descriptor 6"
+    p = push(d, [(buf, 8, WRITE), (buf, 8, 0)], at=(5, 6))
+    return p, f"descriptor {p.at[1]}"
 
 
-def _readable_after_writable_indirect(d: FakeDriver) -> tuple[int, str]:
+def _readable_after_writable_indirect(d: Driver) -> tuple[Pushed, str]:
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table(
-        [Desc(buf, 8, NEXT, 1), Desc(buf, 8, WRITE | NEXT, 2), Desc(buf, 8, 0, 0)]
-    )
-    return _indirect_head(d, table, 48), "descriptor 2"
+    tbl = table(d, [(buf, 8, 0), (buf, 8, WRITE), (buf, 8, 0)])
+    return _indirect_head(d, tbl, 48), "descriptor 2"
 
 
-def _readable_after_writable_mixed(d: FakeDriver) -> tuple[int, str]:
+def _readable_after_writable_mixed(d: Driver) -> tuple[Pushed, str]:
     """A writable direct descriptor, then an indirect table that starts with a readable entry."""
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table([Desc(buf, 8, 0, 0)])
-    d.write_desc(5, buf, 8, WRITE | NEXT, 6)
-    d.write_desc(6, table, 16, INDIRECT, 0)
-    d.push_head(5)
-    return 5, "descriptor 0"
+    tbl = table(d, [(buf, 8, 0)])
+    return push(d, [(buf, 8, WRITE), (tbl, 16, INDIRECT)], at=(5, 6)), "descriptor 0"
 
 
-def _length_overflow(d: FakeDriver) -> tuple[int, str]:
-    d.write_desc(5, 0x1000_0000, 1 << 31, NEXT, 6)
-    d.write_desc(6, 0x2000_0000, 1 << 31, WRITE, 0)
-    d.push_head(5)
-    return 5, str(1 << 32)
+def _length_overflow(d: Driver) -> tuple[Pushed, str]:
+    p = push(d, [(0x1000_0000, 1 << 31, 0), (0x2000_0000, 1 << 31, WRITE)], at=(5, 6))
+    return p, str(1 << 32)
 
 
-def _length_overflow_indirect(d: FakeDriver) -> tuple[int, str]:
-    table = d.write_indirect_table(
-        [Desc(0x1000_0000, 0xFFFF_FFFF, NEXT, 1), Desc(0x2000_0000, 1, WRITE, 0)]
-    )
-    return _indirect_head(d, table, 32), str(1 << 32)
+def _length_overflow_indirect(d: Driver) -> tuple[Pushed, str]:
+    tbl = table(d, [(0x1000_0000, 0xFFFF_FFFF, 0), (0x2000_0000, 1, WRITE)])
+    return _indirect_head(d, tbl, 32), str(1 << 32)
 
 
-def _address_overflow(d: FakeDriver) -> tuple[int, str]:
-    d.write_desc(5, TOP - 8, 16, 0, 0)
-    d.push_head(5)
-    return 5, f"{TOP - 8:#x}"
+def _address_overflow(d: Driver) -> tuple[Pushed, str]:
+    return push(d, [(TOP - 8, 16, 0)], at=(5,)), f"{TOP - 8:#x}"
 
 
-def _address_overflow_indirect(d: FakeDriver) -> tuple[int, str]:
+def _address_overflow_indirect(d: Driver) -> tuple[Pushed, str]:
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table([Desc(buf, 8, NEXT, 1), Desc(TOP - 1, 2, WRITE, 0)])
-    return _indirect_head(d, table, 32), f"{TOP - 1:#x}"
+    tbl = table(d, [(buf, 8, 0), (TOP - 1, 2, WRITE)])
+    return _indirect_head(d, tbl, 32), f"{TOP - 1:#x}"
 
 
-def _indirect_not_negotiated(d: FakeDriver) -> tuple[int, str]:
+def _indirect_not_negotiated(d: Driver) -> tuple[Pushed, str]:
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table([Desc(buf, 8, 0, 0)])
-    d.write_desc(6, table, 16, INDIRECT, 0)
-    d.push_head(6)
-    return 6, "descriptor 6"
+    tbl = table(d, [(buf, 8, 0)])
+    p = push(d, [(tbl, 16, INDIRECT)], at=(6,))
+    return p, f"descriptor {p.at[0]}"
 
 
-def _nested_indirect(d: FakeDriver) -> tuple[int, str]:
+def _nested_indirect(d: Driver) -> tuple[Pushed, str]:
     buf = d.alloc_buffer(8)
-    inner = d.write_indirect_table([Desc(buf, 8, 0, 0)])
-    outer = d.write_indirect_table([Desc(buf, 8, NEXT, 1), Desc(inner, 16, INDIRECT, 0)])
+    inner = table(d, [(buf, 8, 0)])
+    outer = table(d, [(buf, 8, 0), (inner, 16, INDIRECT)])
     return _indirect_head(d, outer, 32), "entry 1"
 
 
-def _indirect_with_next(d: FakeDriver) -> tuple[int, str]:
+def _indirect_with_next(d: Driver) -> tuple[Pushed, str]:
     buf = d.alloc_buffer(8)
-    table = d.write_indirect_table([Desc(buf, 8, 0, 0)])
-    d.write_desc(6, table, 16, INDIRECT | NEXT, 7)
-    d.write_desc(7, buf, 8, WRITE, 0)
-    d.push_head(6)
-    return 6, "descriptor 6"
+    tbl = table(d, [(buf, 8, 0)])
+    p = push(d, [(tbl, 16, INDIRECT), (buf, 8, WRITE)], at=(6, 7))
+    return p, f"descriptor {p.at[0]}"
 
 
-def _indirect_len(length: int) -> Callable[[FakeDriver], tuple[int, str]]:
-    def build(d: FakeDriver) -> tuple[int, str]:
-        table = d.write_indirect_table([Desc(d.alloc_buffer(8), 8, 0, 0)] * 2)
-        return _indirect_head(d, table, length), f"len {length}"
+def _indirect_after_direct(d: Driver) -> tuple[Pushed, str]:
+    """Packed: an indirect descriptor must be alone in its chain (virtio 1.2, 2.8.19)."""
+    buf = d.alloc_buffer(8)
+    tbl = table(packed_driver(d), [(buf, 8, WRITE)])
+    p = push(d, [(buf, 8, 0), (tbl, 16, INDIRECT)])
+    return p, f"descriptor {p.at[1]}"
 
-    return build
 
-
-def _indirect_too_large(length: int, entries: int) -> Callable[[FakeDriver], tuple[int, str]]:
-    def build(d: FakeDriver) -> tuple[int, str]:
-        table = d.write_indirect_table([Desc(d.alloc_buffer(8), 8, 0, 0)])
-        return _indirect_head(d, table, length), f"{entries} entries"
+def _indirect_len(length: int) -> Callable[[Driver], tuple[Pushed, str]]:
+    def build(d: Driver) -> tuple[Pushed, str]:
+        tbl = table(d, [(d.alloc_buffer(8), 8, 0)] * 2)
+        return _indirect_head(d, tbl, length), f"len {length}"
 
     return build
 
 
-def _indirect_at(addr: int, length: int) -> Callable[[FakeDriver], tuple[int, str]]:
-    def build(d: FakeDriver) -> tuple[int, str]:
+def _indirect_too_large(length: int, entries: int) -> Callable[[Driver], tuple[Pushed, str]]:
+    def build(d: Driver) -> tuple[Pushed, str]:
+        tbl = table(d, [(d.alloc_buffer(8), 8, 0)])
+        return _indirect_head(d, tbl, length), f"{entries} entries"
+
+    return build
+
+
+def _indirect_at(addr: int, length: int) -> Callable[[Driver], tuple[Pushed, str]]:
+    def build(d: Driver) -> tuple[Pushed, str]:
         return _indirect_head(d, addr, length), f"{addr:#x}"
 
     return build
@@ -529,21 +675,35 @@ def _indirect_at(addr: int, length: int) -> Callable[[FakeDriver], tuple[int, st
 _MEM_END = 0x10000 + (1 << 22)  # FakeMemory's default region: [0x10000, 0x10000 + 4 MiB)
 
 BAD_CHAINS = [
-    BadChain("next-equal-to-size", DescIndexOutOfRange, _next_equal_to_size),
-    BadChain("next-ffff", DescIndexOutOfRange, _next_ffff),
-    BadChain("next-past-indirect-table", DescIndexOutOfRange, _next_past_indirect_table),
-    BadChain("next-loop", ChainTooLong, _next_loop),
-    BadChain("self-loop", ChainTooLong, _self_loop),
-    BadChain("size-plus-one", ChainTooLong, _one_more_than_size, size=4),
-    BadChain("indirect-loop", ChainTooLong, _indirect_loop),
-    BadChain("direct-plus-indirect", ChainTooLong, _direct_plus_indirect_over_size, size=4),
+    BadChain("next-equal-to-size", DescIndexOutOfRange, _next_equal_to_size, formats=SPLIT_ONLY),
+    BadChain("next-ffff", DescIndexOutOfRange, _next_ffff, formats=SPLIT_ONLY),
+    BadChain(
+        "next-past-indirect-table",
+        DescIndexOutOfRange,
+        _next_past_indirect_table,
+        formats=SPLIT_ONLY,
+    ),
+    BadChain("next-loop", ChainTooLong, _next_loop, formats=SPLIT_ONLY),
+    BadChain("self-loop", ChainTooLong, _self_loop, formats=SPLIT_ONLY),
+    BadChain("size-plus-one", ChainTooLong, _one_more_than_size, size=4, formats=SPLIT_ONLY),
+    BadChain("indirect-loop", ChainTooLong, _indirect_loop, formats=SPLIT_ONLY),
+    BadChain(
+        "direct-plus-indirect",
+        ChainTooLong,
+        _direct_plus_indirect_over_size,
+        size=4,
+        formats=SPLIT_ONLY,
+    ),
     BadChain("indirect-over-size", ChainTooLong, _indirect_table_over_size, size=4),
     BadChain("readable-after-writable", ReadableAfterWritable, _readable_after_writable),
     BadChain(
         "readable-after-writable-indirect", ReadableAfterWritable, _readable_after_writable_indirect
     ),
     BadChain(
-        "readable-after-writable-mixed", ReadableAfterWritable, _readable_after_writable_mixed
+        "readable-after-writable-mixed",
+        ReadableAfterWritable,
+        _readable_after_writable_mixed,
+        formats=SPLIT_ONLY,
     ),
     BadChain("length-overflow", ChainLengthOverflow, _length_overflow),
     BadChain("length-overflow-indirect", ChainLengthOverflow, _length_overflow_indirect),
@@ -554,6 +714,9 @@ BAD_CHAINS = [
     ),
     BadChain("nested-indirect", NestedIndirect, _nested_indirect),
     BadChain("indirect-with-next", IndirectWithNext, _indirect_with_next),
+    BadChain(
+        "indirect-after-direct", IndirectWithNext, _indirect_after_direct, formats=PACKED_ONLY
+    ),
     BadChain("indirect-len-0", InvalidIndirectLength, _indirect_len(0)),
     BadChain("indirect-len-24", InvalidIndirectLength, _indirect_len(24)),
     BadChain("indirect-len-8", InvalidIndirectLength, _indirect_len(8)),
@@ -570,45 +733,59 @@ BAD_CHAINS = [
 ]
 
 
-def _bad_queue(case: BadChain) -> tuple[SplitFakeQueue, DescChain, int, str]:
-    fq = make_queue(size=case.size, features=case.features, index=QUEUE)
-    head, value = case.build(fq.driver)
+def _catalogue(cases: Sequence[BadChain]) -> list[ParameterSet]:
+    """One test per (row, format it applies to), with ids like ``split-next-loop``."""
+    return [
+        pytest.param(case, packed, id=f"{fmt(packed)}-{case.id}")
+        for case in cases
+        for packed in case.formats
+    ]
+
+
+def _bad_queue(case: BadChain, packed: bool) -> tuple[AnyFakeQueue, DescChain, Pushed, str]:
+    """Packed queues start at the last ring slot, so that every chain of two or more descriptors
+    straddles the end of the ring (split queues at index 0, with the rows' own table indices)."""
+    last = case.size - 1
+    start = QueueState(last, last) if packed else QueueState()
+    fq = make_queue(size=case.size, features=case.features, index=QUEUE, packed=packed, state=start)
+    pushed, value = case.build(fq.driver)
     chain = take(fq)
-    return fq, chain, head, value
+    return fq, chain, pushed, value
 
 
-def _assert_queue_still_works(fq: SplitFakeQueue) -> None:
+def _assert_queue_still_works(fq: FakeQueue[Q, D]) -> None:
     """A good chain published after the bad one comes out intact and reaches the driver."""
     d = fq.driver
     buf = d.alloc_buffer(b"good")
     out = d.alloc_buffer(4)
-    d.write_desc(0, buf, 4, NEXT, 1)
-    d.write_desc(1, out, 4, WRITE, 0)
-    d.push_head(0)
+    p = push(d, [(buf, 4, 0), (out, 4, WRITE)], at=(0, 1))
     chain = take(fq)
     assert chain.error is None
     assert chain.descriptors() == (
-        ChainDescriptor(buf, 4, False, 0, False),
-        ChainDescriptor(out, 4, True, 1, False),
+        ChainDescriptor(buf, 4, False, p.at[0], False),
+        ChainDescriptor(out, 4, True, p.at[1], False),
     )
     chain.return_written(3)
-    assert [(u.head, u.len) for u in d.used()] == [(0, 3)]
+    assert [(u.head, u.len) for u in d.used()] == [(p.id, 3)]
     assert fq.queue.broken is None
 
 
-@pytest.mark.parametrize("case", BAD_CHAINS, ids=[c.id for c in BAD_CHAINS])
+@pytest.mark.parametrize(("case", "packed"), _catalogue(BAD_CHAINS))
 def test_malformed_chain_is_handed_out_with_its_error_and_returned_with_length_0(
-    case: BadChain,
+    case: BadChain, packed: bool
 ) -> None:
-    fq, chain, head, _ = _bad_queue(case)
+    """``head`` in the error is where the chain starts (split: its head index; packed: its first
+    ring slot); the chain itself, and the used entry, carry what the driver gets back (split: the
+    head; packed: the buffer id)."""
+    fq, chain, pushed, _ = _bad_queue(case, packed)
     err = chain.error
     assert type(err) is case.error
     assert isinstance(err, ChainError)
     assert isinstance(err, DriverError)
     assert not isinstance(err, RingError)
     assert err.queue == QUEUE
-    assert err.head == head
-    assert chain.head == head
+    assert err.head == pushed.head
+    assert chain.head == pushed.id
     assert len(chain) == 0
     for read in (chain.descriptors, chain.readable, chain.writable):
         with pytest.raises(case.error) as info:
@@ -617,43 +794,50 @@ def test_malformed_chain_is_handed_out_with_its_error_and_returned_with_length_0
     assert fq.queue.broken is None
     chain.return_written()
     assert chain.returned
-    assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 0)]
+    assert [(u.head, u.len) for u in fq.driver.used()] == [(pushed.id, 0)]
     _assert_queue_still_works(fq)
 
 
-@pytest.mark.parametrize("case", BAD_CHAINS, ids=[c.id for c in BAD_CHAINS])
+@pytest.mark.parametrize(("case", "packed"), _catalogue(BAD_CHAINS))
 def test_malformed_chain_returned_with_length_0_even_if_device_claims_bytes(
-    case: BadChain,
+    case: BadChain, packed: bool
 ) -> None:
     """``DescChain.return_written``: "A malformed chain is returned with 0 whatever n says"."""
-    fq, chain, head, _ = _bad_queue(case)
+    fq, chain, pushed, _ = _bad_queue(case, packed)
     try:
         chain.return_written(16)
     finally:  # never leave the chain to the garbage collector, even when this test fails
         if not chain.returned:
             chain.return_written(0)
     assert chain.returned
-    assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 0)]
+    assert [(u.head, u.len) for u in fq.driver.used()] == [(pushed.id, 0)]
     _assert_queue_still_works(fq)
 
 
-@pytest.mark.parametrize("case", BAD_CHAINS, ids=[c.id for c in BAD_CHAINS])
-def test_chain_error_message_names_queue_and_offending_value(case: BadChain) -> None:
-    _, chain, head, value = _bad_queue(case)
+@pytest.mark.parametrize(("case", "packed"), _catalogue(BAD_CHAINS))
+def test_chain_error_message_names_queue_and_offending_value(case: BadChain, packed: bool) -> None:
+    _, chain, pushed, value = _bad_queue(case, packed)
     message = str(chain.error)
     assert f"queue {QUEUE}" in message
-    assert f"head {head}" in message
+    assert f"head {pushed.head}" in message
     assert value in message
     chain.return_written()
 
 
-@pytest.mark.parametrize("case", BAD_CHAINS[:3], ids=[c.id for c in BAD_CHAINS[:3]])
-def test_malformed_chain_in_a_with_block_is_returned_with_length_0(case: BadChain) -> None:
-    fq, chain, head, _ = _bad_queue(case)
+_WITH_BLOCK_ROWS = ("next-equal-to-size", "readable-after-writable", "nested-indirect")
+
+
+@pytest.mark.parametrize(
+    ("case", "packed"), _catalogue([c for c in BAD_CHAINS if c.id in _WITH_BLOCK_ROWS])
+)
+def test_malformed_chain_in_a_with_block_is_returned_with_length_0(
+    case: BadChain, packed: bool
+) -> None:
+    fq, chain, pushed, _ = _bad_queue(case, packed)
     with pytest.raises(case.error), chain:
         chain.descriptors()
     assert chain.returned
-    assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 0)]
+    assert [(u.head, u.len) for u in fq.driver.used()] == [(pushed.id, 0)]
 
 
 # --- the validation catalogue: ring errors latch the queue broken --------------------------------
@@ -661,31 +845,66 @@ def test_malformed_chain_in_a_with_block_is_returned_with_length_0(case: BadChai
 
 @dataclass(frozen=True)
 class BadRing:
-    """``corrupt`` breaks the ring; returns the offending value as the message must show it."""
+    """``corrupt`` breaks the ring; returns the offending value as the message must show it.
+    Split rings break on their indices (``avail.idx``, the heads), packed rings on a chain whose
+    end or buffer id cannot be found (so it cannot be returned)."""
 
     id: str
     error: type[RingError]
-    corrupt: Callable[[FakeDriver], str]
+    corrupt: Callable[[Driver], str]
+    packed: bool = False
 
 
-def _jump_past_size(d: FakeDriver) -> str:
-    d.set_avail_idx(d.avail_idx + d.size + 1)
-    return f"avail.idx {d.avail_idx}"
+def _jump_past_size(d: Driver) -> str:
+    sd = split_driver(d)
+    sd.set_avail_idx(sd.avail_idx + sd.size + 1)
+    return f"avail.idx {sd.avail_idx}"
 
 
-def _jump_backwards(d: FakeDriver) -> str:
-    d.set_avail_idx(d.avail_idx - 1 - d.size)
-    return f"avail.idx {d.avail_idx}"
+def _jump_backwards(d: Driver) -> str:
+    sd = split_driver(d)
+    sd.set_avail_idx(sd.avail_idx - 1 - sd.size)
+    return f"avail.idx {sd.avail_idx}"
 
 
-def _head_equal_to_size(d: FakeDriver) -> str:
-    d.push_head(d.size)
-    return f"= {d.size}"
+def _head_equal_to_size(d: Driver) -> str:
+    sd = split_driver(d)
+    sd.push_head(sd.size)
+    return f"= {sd.size}"
 
 
-def _head_ffff(d: FakeDriver) -> str:
-    d.push_head(0xFFFF)
+def _head_ffff(d: Driver) -> str:
+    split_driver(d).push_head(0xFFFF)
     return "= 65535"
+
+
+def _never_ends(d: Driver) -> str:
+    """NEXT on every slot of the ring: no last descriptor, no buffer id."""
+    buf = d.alloc_buffer(8)
+    push(packed_driver(d), [(buf, 8, NEXT)] * d.size)
+    return f"NEXT on all {d.size} slots"
+
+
+def _never_ends_indirect(d: Driver) -> str:
+    """The same with INDIRECT|NEXT descriptors: the chain error cannot be returned either."""
+    tbl = table(d, [(d.alloc_buffer(8), 8, 0)])
+    push(packed_driver(d), [(tbl, 16, INDIRECT | NEXT)] * d.size)
+    return f"NEXT on all {d.size} slots"
+
+
+def _buffer_id(value: int) -> Callable[[Driver], str]:
+    def corrupt(d: Driver) -> str:
+        push(packed_driver(d), [(d.alloc_buffer(8), 8, WRITE)], buffer_id=value)
+        return f"buffer id {value}"
+
+    return corrupt
+
+
+def _buffer_id_of_a_malformed_chain(d: Driver) -> str:
+    """A chain error is handed out and returned, but not with an id the driver never gave."""
+    buf = d.alloc_buffer(8)
+    push(packed_driver(d), [(buf, 8, WRITE), (buf, 8, 0)], buffer_id=d.size)
+    return f"buffer id {d.size}"
 
 
 BAD_RINGS = [
@@ -693,19 +912,30 @@ BAD_RINGS = [
     BadRing("avail-backwards", AvailIndexJump, _jump_backwards),
     BadRing("head-equal-to-size", HeadOutOfRange, _head_equal_to_size),
     BadRing("head-ffff", HeadOutOfRange, _head_ffff),
+    BadRing("chain-never-ends", ChainNeverEnds, _never_ends, packed=True),
+    BadRing("indirect-chain-never-ends", ChainNeverEnds, _never_ends_indirect, packed=True),
+    BadRing("buffer-id-equal-to-size", BufferIdOutOfRange, _buffer_id(8), packed=True),
+    BadRing("buffer-id-ffff", BufferIdOutOfRange, _buffer_id(0xFFFF), packed=True),
+    BadRing(
+        "buffer-id-of-malformed-chain",
+        BufferIdOutOfRange,
+        _buffer_id_of_a_malformed_chain,
+        packed=True,
+    ),
 ]
+RING_IDS = [f"{fmt(c.packed)}-{c.id}" for c in BAD_RINGS]
 
 
-@pytest.mark.parametrize("case", BAD_RINGS, ids=[c.id for c in BAD_RINGS])
+@pytest.mark.parametrize("case", BAD_RINGS, ids=RING_IDS)
 def test_ring_error_latches_queue_broken(case: BadRing) -> None:
-    fq = make_queue(size=8, index=QUEUE)
+    fq = make_queue(size=8, index=QUEUE, packed=case.packed)
     d = fq.driver
     process(fq, 2)
     assert d.publish([b"held"], [4]) is not None
     held = take(fq)
     d.used()
     position = fq.queue.state()
-    good_avail = d.avail_idx
+    good = mark(d)
     value = case.corrupt(d)
     with pytest.raises(QueueBroken) as info:
         fq.queue.next_chain()
@@ -721,7 +951,7 @@ def test_ring_error_latches_queue_broken(case: BadRing) -> None:
     assert value in message
     assert f"queue {QUEUE}" in str(info.value)
     # the driver "repairs" the ring: a queue that re-read it would now see nothing pending
-    d.set_avail_idx(good_avail)
+    withdraw(d, good)
     before = snapshot(fq)
     for _ in range(3):
         with pytest.raises(QueueBroken) as again:
@@ -732,16 +962,16 @@ def test_ring_error_latches_queue_broken(case: BadRing) -> None:
     fq.queue.disable_notifications()
     with pytest.raises(QueueBroken):
         fq.queue.enable_notifications()
-    held.return_written(4)  # accepted, but the used ring is left alone
+    held.return_written(4)  # accepted, but the ring is left alone
     assert held.returned
     assert snapshot(fq) == before
     assert d.used() == []
     assert fq.notifier.count == 2
 
 
-@pytest.mark.parametrize("case", BAD_RINGS, ids=[c.id for c in BAD_RINGS])
+@pytest.mark.parametrize("case", BAD_RINGS, ids=RING_IDS)
 def test_broken_queue_leaves_memory_alone_when_a_held_chain_is_dropped(case: BadRing) -> None:
-    fq = make_queue(size=8, index=QUEUE)
+    fq = make_queue(size=8, index=QUEUE, packed=case.packed)
     assert fq.driver.publish([b"held"], [4]) is not None
     held = [take(fq)]
     case.corrupt(fq.driver)
@@ -755,37 +985,39 @@ def test_broken_queue_leaves_memory_alone_when_a_held_chain_is_dropped(case: Bad
     assert snapshot(fq) == before
 
 
-@pytest.mark.parametrize("case", BAD_RINGS, ids=[c.id for c in BAD_RINGS])
+@pytest.mark.parametrize("case", BAD_RINGS, ids=RING_IDS)
 def test_reset_clears_the_broken_latch(case: BadRing) -> None:
-    fq = make_queue(size=8, index=QUEUE)
+    fq = make_queue(size=8, index=QUEUE, packed=case.packed)
     d = fq.driver
+    fresh = mark(d)
     case.corrupt(d)
     with pytest.raises(QueueBroken):
         fq.queue.next_chain()
     fq.queue.reset()
     assert fq.queue.broken is None
-    d.set_avail_idx(0)  # the driver re-initialises its ring too
+    withdraw(d, fresh)  # the driver re-initialises its ring too
     assert fq.queue.next_chain() is None
     assert process(fq, 1) == [0]
     assert fq.queue.state() == QueueState(1, 1)
 
 
-@pytest.mark.parametrize("case", BAD_RINGS, ids=[c.id for c in BAD_RINGS])
+@pytest.mark.parametrize("case", BAD_RINGS, ids=RING_IDS)
 def test_restore_clears_the_broken_latch(case: BadRing) -> None:
-    fq = make_queue(size=8, index=QUEUE)
+    fq = make_queue(size=8, index=QUEUE, packed=case.packed)
     d = fq.driver
     process(fq, 3)
+    good = mark(d)
     case.corrupt(d)
     with pytest.raises(QueueBroken):
         fq.queue.next_chain()
-    d.set_avail_idx(3)
+    withdraw(d, good)
     fq.queue.restore(QueueState(next_avail=3, next_used=3))
     assert fq.queue.broken is None
     process(fq, 1)
     assert fq.queue.state() == QueueState(4, 4)
 
 
-def test_pending_counts_available_chains_and_latches_on_a_jump() -> None:
+def test_split_pending_counts_available_chains_and_latches_on_a_jump() -> None:
     fq = make_queue(size=8, index=QUEUE)
     d = fq.driver
     assert fq.queue.pending() == 0
@@ -811,7 +1043,7 @@ def test_pending_counts_available_chains_and_latches_on_a_jump() -> None:
 # --- indices: wrap, save and restore ---------------------------------------------------------------
 
 
-def test_indices_wrap_at_65536() -> None:
+def test_split_indices_wrap_at_65536() -> None:
     fq = make_queue(size=16, state=QueueState(next_avail=65534, next_used=65534))
     d = fq.driver
     heads = [d.publish([b"q"], [2]) for _ in range(5)]
@@ -836,16 +1068,19 @@ def test_indices_wrap_at_65536() -> None:
     assert [(u.head, u.len) for u in d.used()] == list(zip(heads, lengths, strict=True))
 
 
-def test_queue_rebuilt_from_saved_state_continues() -> None:
-    fq = make_queue(size=8)
+def test_queue_rebuilt_from_saved_state_continues(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     d = fq.driver
     process(fq, 3)
     d.used()
     saved = fq.queue.state()
     assert saved == QueueState(next_avail=3, next_used=3)
     notifier = NotificationCounter()
-    second = Queue(d.queue_memory(), 8, fq.memory, features=0, notify=notifier, state=saved)
-    heads = [d.publish([b"x"], [4]) for _ in range(2)]
+    second = create_queue(
+        d.queue_memory(), 8, fq.memory, features=fq.queue.features, notify=notifier, state=saved
+    )
+    assert type(second) is type(fq.queue)
+    heads = [d.publish([], [4]) for _ in range(2)]
     for head in heads:
         chain = second.next_chain()
         assert chain is not None
@@ -854,23 +1089,23 @@ def test_queue_rebuilt_from_saved_state_continues() -> None:
         chain.return_written(4)
     assert second.next_chain() is None
     assert d.used() == [UsedChain(h, 4, (b"abcd",)) for h in heads if h is not None]
-    assert d.used_idx == 5
+    assert d.used_idx == driver_index(d, 5)
     assert second.state() == QueueState(5, 5)
     assert notifier.count == 2
 
 
-def test_chain_held_across_restore_is_stale() -> None:
-    fq = make_queue(size=8)
+def test_chain_held_across_restore_is_stale(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     d = fq.driver
     process(fq, 1)
-    d.publish([b"x"], [4])
+    d.publish([], [4])
     held = take(fq)
     d.used()
     fq.queue.restore(QueueState(next_avail=2, next_used=1))
-    before = used_ring_bytes(fq)
+    before = snapshot(fq)
     held.return_written(4)
     assert held.returned
-    assert used_ring_bytes(fq) == before
+    assert snapshot(fq) == before
     assert fq.queue.state() == QueueState(2, 1)
 
 
@@ -882,17 +1117,18 @@ def test_queue_state_refuses_values_outside_u16() -> None:
             QueueState(next_used=bad)
 
 
-def test_reset_returns_indices_to_zero_and_makes_held_chains_stale() -> None:
-    fq = make_queue(size=8)
+def test_reset_returns_indices_to_zero_and_makes_held_chains_stale(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     d = fq.driver
     process(fq, 2)
-    d.publish([b"x"], [4])
+    d.publish([], [4])
     held = take(fq)
     assert fq.queue.state() == QueueState(3, 2)
     count = fq.notifier.count
     fq.queue.reset()
-    assert fq.queue.state() == QueueState(0, 0)
-    assert (fq.queue.next_avail, fq.queue.next_used) == (0, 0)
+    assert fq.queue.state() == QueueState(0, 0)  # and, packed, both wrap counters 1
+    if isinstance(fq.queue, Queue):  # the split queue also offers its indices as properties
+        assert (fq.queue.next_avail, fq.queue.next_used) == (0, 0)
     assert fq.queue.broken is None
     before = snapshot(fq)
     held.return_written(4)
@@ -906,8 +1142,8 @@ def test_reset_returns_indices_to_zero_and_makes_held_chains_stale() -> None:
 # --- out-of-order returns ----------------------------------------------------------------------
 
 
-def test_out_of_order_returns_reach_the_driver_in_return_order() -> None:
-    fq = make_queue(size=8)
+def test_out_of_order_returns_reach_the_driver_in_return_order(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     d = fq.driver
     heads = [d.publish([b"r"], [8]) for _ in range(3)]
     chains = [take(fq) for _ in range(3)]
@@ -925,13 +1161,15 @@ def test_out_of_order_returns_reach_the_driver_in_return_order() -> None:
         UsedChain(chains[1].head, 8, (b"one-one!",)),
     ]
     assert fq.notifier.count == 3
+    assert d.in_flight == 0
+    assert d.used_idx == d.avail_idx  # every slot came back: the driver's indices meet again
 
 
 # --- device misuse -----------------------------------------------------------------------------------
 
 
-def test_returning_twice_is_chain_already_returned() -> None:
-    fq = make_queue(size=8, index=QUEUE)
+def test_returning_twice_is_chain_already_returned(packed: bool) -> None:
+    fq = make_queue(size=8, index=QUEUE, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     chain = take(fq)
     chain.return_written(2)
@@ -952,8 +1190,8 @@ def test_returning_twice_is_chain_already_returned() -> None:
     assert fq.notifier.count == 1
 
 
-def test_return_written_more_than_writable_is_refused_and_chain_stays_held() -> None:
-    fq = make_queue(size=8, index=QUEUE)
+def test_return_written_more_than_writable_is_refused_and_chain_stays_held(packed: bool) -> None:
+    fq = make_queue(size=8, index=QUEUE, packed=packed)
     head = fq.driver.publish([b"r"], [8, 4])
     chain = take(fq)
     assert chain.writable_len == 12
@@ -971,8 +1209,8 @@ def test_return_written_more_than_writable_is_refused_and_chain_stays_held() -> 
     assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 12)]
 
 
-def test_written_too_much_message_names_queue_and_value() -> None:
-    fq = make_queue(size=8, index=QUEUE)
+def test_written_too_much_message_names_queue_and_value(packed: bool) -> None:
+    fq = make_queue(size=8, index=QUEUE, packed=packed)
     fq.driver.publish([b"r"], [8])
     chain = take(fq)
     with pytest.raises(WrittenTooMuch) as info:
@@ -982,8 +1220,8 @@ def test_written_too_much_message_names_queue_and_value() -> None:
     chain.return_written(0)
 
 
-def test_setting_written_past_writable_is_refused() -> None:
-    fq = make_queue(size=8)
+def test_setting_written_past_writable_is_refused(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     chain = take(fq)
     chain.written = 8
@@ -995,8 +1233,8 @@ def test_setting_written_past_writable_is_refused() -> None:
     assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 8)]
 
 
-def test_readable_only_chain_cannot_claim_written_bytes() -> None:
-    fq = make_queue(size=8)
+def test_readable_only_chain_cannot_claim_written_bytes(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     fq.driver.publish([b"only readable"])
     chain = take(fq)
     assert chain.writable_len == 0
@@ -1010,8 +1248,8 @@ def test_readable_only_chain_cannot_claim_written_bytes() -> None:
 # --- with blocks and forgotten chains -------------------------------------------------------------
 
 
-def test_with_block_returns_chain_with_written() -> None:
-    fq = make_queue(size=8)
+def test_with_block_returns_chain_with_written(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     assert head is not None
     with take(fq) as chain:
@@ -1021,8 +1259,8 @@ def test_with_block_returns_chain_with_written() -> None:
     assert fq.driver.used() == [UsedChain(head, 3, (b"abc",))]
 
 
-def test_with_block_returns_zero_when_nothing_set() -> None:
-    fq = make_queue(size=8)
+def test_with_block_returns_zero_when_nothing_set(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     with take(fq) as chain:
         assert chain.writable_len == 8
@@ -1031,8 +1269,8 @@ def test_with_block_returns_zero_when_nothing_set() -> None:
     assert fq.notifier.count == 1
 
 
-def test_with_block_returns_chain_when_an_exception_escapes() -> None:
-    fq = make_queue(size=8)
+def test_with_block_returns_chain_when_an_exception_escapes(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     chain = take(fq)
 
@@ -1047,8 +1285,8 @@ def test_with_block_returns_chain_when_an_exception_escapes() -> None:
     assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 2)]
 
 
-def test_with_block_after_explicit_return_does_not_return_again() -> None:
-    fq = make_queue(size=8)
+def test_with_block_after_explicit_return_does_not_return_again(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     with take(fq) as chain:
         chain.return_written(5)
@@ -1056,8 +1294,8 @@ def test_with_block_after_explicit_return_does_not_return_again() -> None:
     assert fq.notifier.count == 1
 
 
-def test_dropped_chain_warns_and_is_returned_with_length_0() -> None:
-    fq = make_queue(size=8, index=QUEUE)
+def test_dropped_chain_warns_and_is_returned_with_length_0(packed: bool) -> None:
+    fq = make_queue(size=8, index=QUEUE, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     held = [take(fq)]
     held[0].written = 5  # never returned: the driver must not believe those bytes
@@ -1068,36 +1306,36 @@ def test_dropped_chain_warns_and_is_returned_with_length_0() -> None:
     process(fq, 1)  # the slot came back: the queue goes on
 
 
-def test_chain_dropped_on_another_thread_is_returned_by_the_next_call() -> None:
+def test_chain_dropped_on_another_thread_is_returned_by_the_next_call(packed: bool) -> None:
     """The queue belongs to the transport's thread: a chain collected elsewhere is handed back
     there, at the queue's next ``next_chain()``, not written from the collecting thread."""
-    fq = make_queue(size=8, index=QUEUE)
+    fq = make_queue(size=8, index=QUEUE, packed=packed)
     head = fq.driver.publish([b"r"], [8])
     held = [take(fq)]
-    before = used_ring_bytes(fq)
+    before = snapshot(fq)
     with pytest.warns(ResourceWarning, match=f"chain at head {head}"):
         drop_on_another_thread(held)
-    assert used_ring_bytes(fq) == before
+    assert snapshot(fq) == before  # nothing written from the collecting thread
     assert fq.notifier.count == 0
     assert fq.queue.next_chain() is None
     assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 0)]
     assert fq.notifier.count == 1
 
 
-def test_dropped_malformed_chain_is_returned_with_length_0() -> None:
-    fq = make_queue(size=8, index=QUEUE)
-    head, _ = _next_equal_to_size(fq.driver)
+def test_dropped_malformed_chain_is_returned_with_length_0(packed: bool) -> None:
+    fq = make_queue(size=8, index=QUEUE, packed=packed)
+    pushed, _ = _readable_after_writable(fq.driver)
     held = [take(fq)]
-    assert isinstance(held[0].error, DescIndexOutOfRange)
+    assert isinstance(held[0].error, ReadableAfterWritable)
     with pytest.warns(ResourceWarning):
         drop(held)
-    assert [(u.head, u.len) for u in fq.driver.used()] == [(head, 0)]
+    assert [(u.head, u.len) for u in fq.driver.used()] == [(pushed.id, 0)]
 
 
-# --- used buffer notifications ---------------------------------------------------------------------
+# --- used buffer notifications (split only: NO_INTERRUPT and used_event; packed: test_packed_queue) --
 
 
-def test_no_interrupt_suppresses_notifications_without_event_idx() -> None:
+def test_split_no_interrupt_suppresses_notifications_without_event_idx() -> None:
     fq = make_queue(size=8)
     process(fq, 1)
     assert fq.notifier.take() == 1
@@ -1109,7 +1347,7 @@ def test_no_interrupt_suppresses_notifications_without_event_idx() -> None:
     assert fq.notifier.take() == 2
 
 
-def test_no_interrupt_is_a_bit_test() -> None:
+def test_split_no_interrupt_is_a_bit_test() -> None:
     fq = make_queue(size=8)
     fq.driver.set_avail_flags(0x8001)  # NO_INTERRUPT plus an unrelated bit
     process(fq, 2)
@@ -1119,7 +1357,7 @@ def test_no_interrupt_is_a_bit_test() -> None:
     assert fq.notifier.take() == 2
 
 
-def _notified_at(fq: SplitFakeQueue, chains: list[DescChain]) -> list[int]:
+def _notified_at(fq: FakeQueue[Q, D], chains: list[DescChain]) -> list[int]:
     """Return ``chains`` one at a time; the 1-based positions of the returns that notified."""
     out: list[int] = []
     for k, chain in enumerate(chains, start=1):
@@ -1131,7 +1369,7 @@ def _notified_at(fq: SplitFakeQueue, chains: list[DescChain]) -> list[int]:
     return out
 
 
-def test_event_idx_notifies_when_used_idx_passes_used_event() -> None:
+def test_split_event_idx_notifies_when_used_idx_passes_used_event() -> None:
     fq = make_queue(size=16, features=F_EVENT_IDX)
     d = fq.driver
     d.set_used_event(5)
@@ -1143,7 +1381,7 @@ def test_event_idx_notifies_when_used_idx_passes_used_event() -> None:
     assert _notified_at(fq, chains) == [1, 6]
 
 
-def test_event_idx_notifies_when_the_driver_asks_again() -> None:
+def test_split_event_idx_notifies_when_the_driver_asks_again() -> None:
     """A driver that re-arms ``used_event = used.idx`` after each interrupt (Linux's
     ``virtqueue_enable_cb``) is notified for every return."""
     fq = make_queue(size=16, features=F_EVENT_IDX)
@@ -1162,7 +1400,7 @@ def test_event_idx_notifies_when_the_driver_asks_again() -> None:
     assert notified == [1, 2, 3, 4]
 
 
-def test_event_idx_ignores_no_interrupt() -> None:
+def test_split_event_idx_ignores_no_interrupt() -> None:
     fq = make_queue(size=16, features=F_EVENT_IDX)
     d = fq.driver
     for _ in range(3):
@@ -1179,7 +1417,7 @@ def test_event_idx_ignores_no_interrupt() -> None:
     assert fq.notifier.take() == 0
 
 
-def test_event_idx_first_decision_after_restore_notifies_again() -> None:
+def test_split_event_idx_first_decision_after_restore_notifies_again() -> None:
     fq = make_queue(size=16, features=F_EVENT_IDX)
     d = fq.driver
     d.set_used_event(1000)
@@ -1190,7 +1428,7 @@ def test_event_idx_first_decision_after_restore_notifies_again() -> None:
     assert fq.notifier.take() == 1
 
 
-def test_event_idx_notification_across_the_wrap() -> None:
+def test_split_event_idx_notification_across_the_wrap() -> None:
     fq = make_queue(size=16, features=F_EVENT_IDX, state=QueueState(65534, 65534))
     d = fq.driver
     d.set_used_event(0xFFFF)
@@ -1234,9 +1472,10 @@ def test_vring_need_event_true_iff_event_is_passed(event: int, old: int, moved: 
 
 
 # --- driver kicks (available buffer notifications) --------------------------------------------------
+# NO_NOTIFY and avail_event are split words; the packed device event area: test_packed_queue
 
 
-def test_disable_notifications_sets_no_notify_keeping_other_used_flags() -> None:
+def test_split_disable_notifications_sets_no_notify_keeping_other_used_flags() -> None:
     fq = make_queue(size=8)
     d = fq.driver
     assert d.kick_needed(d.avail_idx)
@@ -1253,7 +1492,7 @@ def test_disable_notifications_sets_no_notify_keeping_other_used_flags() -> None
     assert d.used_ring.flags() == 0x8001
 
 
-def test_enable_notifications_clears_only_no_notify() -> None:
+def test_split_enable_notifications_clears_only_no_notify() -> None:
     fq = make_queue(size=8)
     d = fq.driver
     d.used_ring.set_flags(0x8000)
@@ -1264,8 +1503,8 @@ def test_enable_notifications_clears_only_no_notify() -> None:
     assert d.used_ring.flags() == 0x8000  # the unrelated bit is kept
 
 
-def test_enable_notifications_asks_for_kicks_again() -> None:
-    fq = make_queue(size=8)
+def test_enable_notifications_asks_for_kicks_again(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     d = fq.driver
     fq.queue.disable_notifications()
     old = d.avail_idx
@@ -1282,8 +1521,8 @@ def test_enable_notifications_asks_for_kicks_again() -> None:
         pass
 
 
-def test_enable_notifications_reports_chains_published_while_disabled() -> None:
-    fq = make_queue(size=8)
+def test_enable_notifications_reports_chains_published_while_disabled(packed: bool) -> None:
+    fq = make_queue(size=8, packed=packed)
     d = fq.driver
     fq.queue.disable_notifications()
     old = d.avail_idx
@@ -1297,7 +1536,7 @@ def test_enable_notifications_reports_chains_published_while_disabled() -> None:
     assert fq.queue.enable_notifications() is False
 
 
-def test_event_idx_avail_event_follows_taken_chains_while_enabled() -> None:
+def test_split_event_idx_avail_event_follows_taken_chains_while_enabled() -> None:
     fq = make_queue(size=8, features=F_EVENT_IDX)
     d = fq.driver
     assert d.avail_event == 0
@@ -1316,7 +1555,7 @@ def test_event_idx_avail_event_follows_taken_chains_while_enabled() -> None:
     assert not no_notify(d)  # with EVENT_IDX the flags are not used
 
 
-def test_event_idx_disabled_stops_avail_event_and_enable_rechecks() -> None:
+def test_split_event_idx_disabled_stops_avail_event_and_enable_rechecks() -> None:
     fq = make_queue(size=8, features=F_EVENT_IDX)
     d = fq.driver
     process(fq, 2)
@@ -1345,12 +1584,12 @@ def test_event_idx_disabled_stops_avail_event_and_enable_rechecks() -> None:
         pass
 
 
-# --- robustness against arbitrary ring contents ------------------------------------------------
+# --- robustness against arbitrary ring contents (split only) ---------------------------------------
 
 
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
-def test_arbitrary_rings_give_only_virtio_errors_and_writes_only_the_used_ring(
+def test_split_arbitrary_rings_give_only_virtio_errors_and_writes_only_the_used_ring(
     data: st.DataObject,
 ) -> None:
     size = data.draw(st.sampled_from([1, 2, 4, 8]), label="size")

@@ -6,6 +6,10 @@ What a device relies on here: :class:`NotificationCounter` counts exactly, even 
 ``kick()`` from any thread without ever losing a wake-up, ends with ``StopAsyncIteration`` after
 ``close()`` and with :class:`~virtio_schema.queue.QueueBroken` when the ring breaks.
 
+Every test that involves a queue runs on a split and on a packed ring (the ``packed`` fixture, ids
+``[split]`` / ``[packed]``): the helpers serve either. The tests of the notifiers alone involve no
+ring and run once.
+
 The async tests run their own loop with ``asyncio.run`` and bound every wait with a generous
 ``asyncio.wait_for`` timeout, so a lost wake-up fails the test instead of hanging it.
 """
@@ -21,11 +25,22 @@ from typing import TypeVar
 import pytest
 
 from virtio_schema.chain import ReadableChain
-from virtio_schema.fake_queue import FakeDriver, FakeMemory, SplitFakeQueue, make_queue
-from virtio_schema.queue import AvailIndexJump, DescChain, Queue, QueueBroken
+from virtio_schema.fake_queue import FakeDriver, FakeMemory, FakePackedDriver, FakeQueue, make_queue
+from virtio_schema.queue import (
+    AvailIndexJump,
+    BufferIdOutOfRange,
+    DescChain,
+    QueueBroken,
+    RingError,
+    VirtQueue,
+    create_queue,
+)
+from virtio_schema.ring import PackedDesc
 from virtio_schema.util import BufferedNotify, DescChainStream, NotificationCounter
 
 T = TypeVar("T")
+Driver = FakeDriver | FakePackedDriver
+AnyFakeQueue = FakeQueue[VirtQueue, Driver]
 
 TIMEOUT = 20.0
 """Upper bound for anything that waits: a hang fails the test, speed is never asserted."""
@@ -38,11 +53,28 @@ def run(awaitable: Awaitable[T]) -> T:
     return asyncio.run(bounded())
 
 
-def fake(size: int = 8) -> SplitFakeQueue:
-    return make_queue(size, memory=FakeMemory(1 << 18))
+@pytest.fixture(params=[False, True], ids=["split", "packed"])
+def packed(request: pytest.FixtureRequest) -> bool:
+    """The ring format a test runs on."""
+    return bool(request.param)
 
 
-def publish(driver: FakeDriver, payload: bytes) -> int:
+def fake(packed: bool, size: int = 8) -> AnyFakeQueue:
+    return make_queue(size, memory=FakeMemory(1 << 18), packed=packed)
+
+
+def break_ring(driver: Driver) -> type[RingError]:
+    """Make the driver break the ring so that the queue's next look latches it broken; the cause
+    to expect. Split: ``avail.idx`` jumps past the queue size. Packed: a chain whose buffer id is
+    not below the queue size (it could never be returned)."""
+    if isinstance(driver, FakePackedDriver):
+        driver.push_raw([PackedDesc(driver.alloc_buffer(1), 1, 0xFFFF, 0)])
+        return BufferIdOutOfRange
+    driver.set_avail_idx(driver.avail_idx + driver.size + 12)
+    return AvailIndexJump
+
+
+def publish(driver: Driver, payload: bytes) -> int:
     head = driver.publish([payload])
     assert head is not None
     return head
@@ -97,8 +129,8 @@ def test_notification_counter_is_exact_across_threads() -> None:
     assert counter.take() == 4000
 
 
-def test_notification_counter_counts_queue_notifications() -> None:
-    fq = fake()
+def test_notification_counter_counts_queue_notifications(packed: bool) -> None:
+    fq = fake(packed)
     for k in range(3):
         publish(fq.driver, bytes([k]))
     while (chain := fq.queue.next_chain()) is not None:
@@ -158,13 +190,13 @@ def test_buffered_notify_with_block_flushes_on_exception() -> None:
     assert inner.count == 1
 
 
-def test_batch_of_256_returns_notifies_the_driver_once() -> None:
+def test_batch_of_256_returns_notifies_the_driver_once(packed: bool) -> None:
     size = 256
     mem = FakeMemory(1 << 20)
-    driver = FakeDriver(mem, size)
+    driver: Driver = FakePackedDriver(mem, size) if packed else FakeDriver(mem, size)
     inner = NotificationCounter()
     notify = BufferedNotify(inner)
-    queue = Queue(driver.queue_memory(), size, mem, features=0, notify=notify)
+    queue = create_queue(driver.queue_memory(), size, mem, features=driver.features, notify=notify)
     for _ in range(size):
         assert driver.publish([], [2]) is not None
     assert driver.publish([], [2]) is None  # the ring is full
@@ -186,8 +218,8 @@ def test_batch_of_256_returns_notifies_the_driver_once() -> None:
 # --- DescChainStream -----------------------------------------------------------------------------
 
 
-def test_stream_yields_chains_published_before_and_during_iteration() -> None:
-    fq = fake()
+def test_stream_yields_chains_published_before_and_during_iteration(packed: bool) -> None:
+    fq = fake(packed)
     for k in range(3):
         publish(fq.driver, b"early%d" % k)
     stream = DescChainStream(fq.queue)
@@ -208,9 +240,9 @@ def test_stream_yields_chains_published_before_and_during_iteration() -> None:
     assert len(fq.driver.used()) == 5
 
 
-def test_stream_waits_until_kicked() -> None:
+def test_stream_waits_until_kicked(packed: bool) -> None:
     """A chain published without a kick is not picked up (nobody polls); the kick delivers it."""
-    fq = fake()
+    fq = fake(packed)
     stream = DescChainStream(fq.queue)
 
     async def scenario() -> bytes:
@@ -226,8 +258,8 @@ def test_stream_waits_until_kicked() -> None:
     assert run(scenario()) == b"quiet"
 
 
-def test_kick_from_another_thread_wakes_the_waiting_iterator() -> None:
-    fq = fake()
+def test_kick_from_another_thread_wakes_the_waiting_iterator(packed: bool) -> None:
+    fq = fake(packed)
     stream = DescChainStream(fq.queue)
 
     def driver_side() -> None:
@@ -247,8 +279,8 @@ def test_kick_from_another_thread_wakes_the_waiting_iterator() -> None:
     assert run(scenario()) == b"from a thread"
 
 
-def test_kick_before_iteration_is_harmless() -> None:
-    fq = fake()
+def test_kick_before_iteration_is_harmless(packed: bool) -> None:
+    fq = fake(packed)
     stream = DescChainStream(fq.queue)
     stream.kick()
     publish(fq.driver, b"x")
@@ -259,10 +291,10 @@ def test_kick_before_iteration_is_harmless() -> None:
     assert run(first()) == b"x"
 
 
-def test_stream_is_woken_under_a_new_event_loop() -> None:
+def test_stream_is_woken_under_a_new_event_loop(packed: bool) -> None:
     """A stream that outlives one ``asyncio.run`` (a device loop restarted) is still woken by
     ``kick()`` when iterated under the next loop."""
-    fq = fake()
+    fq = fake(packed)
     stream = DescChainStream(fq.queue)
     publish(fq.driver, b"first")
 
@@ -285,9 +317,9 @@ def test_stream_is_woken_under_a_new_event_loop() -> None:
     assert run(second())
 
 
-def test_storm_of_racing_kicks_delivers_every_chain_exactly_once() -> None:
+def test_storm_of_racing_kicks_delivers_every_chain_exactly_once(packed: bool) -> None:
     n_threads, per_thread = 4, 100
-    fq = make_queue(32, memory=FakeMemory(1 << 20))
+    fq = make_queue(32, memory=FakeMemory(1 << 20), packed=packed)
     stream = DescChainStream(fq.queue)
     driver_lock = threading.Lock()  # the fake driver is not thread-safe; the kicks race freely
     failures: list[BaseException] = []
@@ -341,8 +373,8 @@ def test_storm_of_racing_kicks_delivers_every_chain_exactly_once() -> None:
     assert fq.queue.next_chain() is None
 
 
-def test_close_ends_a_waiting_iteration() -> None:
-    fq = fake()
+def test_close_ends_a_waiting_iteration(packed: bool) -> None:
+    fq = fake(packed)
     stream = DescChainStream(fq.queue)
 
     async def scenario() -> None:
@@ -356,8 +388,8 @@ def test_close_ends_a_waiting_iteration() -> None:
     run(scenario())
 
 
-def test_close_from_another_thread_ends_the_iteration() -> None:
-    fq = fake()
+def test_close_from_another_thread_ends_the_iteration(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq.driver, b"one")
     stream = DescChainStream(fq.queue)
 
@@ -374,8 +406,8 @@ def test_close_from_another_thread_ends_the_iteration() -> None:
     closer.join(TIMEOUT)
 
 
-def test_closed_stream_yields_nothing() -> None:
-    fq = fake()
+def test_closed_stream_yields_nothing(packed: bool) -> None:
+    fq = fake(packed)
     publish(fq.driver, b"never")
     stream = DescChainStream(fq.queue)
     stream.close()
@@ -391,12 +423,14 @@ def test_closed_stream_yields_nothing() -> None:
     assert fq.queue.pending() == 1  # the chain was left for the driver's next device
 
 
-def test_broken_queue_ends_a_waiting_iteration_with_queue_broken() -> None:
-    fq = fake(8)
+def test_broken_queue_ends_a_waiting_iteration_with_queue_broken(packed: bool) -> None:
+    fq = fake(packed, 8)
     stream = DescChainStream(fq.queue)
 
+    cause: list[type[RingError]] = []
+
     def driver_side() -> None:
-        fq.driver.set_avail_idx(fq.driver.avail_idx + 20)  # more than the queue size
+        cause.append(break_ring(fq.driver))
         stream.kick()
 
     async def scenario() -> None:
@@ -408,21 +442,21 @@ def test_broken_queue_ends_a_waiting_iteration_with_queue_broken() -> None:
         with pytest.raises(QueueBroken) as info:
             await task
         thread.join(TIMEOUT)
-        assert isinstance(info.value.cause, AvailIndexJump)
+        assert isinstance(info.value.cause, cause[0])
 
     run(scenario())
-    assert isinstance(fq.queue.broken, AvailIndexJump)
+    assert isinstance(fq.queue.broken, cause[0])
 
 
-def test_broken_queue_ends_iteration_after_good_chains() -> None:
-    fq = fake(8)
+def test_broken_queue_ends_iteration_after_good_chains(packed: bool) -> None:
+    fq = fake(packed, 8)
     publish(fq.driver, b"good")
     stream = DescChainStream(fq.queue)
 
     async def consume(got: list[bytes]) -> None:
         async for chain in stream:
             got.append(payload_of(chain))
-            fq.driver.set_avail_idx(fq.driver.avail_idx + 100)
+            break_ring(fq.driver)
 
     got: list[bytes] = []
     with pytest.raises(QueueBroken):

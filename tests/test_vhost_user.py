@@ -435,10 +435,10 @@ def test_new_mem_table_unmaps_the_old_memory_even_when_the_device_keeps_its_queu
     ):
         serve_blk_read(s, image, 1)
         (device,) = devices
-        old_queue = id(device.queues[0])
+        old_queue = device.queues[0]  # held, so a new queue cannot reuse its id
         with s.ram.clone("vu-kept-new") as new:
             assert s.fe.use_ram(new, need_reply=True) == 0
-            assert id(device.queues[0]) != old_queue  # started() again, on the new memory
+            assert device.queues[0] is not old_queue  # started() again, on the new memory
             complaints = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
             assert complaints == [], "the old memory could not be unmapped"
             s.ring.attach(new)

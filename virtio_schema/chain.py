@@ -24,6 +24,7 @@ Imports: :mod:`virtio_schema.queue`, :mod:`virtio_schema.mem`, :mod:`virtio_sche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar, cast
 
@@ -231,6 +232,43 @@ class _Walker:
             self._moved = total
         return total
 
+    def _transfer(self, n: int, op: Callable[[memoryview], int | None]) -> int:
+        """Hand the next ``n`` bytes (or fewer, at the end), piece by piece, to ``op`` (a file's
+        ``readinto`` or ``write``), each piece a view of guest memory dropped right after the
+        call. Stops at the first short transfer; returns the bytes ``op`` reported."""
+        chain = self.chain
+        if chain._returned or chain._queue._broken is not None:
+            chain.check_usable()
+        descs = self._descs
+        locate = self._locate
+        done = 0
+        while done < n and self._i < self._end:
+            rec = descs[self._i]
+            pos = self._pos
+            if pos >= rec[1]:
+                self._i += 1
+                self._pos = 0
+                self._cur = None
+                continue
+            k = min(rec[1] - pos, n - done)
+            loc = locate(rec[0] + pos, k) if locate is not None else None
+            if loc is not None:
+                base, off = loc
+                got = op(base[off : off + k]) or 0
+                self._pos = pos + got
+                self._left -= got
+            else:  # the general path: translate (and split where a region ends)
+                view = self._piece(k)
+                assert view is not None
+                k = len(view)
+                got = op(view) or 0
+                self._pos -= k - got  # give back what op did not take
+                self._left += k - got
+            done += got
+            if got < k:
+                break
+        return done
+
     def next(self, limit: int | None = None) -> DeviceRange | None:
         """The next device range: the rest of the current buffer (or of the part of it in one
         memory region), cut to ``limit`` bytes if given; ``None`` at the end. Zero-length buffers
@@ -329,6 +367,12 @@ class ReadableChain(_Walker):
         buf = bytearray(layout.size)
         self.readinto(buf)
         return layout.unpack_from(buf)
+
+    def read_to(self, write: Callable[[memoryview], int | None], n: int | None = None) -> int:
+        """Zero-copy out: pass up to ``n`` readable bytes (default: all) to ``write`` (e.g. a
+        file's ``write``), buffer by buffer, straight from guest memory. Returns the bytes
+        written; stops early if ``write`` takes fewer than offered."""
+        return self._transfer(self._left if n is None else min(n, self._left), write)
 
     def return_complete(self) -> None:
         """Return the chain (0 bytes written). Raises :class:`DataRemaining` afterwards if
@@ -431,6 +475,14 @@ class WritableChain(_Walker):
             if total:
                 chain._written += total
         return total
+
+    def write_from(self, readinto: Callable[[memoryview], int | None], n: int | None = None) -> int:
+        """Zero-copy in: let ``readinto`` (e.g. a file's) fill up to ``n`` writable bytes
+        (default: all) straight in guest memory, buffer by buffer. The bytes it reports count as
+        written; stops early at a short read (end of file)."""
+        got = self._transfer(self._left if n is None else min(n, self._left), readinto)
+        self.chain._written += got
+        return got
 
     def write_all(self, data: ReadBuffer) -> None:
         """Write all of ``data`` or raise :class:`InsufficientSpace` (writing nothing)."""

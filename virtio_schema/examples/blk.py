@@ -142,14 +142,8 @@ class BlkDevice:
         if length < 0 or not self._in_range(sector, length):
             return BlkStatus.IOERR
         self.image.seek(sector * BLK_SECTOR_SIZE)
-        while length:
-            dr = writer.next(length)
-            assert dr is not None  # remaining() said the bytes are there
-            got = self.image.readinto(dr.view)
-            if got != len(dr):
-                return BlkStatus.IOERR
-            writer.add_written(got)
-            length -= got
+        if writer.write_from(self.image.readinto, length) != length:  # straight into the guest
+            return BlkStatus.IOERR
         return BlkStatus.OK
 
     def _write(self, reader: ReadableChain, sector: int) -> BlkStatus:
@@ -159,8 +153,8 @@ class BlkDevice:
         if not self._in_range(sector, length):
             return BlkStatus.IOERR
         self.image.seek(sector * BLK_SECTOR_SIZE)
-        while (dr := reader.next()) is not None:
-            self.image.write(dr.view)
+        if reader.read_to(self.image.write) != length:  # straight from the guest
+            return BlkStatus.IOERR
         return BlkStatus.OK
 
     def _flush(self) -> BlkStatus:

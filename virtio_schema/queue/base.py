@@ -58,6 +58,7 @@ class QueueBase:
     # --- state ---------------------------------------------------------------------------------
 
     def _start(self, state: QueueState) -> None:
+        self._check_state(state)  # refuse before changing anything
         self._generation += 1
         self._broken = None
         self._signalled_valid = False
@@ -66,6 +67,9 @@ class QueueBase:
         self._outstanding.clear()
         self._batch = None
         self._start_format(state)
+
+    def _check_state(self, state: QueueState) -> None:
+        """Raise :class:`InvalidQueueState` if ``state`` does not fit this queue."""
 
     def _start_format(self, state: QueueState) -> None:
         raise NotImplementedError

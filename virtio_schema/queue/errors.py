@@ -197,11 +197,14 @@ class NestedIndirect(ChainError):
 
 
 class IndirectWithNext(ChainError):
-    """A descriptor with both INDIRECT and NEXT (virtio 1.2, 2.7.5.3.1)."""
+    """A descriptor with both INDIRECT and NEXT (virtio 1.2, 2.7.5.3.1); in a packed ring also an
+    indirect descriptor that is not alone in its chain (2.8.19)."""
 
-    def __init__(self, queue: int, head: int, at: int) -> None:
+    def __init__(
+        self, queue: int, head: int, at: int, what: str = "has both INDIRECT and NEXT"
+    ) -> None:
         self.index = at
-        super().__init__(queue, head, f"descriptor {at} has both INDIRECT and NEXT")
+        super().__init__(queue, head, f"descriptor {at} {what}")
 
 
 class InvalidIndirectLength(ChainError):

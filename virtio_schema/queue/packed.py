@@ -111,18 +111,30 @@ class PackedQueue(QueueBase):
 
     # --- state ---------------------------------------------------------------------------------
 
-    def _start_format(self, state: QueueState) -> None:
+    def _check_state(self, state: QueueState) -> None:
         for name in ("next_avail", "next_used"):
             if getattr(state, name) >= self.size:
                 raise InvalidQueueState(
                     f"QueueState.{name} = {getattr(state, name)} is not a ring position below"
                     f" {self.size}"
                 )
+
+    def _start_format(self, state: QueueState) -> None:
         self._next_avail = state.next_avail
         self._avail_wrap = state.avail_wrap
         self._next_used = state.next_used
         self._used_wrap = state.used_wrap
         self._signalled_used = state.next_used
+
+    @property
+    def next_avail(self) -> int:
+        """The ring position of the next chain to take."""
+        return self._next_avail
+
+    @property
+    def next_used(self) -> int:
+        """The ring position the next used descriptor goes to."""
+        return self._next_used
 
     def state(self) -> QueueState:
         """Ring positions and wrap counters (vhost-user packs them as ``idx | wrap << 15``)."""
@@ -177,7 +189,7 @@ class PackedQueue(QueueBase):
                         self._check_indirect(start, pos, addr, length, flags, slots)
                         indirect = True
                         n_readable, rlen, wlen, count = self._walk_indirect(
-                            start, addr, length, descs, n_readable, rlen, wlen, count
+                            start, pos, addr, length, descs, n_readable, rlen, wlen, count
                         )
                     else:
                         count += 1
@@ -236,8 +248,10 @@ class PackedQueue(QueueBase):
         """virtio 1.2, 2.8.19: an indirect descriptor is alone in its chain, never with NEXT."""
         if not self._indirect:
             raise IndirectNotNegotiated(self.index, head, pos)
-        if flags & _NEXT or slots > 1:
+        if flags & _NEXT:
             raise IndirectWithNext(self.index, head, pos)
+        if slots > 1:
+            raise IndirectWithNext(self.index, head, pos, "is INDIRECT after other descriptors")
         if length == 0 or length & 15:
             raise InvalidIndirectLength(self.index, head, pos, length)
         if length >> 4 > _MAX_INDIRECT_ENTRIES:
@@ -248,6 +262,7 @@ class PackedQueue(QueueBase):
     def _walk_indirect(
         self,
         head: int,
+        slot: int,
         addr: int,
         length: int,
         descs: list[tuple[int, ...]],
@@ -260,7 +275,7 @@ class PackedQueue(QueueBase):
         (and INDIRECT, which is refused) is meaningful, NEXT is ignored (virtio 1.2, 2.8.19)."""
         dr = self.driver_mem.translate(DriverRange(addr, addr + length))
         if dr is None:
-            raise UnmappedIndirectTable(self.index, head, 0, addr, length)
+            raise UnmappedIndirectTable(self.index, head, slot, addr, length)
         table = dr.view
         unpack = self._unpack_desc
         size = self.size
