@@ -19,10 +19,12 @@ from virtio_schema.schema import devices
 __all__ = [
     "BLK_CONFIG",
     "BLK_REQ_HDR",
+    "NET_CONFIG",
     "NET_HDR",
     "VSOCK_HDR",
     "BlkConfig",
     "BlkReqHdr",
+    "NetConfig",
     "NetHdr",
     "VsockHdr",
 ]
@@ -73,6 +75,15 @@ class NetHdr(NamedTuple):
     num_buffers: int
 
 
+class NetConfig(NamedTuple):
+    """``struct virtio_net_config`` up to ``mtu``."""
+
+    mac: bytes
+    status: int
+    max_virtqueue_pairs: int
+    mtu: int
+
+
 class VsockHdr(NamedTuple):
     """``struct virtio_vsock_hdr``."""
 
@@ -91,4 +102,5 @@ class VsockHdr(NamedTuple):
 BLK_REQ_HDR: Layout[BlkReqHdr] = Layout(devices.VirtioBlkReqHdr, BlkReqHdr, name="VirtioBlkReqHdr")
 BLK_CONFIG: Layout[BlkConfig] = Layout(devices.VirtioBlkConfig, BlkConfig, name="VirtioBlkConfig")
 NET_HDR: Layout[NetHdr] = Layout(devices.VirtioNetHdr, NetHdr, name="VirtioNetHdr")
+NET_CONFIG: Layout[NetConfig] = Layout(devices.VirtioNetConfig, NetConfig, name="VirtioNetConfig")
 VSOCK_HDR: Layout[VsockHdr] = Layout(devices.VirtioVsockHdr, VsockHdr, name="VirtioVsockHdr")

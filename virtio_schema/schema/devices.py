@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 
-from construct import Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 __all__ = [
     "BLK_ID_BYTES",
@@ -20,10 +20,13 @@ __all__ = [
     "BlkFeature",
     "BlkStatus",
     "BlkType",
+    "NetFeature",
     "NetGsoType",
     "NetHdrFlags",
+    "NetStatus",
     "VirtioBlkConfig",
     "VirtioBlkReqHdr",
+    "VirtioNetConfig",
     "VirtioNetHdr",
     "VirtioVsockHdr",
     "VsockOp",
@@ -50,6 +53,48 @@ class NetHdrFlags(enum.IntFlag):
     NEEDS_CSUM = 1
     DATA_VALID = 2
     RSC_INFO = 4
+
+
+VirtioNetConfig = Struct(
+    "mac" / Bytes(6),
+    "status" / Int16ul,
+    "max_virtqueue_pairs" / Int16ul,
+    "mtu" / Int16ul,
+)
+"""``struct virtio_net_config`` up to ``mtu`` (10 bytes; virtio 1.2, 5.1.4)."""
+
+
+class NetStatus(enum.IntFlag):
+    """``virtio_net_config.status``."""
+
+    LINK_UP = 1
+    ANNOUNCE = 2
+
+
+class NetFeature(enum.IntFlag):
+    """virtio-net feature bits (virtio 1.2, 5.1.3), as masks."""
+
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    CTRL_GUEST_OFFLOADS = 1 << 2
+    MTU = 1 << 3
+    MAC = 1 << 5
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    GUEST_ECN = 1 << 9
+    GUEST_UFO = 1 << 10
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    HOST_ECN = 1 << 13
+    HOST_UFO = 1 << 14
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+    CTRL_VQ = 1 << 17
+    CTRL_RX = 1 << 18
+    CTRL_VLAN = 1 << 19
+    GUEST_ANNOUNCE = 1 << 21
+    MQ = 1 << 22
+    CTRL_MAC_ADDR = 1 << 23
 
 
 class NetGsoType(enum.IntEnum):

@@ -37,7 +37,6 @@ from virtio_schema.schema import (
     check_split_queue_size,
     used_ring,
 )
-from virtio_schema.util import BufferedNotify
 from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
@@ -116,7 +115,7 @@ class _Vring:
     enabled: bool = False
     started: bool = False
     queue: VirtQueue | None = None
-    notify: BufferedNotify | None = None
+    notify: EventfdNotify | None = None
     broken_logged: bool = False
 
 
@@ -385,6 +384,10 @@ class Backend:
     def _get_vring_base(self, request: int, payload: bytes, fds: list[int]) -> bytes:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
+        if vr.queue is not None and vr.enabled:
+            # serve what the driver made available before it asked us to stop, so a stop loses
+            # no request the driver already handed over
+            self.kick(s.index, drain=False)
         state = vr.queue.state() if vr.queue is not None else vr.base
         self._stop(vr)
         vr.base = state
@@ -414,9 +417,7 @@ class Backend:
             _close(vr.call_fd)
             vr.call_fd = fd
             if vr.notify is not None:
-                inner = vr.notify.inner
-                assert isinstance(inner, EventfdNotify)
-                inner.fd = fd
+                vr.notify.fd = fd
         else:
             _close(vr.err_fd)
             vr.err_fd = fd
@@ -472,7 +473,7 @@ class Backend:
                 )
             areas.append(dr)
         if vr.notify is None:
-            vr.notify = BufferedNotify(EventfdNotify(vr.call_fd))
+            vr.notify = EventfdNotify(vr.call_fd)
         try:
             vr.queue = create_queue(
                 QueueMemory(areas[0], areas[1], areas[2]),
@@ -562,11 +563,11 @@ class Backend:
         if drain and vr.kick_fd is not None:
             with contextlib.suppress(BlockingIOError):
                 os.read(vr.kick_fd, 8)
-        queue, notify = vr.queue, vr.notify
-        if queue is None or notify is None or not vr.enabled:
+        queue = vr.queue
+        if queue is None or not vr.enabled:
             return
         try:
-            with notify, queue.batch():  # one used-index update and one call per kick
+            with queue.batch():  # one used-index update and at most one call per kick
                 self.device.handle(index, queue)
         except QueueBroken as exc:
             if not vr.broken_logged:

@@ -1,0 +1,250 @@
+"""An example virtio-net device (virtio 1.2, 5.1), served over vhost-user.
+
+    python -m virtio_schema.examples.net --vhost-user SOCKET --mode reflect|sink|source
+        [--frames N --size BYTES] [--stats FILE]
+
+Queue 0 receives (device-writable chains: the device writes a 12-byte ``virtio_net_hdr`` and a
+frame), queue 1 transmits (device-readable: the driver's header and frame). Modes:
+
+* ``reflect``: every frame the driver transmits comes back on its receive queue, MACs swapped;
+* ``sink``: frames are counted and checksummed (CRC-32 over the frames, in order);
+* ``source``: ``--frames`` frames of ``--size`` bytes (a counter and a fixed pattern) are sent to
+  the driver as receive buffers arrive.
+
+With MRG_RXBUF a frame larger than one receive buffer is spread over several receive chains and
+``num_buffers`` in the first header says how many. Frames wait for receive buffers (nothing is
+dropped silently: frames are dropped only when a single buffer without MRG_RXBUF cannot hold one, or
+when the backlog exceeds ``--backlog``, and both are counted). A burst of transmit chains is served
+per kick with kicks suppressed meanwhile (``disable_notifications`` / ``enable_notifications``), and
+each burst ends with at most one notification per queue (``queue.batch()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import signal
+import sys
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from virtio_schema.chain import ReadableChain, WritableChain
+from virtio_schema.errors import DriverError
+from virtio_schema.queue import DescChain, VirtQueue
+from virtio_schema.records import NET_CONFIG, NET_HDR, NetConfig, NetHdr
+from virtio_schema.schema import Feature, NetFeature, NetStatus
+from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
+
+__all__ = ["NetDevice", "NetStats", "main"]
+
+log = logging.getLogger(__name__)
+
+RX, TX = 0, 1
+HDR = NET_HDR.size
+DEFAULT_MAC = bytes.fromhex("525400123456")
+
+
+@dataclass
+class NetStats:
+    """What the device saw and did (written to ``--stats`` as JSON)."""
+
+    tx_frames: int = 0
+    """Frames the driver transmitted (received by the device)."""
+    tx_bytes: int = 0
+    tx_crc: int = 0
+    """CRC-32 over every transmitted frame, in order (sink mode)."""
+    rx_frames: int = 0
+    """Frames delivered to the driver."""
+    rx_bytes: int = 0
+    rx_chains: int = 0
+    """Receive chains used (more than ``rx_frames`` with MRG_RXBUF)."""
+    dropped_too_big: int = 0
+    dropped_backlog: int = 0
+    bad_chains: int = 0
+
+
+class NetDevice(VhostUserDevice):
+    """The virtio-net device of the module docstring."""
+
+    num_queues = 2
+
+    def __init__(
+        self,
+        mode: str = "reflect",
+        *,
+        mac: bytes = DEFAULT_MAC,
+        mtu: int = 1500,
+        frames: int = 0,
+        size: int = 64,
+        backlog: int = 4096,
+    ) -> None:
+        if mode not in ("reflect", "sink", "source"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.mode = mode
+        self.mac = mac
+        self.mtu = mtu
+        self.backlog = backlog
+        self.stats = NetStats()
+        self.queues: dict[int, VirtQueue] = {}
+        self.pending: collections.deque[bytes] = collections.deque()
+        self._partial: list[DescChain] = []  # MRG_RXBUF: receive chains held for the next frame
+        self._source_left = frames if mode == "source" else 0
+        self._source_size = size
+        self._source_seq = 0
+
+    # --- vhost-user device interface ------------------------------------------------------------
+
+    def device_features(self) -> int:
+        return int(
+            Feature.VERSION_1
+            | Feature.INDIRECT_DESC
+            | Feature.EVENT_IDX
+            | Feature.RING_PACKED
+            | Feature.IN_ORDER
+            | NetFeature.MAC
+            | NetFeature.STATUS
+            | NetFeature.MTU
+            | NetFeature.MRG_RXBUF
+        )
+
+    def config(self) -> bytes:
+        return NET_CONFIG.pack(NetConfig(self.mac, int(NetStatus.LINK_UP), 1, self.mtu))
+
+    def started(self, index: int, queue: VirtQueue) -> None:
+        self.queues[index] = queue
+        if index == RX:
+            self._partial = []  # chains of a previous ring are stale
+
+    def stopped(self, index: int) -> None:
+        self.queues.pop(index, None)
+        if index == RX:
+            self._partial = []
+
+    def handle(self, index: int, queue: VirtQueue) -> None:
+        if index == TX:
+            self._transmit(queue)
+        self._deliver()
+
+    # --- transmit: frames from the driver -------------------------------------------------------
+
+    def _transmit(self, txq: VirtQueue) -> None:
+        txq.disable_notifications()  # no kicks while we drain the burst
+        while True:
+            while (chain := txq.next_chain()) is not None:
+                with chain:
+                    try:
+                        reader = ReadableChain(chain)
+                        reader.read_record(NET_HDR)
+                        frame = reader.read()
+                    except DriverError as exc:
+                        self.stats.bad_chains += 1
+                        log.warning("virtio-net: bad transmit chain: %s", exc)
+                        continue
+                self._on_frame(frame)
+            if not txq.enable_notifications():  # re-check: a frame that raced the enable
+                break
+            txq.disable_notifications()
+
+    def _on_frame(self, frame: bytes) -> None:
+        st = self.stats
+        st.tx_frames += 1
+        st.tx_bytes += len(frame)
+        if self.mode == "sink":
+            st.tx_crc = zlib.crc32(frame, st.tx_crc)
+        elif self.mode == "reflect":
+            self._queue_frame(frame[6:12] + frame[0:6] + frame[12:] if len(frame) >= 12 else frame)
+
+    def _queue_frame(self, frame: bytes) -> None:
+        if len(self.pending) >= self.backlog:
+            self.stats.dropped_backlog += 1
+            return
+        self.pending.append(frame)
+
+    # --- receive: frames to the driver ----------------------------------------------------------
+
+    def _make_source_frames(self) -> None:
+        while self._source_left and len(self.pending) < 256:
+            seq = self._source_seq
+            head = self.mac + DEFAULT_MAC + b"\x88\xb5" + seq.to_bytes(4, "big")
+            body = bytes((seq + k) & 0xFF for k in range(max(0, self._source_size - len(head))))
+            self.pending.append((head + body)[: max(self._source_size, len(head))])
+            self._source_seq += 1
+            self._source_left -= 1
+
+    def _deliver(self) -> None:
+        rxq = self.queues.get(RX)
+        if rxq is None:
+            return
+        self._make_source_frames()
+        with rxq.batch():
+            while self.pending:
+                if not self._put(rxq, self.pending[0]):
+                    break
+                self.pending.popleft()
+                self._make_source_frames()
+
+    def _put(self, rxq: VirtQueue, frame: bytes) -> bool:
+        """Deliver one frame; ``False`` if the receive queue has no room yet (nothing lost)."""
+        mrg = bool(rxq.features & NetFeature.MRG_RXBUF)
+        need = HDR + len(frame)
+        chains = self._partial
+        space = sum(c.writable_len for c in chains)
+        while not chains or (mrg and space < need):
+            chain = rxq.next_chain()
+            if chain is None:
+                return False  # wait for buffers; held chains stay held
+            if chain.error is not None:
+                self.stats.bad_chains += 1
+                chain.return_written(0)
+                continue
+            chains.append(chain)
+            space += chain.writable_len
+        self._partial = []
+        st = self.stats
+        if space < need:  # one buffer without MRG_RXBUF: too small for this frame
+            st.dropped_too_big += 1
+            for c in chains:
+                c.return_written(0)
+            return True
+        data = memoryview(NET_HDR.pack(NetHdr(0, 0, 0, 0, 0, 0, len(chains))) + frame)
+        at = 0
+        for c in chains:
+            writer = WritableChain(c)
+            at += writer.write(data[at:])
+            c.return_written()
+        st.rx_frames += 1
+        st.rx_bytes += len(frame)
+        st.rx_chains += len(chains)
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m virtio_schema.examples.net", description=__doc__)
+    p.add_argument("--vhost-user", metavar="SOCKET", required=True)
+    p.add_argument("--mode", choices=["reflect", "sink", "source"], default="reflect")
+    p.add_argument("--frames", type=int, default=0, help="source: how many frames")
+    p.add_argument("--size", type=int, default=64, help="source: frame size in bytes")
+    p.add_argument("--backlog", type=int, default=4096)
+    p.add_argument("--stats", metavar="FILE", default=None, help="write counters as JSON on exit")
+    p.add_argument("--trace", action="store_true")
+    p.add_argument("--max-connections", type=int, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    device = NetDevice(args.mode, frames=args.frames, size=args.size, backlog=args.backlog)
+    server = VhostUserServer(args.vhost_user, lambda: device, trace=args.trace)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    try:
+        server.serve_forever(max_connections=args.max_connections)
+    finally:
+        log.info("virtio-net %s: %s", args.mode, device.stats)
+        if args.stats:
+            Path(args.stats).write_text(json.dumps(asdict(device.stats)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
