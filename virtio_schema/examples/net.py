@@ -25,8 +25,10 @@ import argparse
 import collections
 import json
 import logging
+import os
 import signal
 import sys
+import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,6 +82,8 @@ class NetDevice(VhostUserDevice):
         frames: int = 0,
         size: int = 64,
         backlog: int = 4096,
+        without: int = 0,
+        start_delay: float = 0.0,
     ) -> None:
         if mode not in ("reflect", "sink", "source"):
             raise ValueError(f"unknown mode {mode!r}")
@@ -87,6 +91,7 @@ class NetDevice(VhostUserDevice):
         self.mac = mac
         self.mtu = mtu
         self.backlog = backlog
+        self.without = without
         self.stats = NetStats()
         self.queues: dict[int, VirtQueue] = {}
         self.pending: collections.deque[bytes] = collections.deque()
@@ -94,11 +99,17 @@ class NetDevice(VhostUserDevice):
         self._source_left = frames if mode == "source" else 0
         self._source_size = size
         self._source_seq = 0
+        self._start_delay = start_delay
+        self._source_at: float | None = None  # when the source may begin
+        if mode == "source":
+            self.poll_interval = 0.02
+        self._source_head = mac + DEFAULT_MAC + b"\x88\xb5"
+        self._source_body = bytes(range(256)) * (size // 256 + 1)
 
     # --- vhost-user device interface ------------------------------------------------------------
 
     def device_features(self) -> int:
-        return int(
+        return ~self.without & int(
             Feature.VERSION_1
             | Feature.INDIRECT_DESC
             | Feature.EVENT_IDX
@@ -117,6 +128,12 @@ class NetDevice(VhostUserDevice):
         self.queues[index] = queue
         if index == RX:
             self._partial = []  # chains of a previous ring are stale
+            if self._source_at is None:
+                self._source_at = time.monotonic() + self._start_delay
+
+    def poll(self) -> None:
+        """The source produces on its own: deliver whatever the receive queue has room for."""
+        self._deliver()
 
     def stopped(self, index: int) -> None:
         self.queues.pop(index, None)
@@ -166,10 +183,13 @@ class NetDevice(VhostUserDevice):
     # --- receive: frames to the driver ----------------------------------------------------------
 
     def _make_source_frames(self) -> None:
+        """Frames of ``size`` bytes: destination (the device MAC), source, EtherType 0x88b5
+        (local experimental), a 4-byte sequence number, then the bytes 0, 1, 2, ... 255, 0, ..."""
+        if not self._source_left or self._source_at is None or time.monotonic() < self._source_at:
+            return
+        body = self._source_body
         while self._source_left and len(self.pending) < 256:
-            seq = self._source_seq
-            head = self.mac + DEFAULT_MAC + b"\x88\xb5" + seq.to_bytes(4, "big")
-            body = bytes((seq + k) & 0xFF for k in range(max(0, self._source_size - len(head))))
+            head = self._source_head + self._source_seq.to_bytes(4, "big")
             self.pending.append((head + body)[: max(self._source_size, len(head))])
             self._source_seq += 1
             self._source_left -= 1
@@ -221,6 +241,15 @@ class NetDevice(VhostUserDevice):
         return True
 
 
+_OPTIONAL = {
+    "indirect": Feature.INDIRECT_DESC,
+    "event-idx": Feature.EVENT_IDX,
+    "packed": Feature.RING_PACKED,
+    "in-order": Feature.IN_ORDER,
+    "mrg-rxbuf": NetFeature.MRG_RXBUF,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m virtio_schema.examples.net", description=__doc__)
     p.add_argument("--vhost-user", metavar="SOCKET", required=True)
@@ -228,12 +257,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=0, help="source: how many frames")
     p.add_argument("--size", type=int, default=64, help="source: frame size in bytes")
     p.add_argument("--backlog", type=int, default=4096)
+    p.add_argument(
+        "--start-delay",
+        type=float,
+        default=0.0,
+        help="source: seconds to wait after the receive queue starts (a driver may still be"
+        " setting up: testpmd discards what arrives before it starts forwarding)",
+    )
     p.add_argument("--stats", metavar="FILE", default=None, help="write counters as JSON on exit")
+    p.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=sorted(_OPTIONAL),
+        help="do not offer this feature (repeatable)",
+    )
+    p.add_argument("--cpu", type=int, default=None, help="pin the process to this CPU")
     p.add_argument("--trace", action="store_true")
     p.add_argument("--max-connections", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    device = NetDevice(args.mode, frames=args.frames, size=args.size, backlog=args.backlog)
+    if args.cpu is not None:  # keep off the core a polling front-end spins on
+        os.sched_setaffinity(0, {args.cpu})
+    without = 0
+    for name in args.without:
+        without |= int(_OPTIONAL[name])
+    device = NetDevice(
+        args.mode,
+        frames=args.frames,
+        size=args.size,
+        backlog=args.backlog,
+        without=without,
+        start_delay=args.start_delay,
+    )
     server = VhostUserServer(args.vhost_user, lambda: device, trace=args.trace)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())

@@ -576,6 +576,13 @@ class Backend:
         except DriverError as exc:
             log.warning("%s: ring %d: %s", self.name, index, exc)
 
+    def poll(self) -> None:
+        """The device's periodic poll (for devices that produce without being kicked)."""
+        try:
+            self.device.poll()
+        except DriverError as exc:
+            log.warning("%s: poll: %s", self.name, exc)
+
     # --- teardown ------------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -29,6 +29,10 @@ class VhostUserDevice:
     num_queues: int = 1
     """Queues the device has (reported by GET_QUEUE_NUM)."""
 
+    poll_interval: float | None = None
+    """If set, :meth:`poll` is called about this often (seconds), kicks or not: for devices that
+    produce on their own (a traffic source, a timer)."""
+
     def device_features(self) -> int:
         """Virtio feature bits offered to the driver. The default offers the ring features the
         library implements; devices add their own bits."""
@@ -49,6 +53,9 @@ class VhostUserDevice:
         """Serve what is available on queue ``index``. Called on every kick of a started and
         enabled ring; notifications the queue raises while this runs are coalesced into one."""
         raise NotImplementedError
+
+    def poll(self) -> None:
+        """Called every :attr:`poll_interval` seconds while a front-end is connected."""
 
     def started(self, index: int, queue: VirtQueue) -> None:
         """Queue ``index`` was (re)started (SET_VRING_KICK with memory and addresses known)."""

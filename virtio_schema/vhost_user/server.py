@@ -27,6 +27,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ class _Conn:
     backend: Backend
     name: str
     kicks: dict[int, int] = field(default_factory=dict)  # registered kick fd -> ring index
+    next_poll: float = 0.0
 
 
 class _Disconnect(Exception):
@@ -112,7 +114,7 @@ class VhostUserServer:
             while True:
                 if max_connections is not None and self._served >= max_connections:
                     return
-                for key, _ in self._sel.select():
+                for key, _ in self._sel.select(self._poll_timeout()):
                     kind, conn = key.data
                     if kind == "stop":
                         return
@@ -122,8 +124,34 @@ class VhostUserServer:
                         self._on_message(conn)
                     elif kind == "kick":
                         self._on_kick(conn, key.fd)
+                self._poll_devices()
         finally:
             self.close()
+
+    def _poll_timeout(self) -> float | None:
+        """Wake up for the devices that asked to be polled (``VhostUserDevice.poll_interval``)."""
+        intervals = [
+            c.backend.device.poll_interval
+            for c in self._conns.values()
+            if c.backend.device.poll_interval is not None
+        ]
+        return min(intervals) if intervals else None
+
+    def _poll_devices(self) -> None:
+        now = time.monotonic()
+        for conn in list(self._conns.values()):
+            interval = conn.backend.device.poll_interval
+            if interval is None or now < conn.next_poll:
+                continue
+            conn.next_poll = now + interval
+            error = None
+            try:
+                conn.backend.poll()
+            except Exception as exc:
+                log.exception("%s: device poll", conn.name)
+                error = f"device error in poll: {type(exc).__name__}: {exc}"
+            if error is not None:  # outside the except block (see _on_message)
+                self._drop(conn, error)
 
     def close(self) -> None:
         """Close every connection and the listening socket, remove the socket file."""
