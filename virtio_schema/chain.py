@@ -47,6 +47,8 @@ __all__ = [
 
 R = TypeVar("R", bound=tuple[Any, ...])
 
+_READ_CHUNK = 1 << 18  # read() allocates at most this much ahead of the bytes that arrive
+
 
 class Remaining(NamedTuple):
     """What is left of a chain's readable or writable part."""
@@ -348,10 +350,22 @@ class ReadableChain(_Walker):
         """Up to ``size`` bytes (all remaining if negative); ``b""`` at the end."""
         if size is None or size < 0:
             size = self._left
-        buf = bytearray(min(size, self._left))
-        n = self.readinto(buf)
-        del buf[n:]
-        return bytes(buf)
+        size = min(size, self._left)
+        if size <= _READ_CHUNK:
+            buf = bytearray(size)
+            n = self.readinto(buf)
+            del buf[n:]
+            return bytes(buf)
+        # a length claimed by the driver is not allocated up front: the buffer grows only by
+        # what really arrives (an unmapped buffer ends the read before a huge allocation)
+        out = bytearray()
+        chunk = bytearray(_READ_CHUNK)
+        while len(out) < size:
+            n = self.readinto(memoryview(chunk)[: min(_READ_CHUNK, size - len(out))])
+            if not n:
+                break
+            out += chunk[:n]
+        return bytes(out)
 
     def readall(self) -> bytes:
         """Every remaining readable byte."""

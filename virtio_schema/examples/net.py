@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from virtio_schema.chain import ReadableChain, WritableChain
-from virtio_schema.errors import DriverError
+from virtio_schema.errors import DriverError, VirtioError
 from virtio_schema.queue import DescChain, VirtQueue
 from virtio_schema.records import NET_CONFIG, NET_HDR, NetConfig, NetHdr
 from virtio_schema.schema import Feature, NetFeature, NetStatus
@@ -124,10 +125,17 @@ class NetDevice(VhostUserDevice):
     def config(self) -> bytes:
         return NET_CONFIG.pack(NetConfig(self.mac, int(NetStatus.LINK_UP), 1, self.mtu))
 
+    def _give_back_partial(self) -> None:
+        """Return the receive chains held for an incomplete frame, empty (each exactly once)."""
+        held, self._partial = self._partial, []
+        for chain in held:
+            with contextlib.suppress(VirtioError):
+                chain.return_written(0)
+
     def started(self, index: int, queue: VirtQueue) -> None:
         self.queues[index] = queue
         if index == RX:
-            self._partial = []  # chains of a previous ring are stale
+            self._give_back_partial()  # chains of a previous ring
             if self._source_at is None:
                 self._source_at = time.monotonic() + self._start_delay
 
@@ -138,7 +146,7 @@ class NetDevice(VhostUserDevice):
     def stopped(self, index: int) -> None:
         self.queues.pop(index, None)
         if index == RX:
-            self._partial = []
+            self._give_back_partial()
 
     def handle(self, index: int, queue: VirtQueue) -> None:
         if index == TX:
@@ -218,6 +226,12 @@ class NetDevice(VhostUserDevice):
                 return False  # wait for buffers; held chains stay held
             if chain.error is not None:
                 self.stats.bad_chains += 1
+                # give back what was held for this frame first: returns stay in order (IN_ORDER)
+                # and a merged frame stays in consecutive chains; the frame restarts after it
+                for held in chains:
+                    held.return_written(0)
+                chains.clear()
+                space = 0
                 chain.return_written(0)
                 continue
             chains.append(chain)

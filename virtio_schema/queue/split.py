@@ -222,6 +222,8 @@ class Queue(QueueBase):
                 append(rec)
                 if not flags & _NEXT:
                     break
+                if count >= size:  # the next one would be one too many: do not even read it
+                    raise ChainTooLong(self.index, head, size)
                 if nxt >= limit:
                     raise DescIndexOutOfRange(self.index, head, i, nxt, limit)
                 i = nxt

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""virtio-net throughput: our back-end against DPDK's C ``net_vhost``, on the same testpmd front-end.
+
+    python bench/bench_net.py [--seconds 6] [--json FILE]
+
+The front-end is always ``dpdk-testpmd --vdev net_virtio_user0`` (DPDK's virtio driver), forwarding
+on CPU 1. The back-end is either ``python -m virtio_schema.examples.net`` pinned to CPU 0, or
+``dpdk-testpmd --vdev net_vhost0`` (C) forwarding on CPU 0 (VIRTIO_FACTS.md, DPDK section). For each
+frame size (64 and 1500 bytes), ring format (split, packed) and direction:
+
+* ``to-device``: front-end txonly, back-end sinks (our ``sink``; C: rxonly);
+* ``to-driver``: back-end sources, front-end rxonly (our ``source``; C: txonly);
+* ``reflect``: front-end io forwarding with --tx-first, back-end reflects (C: io forwarding);
+
+it reports the median packets/s the front-end's periodic statistics show (Tx-pps for to-device,
+Rx-pps otherwise), Gbit/s of frames, and our figure as a fraction of the C back-end's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTPMD = shutil.which("dpdk-testpmd")
+COMMON = ["--no-pci", "--no-huge", "-m", "512"]
+
+
+def frontend(sock: Path, vdev: str, mode: list[str], seconds: float, size: int) -> str:
+    assert TESTPMD is not None
+    cmd = [
+        "timeout", "-s", "INT", "-k", "10", str(seconds), TESTPMD, "-l", "0,1", "--main-lcore", "0",
+        *COMMON, f"--file-prefix=fe{os.getpid()}",
+        "--vdev", f"net_virtio_user0,path={sock},queues=1{vdev}",
+        "--", "--total-num-mbufs=8192", "--stats-period", "1", f"--txpkts={size}", *mode,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    return out.stdout + out.stderr
+
+
+def pps(output: str, key: str) -> float:
+    """Median of the periodic ``Tx-pps``/``Rx-pps`` figures, skipping the first (start-up)."""
+    values = [int(v) for v in re.findall(rf"{key}:\s+(\d+)", output)]
+    values = [v for v in values[1:] if v > 0] or values
+    return float(statistics.median(values)) if values else 0.0
+
+
+def start_ours(sock: Path, mode: str, size: int, log: Path) -> subprocess.Popen[bytes]:
+    extra = (
+        ["--frames", "100000000", "--size", str(size), "--start-delay", "1"]
+        if mode == "source"
+        else []
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "virtio_schema.examples.net", "--vhost-user", str(sock),
+         "--mode", mode, "--cpu", "0", *extra],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def start_c(sock: Path, mode: str, size: int, log: Path) -> subprocess.Popen[bytes]:
+    assert TESTPMD is not None
+    fwd = {"sink": "rxonly", "source": "txonly", "reflect": "io"}[mode]
+    return subprocess.Popen(
+        [TESTPMD, "-l", "1,0", "--main-lcore", "1", *COMMON, f"--file-prefix=be{os.getpid()}",
+         "--vdev", f"net_vhost0,iface={sock},queues=1", "--", "--total-num-mbufs=8192",
+         f"--forward-mode={fwd}", f"--txpkts={size}", "--stats-period", "100"],
+        stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def run(backend: str, direction: str, size: int, vdev: str, seconds: float, tmp: Path) -> float:
+    sock = tmp / f"{backend}-{direction}-{size}-{len(vdev)}.sock"
+    log = tmp / "backend.log"
+    mode = {"to-device": "sink", "to-driver": "source", "reflect": "reflect"}[direction]
+    proc = (start_ours if backend == "ours" else start_c)(sock, mode, size, log)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{backend} back-end did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        fe_mode = {
+            "to-device": ["--forward-mode=txonly"],
+            "to-driver": ["--forward-mode=rxonly"],
+            "reflect": ["--forward-mode=io", "--tx-first"],
+        }[direction]
+        out = frontend(sock, vdev, fe_mode, seconds, size)
+    finally:
+        proc.send_signal(signal.SIGINT if backend == "c" else signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return pps(out, "Tx-pps" if direction == "to-device" else "Rx-pps")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--sizes", default="64,1500")
+    args = p.parse_args(argv)
+    if TESTPMD is None:
+        raise SystemExit("dpdk-testpmd not found (Debian package dpdk-dev)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vs-net-") as d:
+        for ring, vdev in (("split", ""), ("packed", ",packed_vq=1,in_order=1")):
+            for size in (int(s) for s in args.sizes.split(",")):
+                for direction in ("to-device", "to-driver", "reflect"):
+                    ours = run("ours", direction, size, vdev, args.seconds, Path(d))
+                    c = run("c", direction, size, vdev, args.seconds, Path(d))
+                    rows.append(
+                        {"ring": ring, "size": size, "direction": direction, "ours_pps": ours,
+                         "c_pps": c, "ratio": ours / c if c else 0.0}
+                    )  # fmt: skip
+                    r = rows[-1]
+                    print(
+                        f"{ring:<7}{size:>5} B {direction:<10} ours {ours:>11,.0f} pps"
+                        f" {ours * size * 8 / 1e9:6.2f} Gbit/s   C {c:>12,.0f} pps"
+                        f" {c * size * 8 / 1e9:6.2f} Gbit/s   ratio {r['ratio']:.4f}",
+                        flush=True,
+                    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
