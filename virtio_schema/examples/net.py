@@ -40,6 +40,7 @@ from virtio_schema.queue import DescChain, VirtQueue
 from virtio_schema.records import NET_CONFIG, NET_HDR, NetConfig, NetHdr
 from virtio_schema.schema import Feature, NetFeature, NetStatus
 from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
+from virtio_schema.vhost_user.messages import ProtocolFeature
 
 __all__ = ["NetDevice", "NetStats", "main"]
 
@@ -121,6 +122,11 @@ class NetDevice(VhostUserDevice):
             | NetFeature.MTU
             | NetFeature.MRG_RXBUF
         )
+
+    def protocol_features(self) -> int:
+        # QEMU 7.2's vhost-user netdev keeps virtio-net's config space itself and crashes when a
+        # back-end offers CONFIG; DPDK's virtio-user does not use it either
+        return super().protocol_features() & ~int(ProtocolFeature.CONFIG)
 
     def config(self) -> bytes:
         return NET_CONFIG.pack(NetConfig(self.mac, int(NetStatus.LINK_UP), 1, self.mtu))

@@ -194,6 +194,10 @@ class Backend:
 
     # --- negotiation ---------------------------------------------------------------------------
 
+    def offered_protocol_features(self) -> int:
+        """What this back-end implements, less what the device opts out of."""
+        return OFFERED_PROTOCOL_FEATURES & int(self.device.protocol_features())
+
     def offered_features(self) -> int:
         return int(self.device.device_features()) | int(Feature.PROTOCOL_FEATURES)
 
@@ -225,11 +229,11 @@ class Backend:
 
     def _get_protocol_features(self, request: int, payload: bytes, fds: list[int]) -> bytes:
         _expect_size(request, payload, 0)
-        return _reply(request, U64.pack(U64Rec(OFFERED_PROTOCOL_FEATURES)))
+        return _reply(request, U64.pack(U64Rec(self.offered_protocol_features())))
 
     def _set_protocol_features(self, request: int, payload: bytes, fds: list[int]) -> None:
         value = _u64(request, payload)
-        extra = value & ~OFFERED_PROTOCOL_FEATURES
+        extra = value & ~self.offered_protocol_features()
         if extra:
             raise FrontendError(f"{self.name}: SET_PROTOCOL_FEATURES acks unoffered {extra:#x}")
         self.protocol_features = value

@@ -14,6 +14,7 @@ import logging
 
 from virtio_schema.queue import VirtQueue
 from virtio_schema.schema import Feature
+from virtio_schema.vhost_user.messages import ProtocolFeature
 
 __all__ = ["VhostUserDevice"]
 
@@ -39,6 +40,12 @@ class VhostUserDevice:
         return int(
             Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX | Feature.RING_PACKED
         )
+
+    def protocol_features(self) -> int:
+        """vhost-user protocol features the device wants offered (the back-end implements MQ,
+        REPLY_ACK and CONFIG). A device whose front-end keeps the configuration space itself
+        (QEMU's virtio-net) leaves CONFIG out."""
+        return int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG)
 
     def config(self) -> bytes:
         """The device configuration space (GET_CONFIG reads from it)."""
