@@ -45,6 +45,7 @@ from virtio_schema.schema import (
     DescFlags,
     Descriptor,
     Feature,
+    PackedDescriptor,
     UsedElem,
     VirtioBlkReqHdr,
 )
@@ -76,17 +77,24 @@ class Rig:
     payload: int  # payload bytes moved per chain (read + written)
     packed: bool
     size: int  # the queue size (QSIZE times descriptors per chain)
+    laps: tuple[bytes, bytes] = (b"", b"")  # packed: the ring armed for wrap 1 and for wrap 0
+    lap: int = 0
 
     def kick(self, n: int) -> None:
-        """The driver makes ``n`` more chains available (split: move avail.idx; packed: re-arm
-        the slots' AVAIL bits for the next lap)."""
+        """The driver makes ``n`` more chains available (split: move avail.idx; packed: one round
+        is one lap of the ring, so re-arm the whole ring for the next lap with one copy)."""
         if self.packed:
-            raise NotImplementedError
+            image = self.laps[self.lap & 1]
+            self.mem[self.desc_off : self.desc_off + len(image)] = image
+            self.lap += 1
+            return
         idx = struct.unpack_from("<H", self.mem, self.avail_off + 2)[0]
         struct.pack_into("<H", self.mem, self.avail_off + 2, (idx + n) & 0xFFFF)
 
 
 def build(scenario: str, *, packed: bool = False) -> Rig:
+    if packed:
+        return build_packed(scenario)
     features = Feature.INDIRECT_DESC
     fmem = FakeMemory(96 << 20)
     size = QSIZE if scenario == "b-blk-indirect" else 2 * QSIZE
@@ -115,8 +123,7 @@ def build(scenario: str, *, packed: bool = False) -> Rig:
     d.set_avail_idx(0)
     region = fmem.buffers[0]
     base = fmem.memory.regions[0].start
-    payload = {"a-echo-64": 128, "d-batch-256": 128, "b-blk-indirect": 16 + 14 * 512 + 1,
-               "c-copy-64k": 2 * 65536}[scenario]  # fmt: skip
+    payload = PAYLOAD[scenario]
     return Rig(
         fq.queue,
         memoryview(region),
@@ -129,6 +136,40 @@ def build(scenario: str, *, packed: bool = False) -> Rig:
         packed,
         size,
     )
+
+
+PAYLOAD = {"a-echo-64": 128, "d-batch-256": 128, "b-blk-indirect": 16 + 14 * 512 + 1,
+           "c-copy-64k": 2 * 65536}  # fmt: skip
+
+
+def build_packed(scenario: str) -> Rig:
+    """The packed rig: QSIZE chains fill exactly one lap of the ring."""
+    fmem = FakeMemory(96 << 20)
+    size = QSIZE if scenario == "b-blk-indirect" else 2 * QSIZE
+    fq = make_queue(size, packed=True, features=Feature.INDIRECT_DESC, memory=fmem)
+    d = fq.driver
+    if scenario != "d-batch-256":
+        fq.queue.notifier = NullNotify()
+    for _ in range(QSIZE):
+        if scenario in ("a-echo-64", "d-batch-256"):
+            got = d.publish([bytes(64)], [64])
+        elif scenario == "b-blk-indirect":
+            got = d.publish([BLK_REQ_HDR.pack(BlkReqHdr(0, 0, 8))], [512] * 14 + [1], indirect=True)
+        else:
+            got = d.publish([bytes(65536)], [65536])
+        assert got is not None
+    base = fmem.memory.regions[0].start
+    off = d.ring_addr - base
+    region = memoryview(fmem.buffers[0])
+    lap1 = bytes(region[off : off + 16 * size])  # AVAIL set, USED clear: available on lap 1
+    lap0 = bytearray(lap1)
+    for slot in range(size):
+        (flags,) = struct.unpack_from("<H", lap0, 16 * slot + 14)
+        struct.pack_into("<H", lap0, 16 * slot + 14, (flags & 0x7F7F) | 0x8000)
+    return Rig(
+        fq.queue, region, base, off, d.driver_event_addr - base, d.device_event_addr - base,
+        fq.notifier, PAYLOAD[scenario], True, size, (lap1, bytes(lap0)),
+    )  # fmt: skip
 
 
 # --- the library -------------------------------------------------------------------------------
@@ -326,6 +367,115 @@ def floor_batch(rig: Rig, rounds: int) -> int:
     return n
 
 
+# --- the packed floor: the same, on the packed ring ---------------------------------------------
+
+_LEN_ID = struct.Struct("<LH")  # a used descriptor's len and id (offsets 8 and 12)
+
+
+def floor_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
+    """Chains of one readable and one writable descriptor (echo, copy, batch) or one indirect
+    descriptor (blk); used descriptors written id/len first, flags last."""
+    mem, base, desc = rig.mem, rig.base, rig.desc_off
+    unpack_d, pack_lid, pack_h = _D.unpack_from, _LEN_ID.pack_into, _H.pack_into
+    size = rig.size
+    buf = bytearray(65536 if kind == "copy" else 64)
+    data = bytes(14 * 512)
+    pos = used = n = 0
+    wrap = uwrap = True
+    notifier = rig.notifier
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        while True:
+            at = desc + 16 * pos
+            addr, ln, bid, fl = unpack_d(mem, at)
+            if bool(fl & 0x80) != wrap or bool(fl & 0x8000) == wrap:
+                break
+            if kind == "blk":
+                table = addr - base
+                written = 0
+                for i in range(ln >> 4):
+                    baddr, blen, _id, _bfl = unpack_d(mem, table + 16 * i)
+                    off = baddr - base
+                    if i == 0:
+                        continue  # the header, read by the device as a record
+                    if i <= 14:
+                        mem[off : off + blen] = data[(i - 1) * 512 : i * 512]
+                    else:
+                        mem[off] = 0
+                    written += blen
+                slots = 1
+            else:
+                off = addr - base
+                buf[:ln] = mem[off : off + ln]
+                waddr, wln, wid, _wfl = unpack_d(mem, at + 16)
+                off = waddr - base
+                mem[off : off + wln] = buf[:wln]
+                written, bid, slots = wln, wid, 2
+            u = desc + 16 * used
+            pack_lid(mem, u + 8, written, bid)
+            pack_h(mem, u + 14, 0x8080 if uwrap else 0)
+            used += slots
+            pos += slots
+            if pos >= size:
+                pos -= size
+                wrap = not wrap
+            if used >= size:
+                used -= size
+                uwrap = not uwrap
+            n += 1
+        if kind == "batch":
+            notifier.notify()
+    return n
+
+
+def naive_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
+    """The packed loop with every descriptor parsed and every used descriptor built by Construct."""
+    mem, base, desc = rig.mem, rig.base, rig.desc_off
+    size = rig.size
+    pos = used = n = 0
+    wrap = uwrap = True
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        while True:
+            at = desc + 16 * pos
+            d = PackedDescriptor.parse(mem[at : at + 16])
+            if bool(d.flags & 0x80) != wrap or bool(d.flags & 0x8000) == wrap:
+                break
+            if kind == "blk":
+                table = d.addr - base
+                written = 0
+                for i in range(d.len >> 4):
+                    e = PackedDescriptor.parse(mem[table + 16 * i : table + 16 * i + 16])
+                    off = e.addr - base
+                    if i == 0:
+                        VirtioBlkReqHdr.parse(mem[off : off + 16])
+                        continue
+                    mem[off : off + e.len] = bytes(e.len)
+                    written += e.len
+                bid, slots = d.id, 1
+            else:
+                data = construct.Bytes(d.len).parse(mem[d.addr - base : d.addr - base + d.len])
+                w = PackedDescriptor.parse(mem[at + 16 : at + 32])
+                mem[w.addr - base : w.addr - base + w.len] = construct.Bytes(w.len).build(
+                    (data * (w.len // len(data) + 1))[: w.len]
+                )
+                written, bid, slots = w.len, w.id, 2
+            u = desc + 16 * used
+            mem[u : u + 16] = PackedDescriptor.build(
+                {"addr": 0, "len": written, "id": bid, "flags": 0x8080 if uwrap else 0}
+            )
+            used += slots
+            pos += slots
+            if pos >= size:
+                pos -= size
+                wrap = not wrap
+            if used >= size:
+                used -= size
+                uwrap = not uwrap
+            n += 1
+    return n
+
+
 # --- the naive version: every access parsed or built with Construct ------------------------------
 
 _U16C = construct.Int16ul
@@ -427,16 +577,38 @@ SCENARIOS: dict[str, dict[str, Callable[[Rig, int], int]]] = {
         "construct": lambda rig, rounds: naive_echo(rig, rounds, batch=True),
     },
 }
+PACKED: dict[str, dict[str, Callable[[Rig, int], int]]] = {
+    "a-echo-64": {
+        "library": lib_echo,
+        "floor": floor_packed,
+        "construct": naive_packed,
+    },
+    "b-blk-indirect": {
+        "library": lib_blk,
+        "floor": lambda rig, rounds: floor_packed(rig, rounds, kind="blk"),
+        "construct": lambda rig, rounds: naive_packed(rig, rounds, kind="blk"),
+    },
+    "c-copy-64k": {
+        "library": lib_copy,
+        "floor": lambda rig, rounds: floor_packed(rig, rounds, kind="copy"),
+        "construct": naive_packed,
+    },
+    "d-batch-256": {
+        "library": lib_batch,
+        "floor": lambda rig, rounds: floor_packed(rig, rounds, kind="batch"),
+        "construct": naive_packed,
+    },
+}
 ROUNDS = {"a-echo-64": 40, "b-blk-indirect": 12, "c-copy-64k": 4, "d-batch-256": 40}
 
 
-def measure(scenario: str, impl: str, rounds: int, repeats: int) -> float:
+def measure(scenario: str, impl: str, rounds: int, repeats: int, packed: bool = False) -> float:
     """Median seconds per chain over ``repeats`` runs (a fresh rig each run)."""
-    fn = SCENARIOS[scenario][impl]
+    fn = (PACKED if packed else SCENARIOS)[scenario][impl]
     times = []
     for _ in range(repeats):
-        rig = build(scenario)
-        fn(rig, 1)  # warm up (and check it works)
+        fn(build(scenario, packed=packed), 1)  # warm up (and check it works) on its own rig
+        rig = build(scenario, packed=packed)  # the references keep their ring position locally
         gc.collect()
         t0 = time.perf_counter()
         n = fn(rig, rounds)
@@ -465,32 +637,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--scenario", action="append", default=None)
+    p.add_argument("--format", choices=["split", "packed", "both"], default="both")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     scale = 0.25 if args.quick else 1.0
     results: dict[str, dict[str, float]] = {}
     names = args.scenario or list(SCENARIOS)
     print(
-        f"{'scenario':<16}{'impl':<11}{'ns/chain':>11}{'MB/s':>10}{'lib/floor':>11}{'construct/lib':>15}"
+        f"{'ring scenario':<23}{'impl':<11}{'ns/chain':>11}{'MB/s':>10}{'lib/floor':>11}"
+        f"{'construct/lib':>15}"
     )
-    for name in names:
-        rounds = max(1, int(ROUNDS[name] * scale))
-        per = {
-            impl: measure(name, impl, rounds, repeats) for impl in ("floor", "library", "construct")
-        }
-        payload = build(name).payload
-        results[name] = {f"{k}_ns": v * 1e9 for k, v in per.items()}
-        results[name]["lib_over_floor"] = per["library"] / per["floor"]
-        results[name]["construct_over_lib"] = per["construct"] / per["library"]
-        results[name]["library_mb_s"] = payload / per["library"] / 1e6
-        results[name]["floor_mb_s"] = payload / per["floor"] / 1e6
-        for impl in ("floor", "library", "construct"):
-            ratio1 = f"{per[impl] / per['floor']:.2f}" if impl != "floor" else ""
-            ratio2 = f"{per['construct'] / per['library']:.1f}" if impl == "library" else ""
-            print(
-                f"{name:<16}{impl:<11}{per[impl] * 1e9:>11.0f}{payload / per[impl] / 1e6:>10.1f}"
-                f"{ratio1:>11}{ratio2:>15}"
-            )
+    formats = {"split": [False], "packed": [True], "both": [False, True]}[args.format]
+    for packed in formats:
+        ring = "packed" if packed else "split"
+        for name in names:
+            rounds = max(1, int(ROUNDS[name] * scale))
+            per = {
+                impl: measure(name, impl, rounds, repeats, packed)
+                for impl in ("floor", "library", "construct")
+            }
+            payload = PAYLOAD[name]
+            key = f"{ring}/{name}"
+            results[key] = {f"{k}_ns": v * 1e9 for k, v in per.items()}
+            results[key]["lib_over_floor"] = per["library"] / per["floor"]
+            results[key]["construct_over_lib"] = per["construct"] / per["library"]
+            results[key]["library_mb_s"] = payload / per["library"] / 1e6
+            results[key]["floor_mb_s"] = payload / per["floor"] / 1e6
+            for impl in ("floor", "library", "construct"):
+                ratio1 = f"{per[impl] / per['floor']:.2f}" if impl != "floor" else ""
+                ratio2 = f"{per['construct'] / per['library']:.1f}" if impl == "library" else ""
+                print(
+                    f"{ring + ' ' + name:<23}{impl:<11}{per[impl] * 1e9:>11.0f}"
+                    f"{payload / per[impl] / 1e6:>10.1f}{ratio1:>11}{ratio2:>15}"
+                )
     mem = memory_check(int(20 * scale) or 1)
     print(
         f"memory: peak {mem['peak_kib_short']:.0f} KiB after {int(20 * scale) or 1} rounds of"
