@@ -1,0 +1,308 @@
+"""A read-only virtqueue inspector for memory dumps and live guests.
+
+    python -m virtio_schema.inspect --mem FILE [--mem-base GPA] --desc ADDR --avail ADDR --used ADDR
+        --size N [--packed] [--index K ...] [--json] [--hexdump N]
+
+``--mem`` is guest memory as a file: a raw dump, or the live memory of a QEMU guest started with
+``-object memory-backend-file,mem-path=/dev/shm/NAME,share=on``, mapped read-only (``PROT_READ``)
+at guest-physical ``--mem-base``. ``--desc/--avail/--used`` are the ring's guest addresses (for a
+packed ring: the descriptor ring and the driver and device event areas).
+
+It prints the ring's flags and indices (``used_event``/``avail_event``, or the packed event areas),
+the chains between the last used and the current avail index ("in flight"), and every avail slot
+asked for with ``--index``: the head, each descriptor in chain order with its flags by name, an
+indirect table's descriptors under the indirect descriptor, the readable and writable totals, and,
+for a malformed chain, the library's own error for it (the same validation as the device path:
+:meth:`virtio_schema.queue.Queue._walk`). Stale rings full of garbage are the normal case: every
+walk is bounded and a bad chain never stops the output.
+
+It never writes: the memory is mapped read-only, and the queue object built over it is only asked to
+validate chains (never to take or return one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from virtio_schema.errors import VirtioError
+from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
+from virtio_schema.queue import DescChain, PackedQueue, Queue, QueueBroken, QueueMemory
+from virtio_schema.ring import DESC, PACKED_DESC
+from virtio_schema.schema import (
+    DescFlags,
+    EventFlags,
+    Feature,
+    PackedDescFlags,
+    avail_ring,
+    used_ring,
+)
+
+__all__ = ["InspectError", "inspect_ring", "main"]
+
+_DESC_NAMES = [(int(DescFlags.NEXT), "next"), (int(DescFlags.WRITE), "write"),
+               (int(DescFlags.INDIRECT), "indirect")]  # fmt: skip
+_PACKED_NAMES = [*_DESC_NAMES, (int(PackedDescFlags.AVAIL), "avail"),
+                 (int(PackedDescFlags.USED), "used")]  # fmt: skip
+
+
+class InspectError(VirtioError):
+    """The inspector cannot read what it was asked to (an address outside the memory file...)."""
+
+
+class _NullNotify:
+    def notify(self) -> None:  # pragma: no cover - the inspector never returns a chain
+        pass
+
+
+def _flag_names(flags: int, table: list[tuple[int, str]]) -> list[str]:
+    names = [name for bit, name in table if flags & bit]
+    known = 0
+    for bit, _ in table:
+        known |= bit
+    if flags & ~known:
+        names.append(f"{flags & ~known:#x}")
+    return names
+
+
+def _range(mem: GuestMemory, addr: int, length: int, what: str, size: int) -> DeviceRange:
+    try:
+        dr = mem.translate(DriverRange.from_addr_len(addr, length))
+    except VirtioError as exc:
+        raise InspectError(f"{what} at {addr:#x}: {exc}") from None
+    if dr is None:
+        region = mem.regions[0]
+        raise InspectError(
+            f"{what} at {addr:#x}+{length:#x} is outside the memory file"
+            f" ({region.start:#x}..{region.end:#x}, {size} bytes)"
+        )
+    return dr
+
+
+def _entry(table: memoryview, i: int, packed: bool) -> tuple[dict[str, Any], int, int, int]:
+    """One descriptor record for display, with its (addr, len, flags)."""
+    if packed:
+        addr, length, buf_id, flags = PACKED_DESC.struct.unpack_from(table, 16 * i)
+        entry: dict[str, Any] = {"index": i, "addr": addr, "len": length, "id": buf_id}
+        entry["flags"] = _flag_names(flags, _PACKED_NAMES)
+    else:
+        addr, length, flags, nxt = DESC.struct.unpack_from(table, 16 * i)
+        entry = {"index": i, "addr": addr, "len": length, "next": nxt}
+        entry["flags"] = _flag_names(flags, _DESC_NAMES)
+    return entry, addr, length, flags
+
+
+def _walk_raw(
+    mem: GuestMemory, table: memoryview, start: int, limit: int, size: int, packed: bool
+) -> list[dict[str, Any]]:
+    """The descriptors as they are, in chain order, bounded by ``size`` (and each indirect
+    table's own length); this only displays, the library's walk gives the verdict."""
+    out: list[dict[str, Any]] = []
+    i = start
+    for _ in range(size + 1):
+        if not 0 <= i < limit:
+            break
+        entry, addr, length, flags = _entry(table, i, packed)
+        if flags & DescFlags.INDIRECT and length >= 16 and length % 16 == 0:
+            dr = None
+            with contextlib.suppress(VirtioError):
+                dr = mem.translate(DriverRange.from_addr_len(addr, length))
+            if dr is not None:
+                entries = min(length // 16, 65535)
+                if packed:  # all len/16 entries, in order (NEXT is ignored in a packed table)
+                    entry["indirect"] = [
+                        _entry(dr.view, k, True)[0] for k in range(min(entries, size + 1))
+                    ]
+                else:
+                    entry["indirect"] = _walk_raw(mem, dr.view, 0, entries, size, False)
+        out.append(entry)
+        if not flags & DescFlags.NEXT:
+            break
+        if packed:
+            i = (i + 1) % limit
+            if i == start:
+                break
+        else:
+            i = entry["next"]
+    return out
+
+
+def _chain_report(queue: Queue | PackedQueue, chain: DescChain) -> dict[str, Any]:
+    chain._returned = True  # inspected, never to be returned: nothing is written back
+    if chain.error is not None:
+        return {"error": str(chain.error), "readable": None, "writable": None}
+    return {"error": None, "readable": chain.readable_len, "writable": chain.writable_len}
+
+
+def inspect_ring(
+    mem: GuestMemory,
+    *,
+    desc: int,
+    avail: int,
+    used: int,
+    size: int,
+    packed: bool = False,
+    indices: Sequence[int] = (),
+    hexdump: int = 0,
+) -> dict[str, Any]:
+    """The inspector's findings as one JSON-ready document."""
+    features = int(Feature.INDIRECT_DESC | (Feature.RING_PACKED if packed else 0))
+    mem_size = mem.regions[0].size if mem.regions else 0
+    if packed:
+        qmem = QueueMemory(
+            _range(mem, desc, 16 * size, "descriptor ring", mem_size),
+            _range(mem, avail, 4, "driver event area", mem_size),
+            _range(mem, used, 4, "device event area", mem_size),
+        )
+    else:
+        qmem = QueueMemory(
+            _range(mem, desc, 16 * size, "descriptor table", mem_size),
+            _range(mem, avail, avail_ring(size).sizeof(), "available ring", mem_size),
+            _range(mem, used, used_ring(size).sizeof(), "used ring", mem_size),
+        )
+    try:
+        queue: Queue | PackedQueue = (PackedQueue if packed else Queue)(
+            qmem, size, mem, features=features, notify=_NullNotify()
+        )
+    except VirtioError as exc:
+        raise InspectError(str(exc)) from None
+    doc: dict[str, Any] = {"format": "packed" if packed else "split", "size": size}
+    chains: list[dict[str, Any]] = []
+    if isinstance(queue, Queue):
+        a, u = queue.avail_ring, queue.used_ring
+        doc["avail"] = {"flags": a.flags(), "idx": a.idx(), "used_event": a.used_event()}
+        doc["used"] = {"flags": u.flags(), "idx": u.idx(), "avail_event": u.avail_event()}
+        in_flight = (a.idx() - u.idx()) & 0xFFFF
+        doc["in_flight"] = in_flight
+        wanted = [(u.idx() + k) & 0xFFFF for k in range(min(in_flight, size))]
+        wanted += [k for k in indices if k not in wanted]
+        for avail_idx in wanted:
+            head = a.ring(avail_idx % size)
+            entry: dict[str, Any] = {"avail_idx": avail_idx, "head": head}
+            if head >= size:
+                entry.update(
+                    descriptors=[], error=f"head {head} is not below the queue size {size}"
+                )
+            else:
+                entry["descriptors"] = _walk_raw(
+                    mem, queue.desc_table.view, head, size, size, False
+                )
+                entry.update(_chain_report(queue, queue._walk(head)))
+            chains.append(entry)
+    else:
+        for name, area in (
+            ("driver_event", queue.driver_event),
+            ("device_event", queue.device_event),
+        ):
+            off_wrap, flags = area.off_wrap(), area.flags()
+            try:
+                mode = EventFlags(flags).name.lower()
+            except ValueError:
+                mode = f"{flags:#x}"
+            doc[name] = {"off": off_wrap & 0x7FFF, "wrap": off_wrap >> 15, "flags": mode}
+        for pos in indices:
+            slot = pos % size
+            entry = {"avail_idx": slot, "head": slot}
+            entry["descriptors"] = _walk_raw(mem, queue.ring.view, slot, size, size, True)
+            queue._next_avail = slot
+            try:
+                chain = queue._walk()
+                entry.update(_chain_report(queue, chain))
+                entry["head"] = chain.head
+            except QueueBroken as exc:  # a chain the device could not even return
+                entry.update(error=str(exc.cause))
+                queue._broken = None
+            chains.append(entry)
+    if hexdump:
+        for entry in chains:
+            for d in entry["descriptors"]:
+                for item in [d, *d.get("indirect", [])]:
+                    try:
+                        item["hex"] = mem.read(item["addr"], min(item["len"], hexdump)).hex()
+                    except VirtioError:
+                        item["hex"] = None
+    doc["chains"] = chains
+    return doc
+
+
+def _print_text(doc: dict[str, Any]) -> None:
+    print(f"{doc['format']} ring, size {doc['size']}")
+    for key in ("avail", "used", "driver_event", "device_event"):
+        if key in doc:
+            print(f"  {key}: " + " ".join(f"{k}={v}" for k, v in doc[key].items()))
+    if "in_flight" in doc:
+        print(f"  in flight: {doc['in_flight']}")
+    for c in doc["chains"]:
+        print(f"chain avail_idx={c['avail_idx']} head={c['head']}")
+        for d in c["descriptors"]:
+            print(
+                f"    [{d['index']}] addr={d['addr']:#x} len={d['len']} flags={','.join(d['flags'])}"
+            )
+            for e in d.get("indirect", []):
+                print(
+                    f"        [{e['index']}] addr={e['addr']:#x} len={e['len']} flags={','.join(e['flags'])}"
+                )
+        if c.get("error"):
+            print(f"    error: {c['error']}")
+        else:
+            print(f"    readable {c['readable']} bytes, writable {c['writable']} bytes")
+
+
+def _addr(text: str) -> int:
+    return int(text, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m virtio_schema.inspect", description=__doc__)
+    p.add_argument("--mem", required=True, help="guest memory file (dump or /dev/shm backend)")
+    p.add_argument(
+        "--mem-base", type=_addr, default=0, help="guest address of the file's first byte"
+    )
+    p.add_argument("--desc", type=_addr, required=True)
+    p.add_argument(
+        "--avail", type=_addr, required=True, help="avail ring (packed: driver event area)"
+    )
+    p.add_argument(
+        "--used", type=_addr, required=True, help="used ring (packed: device event area)"
+    )
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--packed", action="store_true")
+    p.add_argument("--index", type=int, action="append", default=[])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--hexdump", type=int, default=0, metavar="N", help="first N bytes of buffers")
+    args = p.parse_args(argv)
+    fd = os.open(args.mem, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            print(f"error: {args.mem} is empty", file=sys.stderr)
+            return 2
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        with GuestMemory([(args.mem_base, mm)], writable=False) as mem:
+            doc = inspect_ring(
+                mem, desc=args.desc, avail=args.avail, used=args.used, size=args.size,
+                packed=args.packed, indices=args.index, hexdump=args.hexdump,
+            )  # fmt: skip
+    except InspectError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        mm.close()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _print_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
