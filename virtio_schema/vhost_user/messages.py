@@ -45,6 +45,7 @@ __all__ = [
     "U64Payload",
     "VringAddr",
     "VringState",
+    "decode_stream",
     "describe",
 ]
 
@@ -326,6 +327,27 @@ def describe(request: int, flags: int, payload: bytes, nfds: int = 0) -> str:
     except Exception as exc:  # a dissector shows garbage, it does not die of it
         body = f"<undecodable: {type(exc).__name__}> {payload[:32].hex()}"
     return f"{head} {body}".rstrip()
+
+
+def decode_stream(data: bytes) -> list[str]:
+    """Decode a captured vhost-user byte stream (one direction of the socket, e.g. from a hex
+    dump) into one :func:`describe` line per message. File descriptors travel out of band and are
+    not in such a capture. A message cut short ends the list with a ``<truncated ...>`` line."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < HEADER.size:
+            out.append(f"<truncated header: {len(data) - pos} of {HEADER.size} bytes>")
+            break
+        hdr = HEADER.unpack_from(data, pos)
+        body = data[pos + HEADER.size : pos + HEADER.size + hdr.size]
+        if len(body) < hdr.size:
+            line = describe(hdr.request, hdr.flags, body)
+            out.append(f"{line} <truncated payload: {len(body)} of {hdr.size} bytes>")
+            break
+        out.append(describe(hdr.request, hdr.flags, body))
+        pos += HEADER.size + hdr.size
+    return out
 
 
 def _describe_payload(request: int, payload: bytes) -> str:
