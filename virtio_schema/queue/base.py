@@ -131,10 +131,10 @@ class QueueBase:
                 raise OutOfOrderReturn(self.index, chain.head, first)
 
     def _return_chain(self, chain: DescChain, written: int) -> None:
+        if self._in_order and chain._gen == self._generation:
+            self._forget(chain.head)  # also when broken: the next-oldest can then be returned
         if chain._gen != self._generation or self._broken is not None:
             return  # from before a reset/restore, or the queue is broken: leave the ring alone
-        if self._in_order:
-            self._forget(chain.head)
         if self._batch is not None:
             self._batch.append((chain.head, written, chain._slots))
         else:
