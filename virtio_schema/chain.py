@@ -351,6 +351,10 @@ class ReadableChain(_Walker):
         if size is None or size < 0:
             size = self._left
         size = min(size, self._left)
+        piece = self._one_piece(size)
+        if piece is not None:  # the bytes sit in one buffer: one copy, straight out
+            base, off = piece
+            return bytes(base[off : off + size])
         if size <= _READ_CHUNK:
             buf = bytearray(size)
             n = self.readinto(buf)
@@ -378,9 +382,32 @@ class ReadableChain(_Walker):
             self.chain.check_usable()
         if self._left < layout.size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, layout.size, self._left)
+        piece = self._one_piece(layout.size)
+        if piece is not None:  # the record sits in one buffer: unpack it where it is
+            return layout.unpack_from(*piece)
         buf = bytearray(layout.size)
         self.readinto(buf)
         return layout.unpack_from(buf)
+
+    def _one_piece(self, n: int) -> tuple[memoryview, int] | None:
+        """``(region view, offset)`` of the next ``n`` (> 0) bytes if they lie in the current
+        buffer and one memory region, advancing past them; else ``None`` (nothing consumed)."""
+        chain = self.chain
+        if chain._returned or chain._queue._broken is not None:
+            chain.check_usable()
+        locate = self._locate
+        i = self._i
+        if locate is None or n <= 0 or i >= self._end:
+            return None
+        rec = self._descs[i]
+        pos = self._pos
+        if rec[1] - pos < n:
+            return None
+        loc = locate(rec[0] + pos, n)
+        if loc is not None:
+            self._pos = pos + n
+            self._left -= n
+        return loc
 
     def read_to(self, write: Callable[[memoryview], int | None], n: int | None = None) -> int:
         """Zero-copy out: pass up to ``n`` readable bytes (default: all) to ``write`` (e.g. a

@@ -143,8 +143,12 @@ class QueueBase:
     def _forget(self, head: int) -> None:
         """Drop ``head`` from the IN_ORDER bookkeeping (normally the oldest; a chain collected by
         the GC may not be, and then IN_ORDER is already broken by the device)."""
+        outstanding = self._outstanding
+        if outstanding and outstanding[0] == head:  # the normal, in-order case: O(1)
+            outstanding.popleft()
+            return
         with contextlib.suppress(ValueError):
-            self._outstanding.remove(head)
+            outstanding.remove(head)
 
     def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
         raise NotImplementedError
