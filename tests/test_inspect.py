@@ -143,3 +143,21 @@ def test_packed_ring_slot_with_its_buffer_id(
     assert good["writable"] == 9
     assert "readable descriptor" in bad["error"]
     assert doc["driver_event"]["flags"] == "enable"
+
+
+def test_decode_blk_shows_the_request_header_of_each_chain(
+    dump: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from virtio_schema.records import BLK_REQ_HDR, BlkReqHdr
+    from virtio_schema.schema import BlkType
+
+    fq = make_queue(8, features=Feature.INDIRECT_DESC)
+    d = fq.driver
+    d.publish([BLK_REQ_HDR.pack(BlkReqHdr(BlkType.IN, 0, 2048))], [4096, 1], indirect=True)
+    d.publish([BLK_REQ_HDR.pack(BlkReqHdr(BlkType.FLUSH, 0, 0))], [1])
+    d.publish([b"short"], [1])  # too short for a header: nothing decoded, no error
+    doc = _run(capsys, dump, _save(d, dump), d, "--decode", "blk")
+    first, second, third = (c["decoded"] for c in doc["chains"])
+    assert (first["type_name"], first["sector"]) == ("IN", 2048)
+    assert second["type_name"] == "FLUSH"
+    assert third is None

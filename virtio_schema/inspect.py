@@ -1,7 +1,7 @@
 """A read-only virtqueue inspector for memory dumps and live guests.
 
     python -m virtio_schema.inspect --mem FILE [--mem-base GPA] --desc ADDR --avail ADDR --used ADDR
-        --size N [--packed] [--index K ...] [--json] [--hexdump N]
+        --size N [--packed] [--index K ...] [--json] [--hexdump N] [--decode blk|net]
 
 ``--mem`` is guest memory as a file: a raw dump, or the live memory of a QEMU guest started with
 ``-object memory-backend-file,mem-path=/dev/shm/NAME,share=on``, mapped read-only (``PROT_READ``)
@@ -34,8 +34,10 @@ from typing import Any
 from virtio_schema.errors import VirtioError
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
 from virtio_schema.queue import DescChain, PackedQueue, Queue, QueueBroken, QueueMemory
+from virtio_schema.records import BLK_REQ_HDR, NET_HDR
 from virtio_schema.ring import DESC, PACKED_DESC
 from virtio_schema.schema import (
+    BlkType,
     DescFlags,
     EventFlags,
     Feature,
@@ -150,6 +152,7 @@ def inspect_ring(
     packed: bool = False,
     indices: Sequence[int] = (),
     hexdump: int = 0,
+    decode: str | None = None,
 ) -> dict[str, Any]:
     """The inspector's findings as one JSON-ready document."""
     features = int(Feature.INDIRECT_DESC | (Feature.RING_PACKED if packed else 0))
@@ -227,8 +230,34 @@ def inspect_ring(
                         item["hex"] = mem.read(item["addr"], min(item["len"], hexdump)).hex()
                     except VirtioError:
                         item["hex"] = None
+    if decode is not None:
+        for entry in chains:
+            entry["decoded"] = _decode_header(mem, entry["descriptors"], decode)
     doc["chains"] = chains
     return doc
+
+
+def _decode_header(mem: GuestMemory, descriptors: list[dict[str, Any]], kind: str) -> Any:
+    """The device header at the start of the chain's first readable buffer, through the device
+    schemas (virtio-blk request header, virtio-net header); ``None`` if there is none to read."""
+    layout = BLK_REQ_HDR if kind == "blk" else NET_HDR
+    flat = [e for d in descriptors for e in (d.get("indirect") or [d])]
+    first = next(
+        (e for e in flat if "write" not in e["flags"] and "indirect" not in e["flags"]), None
+    )
+    if first is None or first["len"] < layout.size:
+        return None
+    try:
+        rec = layout.unpack(mem.read(first["addr"], layout.size))
+    except VirtioError:
+        return None
+    out: dict[str, Any] = rec._asdict()
+    if kind == "blk":
+        try:
+            out["type_name"] = BlkType(out["type"]).name
+        except ValueError:
+            out["type_name"] = None
+    return out
 
 
 def _print_text(doc: dict[str, Any]) -> None:
@@ -248,6 +277,8 @@ def _print_text(doc: dict[str, Any]) -> None:
                 print(
                     f"        [{e['index']}] addr={e['addr']:#x} len={e['len']} flags={','.join(e['flags'])}"
                 )
+        if c.get("decoded"):
+            print("    header: " + " ".join(f"{k}={v}" for k, v in c["decoded"].items()))
         if c.get("error"):
             print(f"    error: {c['error']}")
         else:
@@ -276,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, action="append", default=[])
     p.add_argument("--json", action="store_true")
     p.add_argument("--hexdump", type=int, default=0, metavar="N", help="first N bytes of buffers")
+    p.add_argument("--decode", choices=["blk", "net"], default=None, help="decode request headers")
     args = p.parse_args(argv)
     fd = os.open(args.mem, os.O_RDONLY)
     try:
@@ -291,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = inspect_ring(
                 mem, desc=args.desc, avail=args.avail, used=args.used, size=args.size,
                 packed=args.packed, indices=args.index, hexdump=args.hexdump,
+                decode=args.decode,
             )  # fmt: skip
     except InspectError as exc:
         print(f"error: {exc}", file=sys.stderr)
