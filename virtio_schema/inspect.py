@@ -230,6 +230,21 @@ def inspect_ring(
                         item["hex"] = mem.read(item["addr"], min(item["len"], hexdump)).hex()
                     except VirtioError:
                         item["hex"] = None
+    for entry in chains:  # what the device would meet when it reads or writes the buffers
+        for d in entry["descriptors"]:
+            for item in [d, *d.get("indirect", [])]:
+                if "indirect" in item["flags"] or not item["len"]:
+                    continue
+                try:
+                    dr = mem.translate(DriverRange.from_addr_len(item["addr"], item["len"]))
+                except VirtioError:
+                    dr = None
+                item["mapped"] = dr is not None
+                if dr is None and entry.get("error") is None:
+                    entry["error"] = (
+                        f"buffer {item['addr']:#x}+{item['len']:#x} (descriptor {item['index']})"
+                        " is not in guest memory: the device would fail on it (UnmappedBuffer)"
+                    )
     if decode is not None:
         for entry in chains:
             entry["decoded"] = _decode_header(mem, entry["descriptors"], decode)

@@ -117,6 +117,7 @@ class _Vring:
     queue: VirtQueue | None = None
     notify: EventfdNotify | None = None
     broken_logged: bool = False
+    gpas: tuple[int, ...] = ()  # guest addresses of the three ring areas
 
 
 class Backend:
@@ -448,9 +449,11 @@ class Backend:
             return
         self._build_queue(vr, vr.base)
         vr.started = True
+        areas = vr.gpas
         log.info(
-            "%s: ring %d started (size %d, avail %d)",
+            "%s: ring %d started (size %d, avail %d%s)",
             self.name, vr.index, vr.size, vr.base.next_avail,
+            "".join(f", {k} {v:#x}" for k, v in zip(("desc", "avail", "used"), areas, strict=False)),
         )  # fmt: skip
 
     def _build_queue(self, vr: _Vring, state: QueueState) -> None:
@@ -459,6 +462,7 @@ class Backend:
         assert self.memory is not None
         n = vr.size
         areas = []
+        gpas: list[int] = []  # the rings' guest addresses, logged (what an inspector needs)
         for what, uva, length in (
             ("descriptor table", vr.addr.descriptor, 16 * n),
             ("available ring", vr.addr.available, 4 if self.packed else avail_ring(n).sizeof()),
@@ -470,12 +474,13 @@ class Backend:
                 if gpa is None
                 else self.memory.translate(DriverRange.from_addr_len(gpa, length))
             )
-            if dr is None:
+            if dr is None or gpa is None:
                 raise FrontendError(
                     f"{self.name}: ring {vr.index}: {what} at {uva:#x}+{length:#x} is not in"
                     " the memory table"
                 )
             areas.append(dr)
+            gpas.append(gpa)
         if vr.notify is None:
             vr.notify = EventfdNotify(vr.call_fd)
         try:
@@ -491,6 +496,7 @@ class Backend:
         except VirtioError as exc:
             raise FrontendError(f"{self.name}: ring {vr.index}: {exc}") from None
         vr.broken_logged = False
+        vr.gpas = tuple(gpas)
         self.device.started(vr.index, vr.queue)
 
     def _stop(self, vr: _Vring) -> None:
