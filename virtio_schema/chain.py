@@ -183,6 +183,29 @@ class _Walker:
             return cur[off : off + n]
         return None
 
+    def _span(self, want: int, *, to_end: bool) -> tuple[memoryview, int, int] | None:
+        """The fast path of the copies: ``(region view, offset, n)`` for the next ``n`` bytes when
+        they lie in the current buffer and one memory region, advancing past them; ``n`` is
+        ``want``, or with ``to_end`` the rest of the current buffer if it is the last one.
+        ``None`` (nothing consumed) otherwise: the caller takes the general path."""
+        locate = self._locate
+        i = self._i
+        if locate is None or want <= 0 or i >= self._end:
+            return None
+        rec = self._descs[i]
+        pos = self._pos
+        n = rec[1] - pos
+        if n >= want:
+            n = want
+        elif not (to_end and n > 0 and i + 1 == self._end):
+            return None
+        loc = locate(rec[0] + pos, n)
+        if loc is None:
+            return None
+        self._pos = pos + n
+        self._left -= n
+        return loc[0], loc[1], n
+
     def _copy(self, buf: bytes | bytearray | memoryview, into_guest: bool) -> int:
         """Copy between ``buf`` and the buffers from the current position, as far as both go.
         ``self._moved`` holds the count even if a buffer turns out unmapped midway."""
@@ -327,23 +350,11 @@ class ReadableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         out = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
-        # the common case, one copy from one buffer, done here; anything else in _copy
-        i = self._i
-        locate = self._locate
-        if locate is not None and i < self._end:
-            rec = self._descs[i]
-            pos = self._pos
-            n = rec[1] - pos
-            want = len(out)
-            if 0 < want <= n or (0 < n < want and i + 1 == self._end):
-                n = min(n, want)
-                loc = locate(rec[0] + pos, n)
-                if loc is not None:
-                    base, off = loc
-                    out[:n] = base[off : off + n]
-                    self._pos = pos + n
-                    self._left -= n
-                    return n
+        span = self._span(len(out), to_end=True)  # the common case: one copy from one buffer
+        if span is not None:
+            base, off, n = span
+            out[:n] = base[off : off + n]
+            return n
         return self._copy(out, False)
 
     def read(self, size: int = -1) -> bytes:
@@ -351,9 +362,12 @@ class ReadableChain(_Walker):
         if size is None or size < 0:
             size = self._left
         size = min(size, self._left)
-        piece = self._one_piece(size)
-        if piece is not None:  # the bytes sit in one buffer: one copy, straight out
-            base, off = piece
+        chain = self.chain
+        if chain._returned or chain._queue._broken is not None:
+            chain.check_usable()
+        span = self._span(size, to_end=False)
+        if span is not None:  # the bytes sit in one buffer: one copy, straight out
+            base, off, _ = span
             return bytes(base[off : off + size])
         if size <= _READ_CHUNK:
             buf = bytearray(size)
@@ -382,32 +396,12 @@ class ReadableChain(_Walker):
             self.chain.check_usable()
         if self._left < layout.size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, layout.size, self._left)
-        piece = self._one_piece(layout.size)
-        if piece is not None:  # the record sits in one buffer: unpack it where it is
-            return layout.unpack_from(*piece)
+        span = self._span(layout.size, to_end=False)
+        if span is not None:  # the record sits in one buffer: unpack it where it is
+            return layout.unpack_from(span[0], span[1])
         buf = bytearray(layout.size)
         self.readinto(buf)
         return layout.unpack_from(buf)
-
-    def _one_piece(self, n: int) -> tuple[memoryview, int] | None:
-        """``(region view, offset)`` of the next ``n`` (> 0) bytes if they lie in the current
-        buffer and one memory region, advancing past them; else ``None`` (nothing consumed)."""
-        chain = self.chain
-        if chain._returned or chain._queue._broken is not None:
-            chain.check_usable()
-        locate = self._locate
-        i = self._i
-        if locate is None or n <= 0 or i >= self._end:
-            return None
-        rec = self._descs[i]
-        pos = self._pos
-        if rec[1] - pos < n:
-            return None
-        loc = locate(rec[0] + pos, n)
-        if loc is not None:
-            self._pos = pos + n
-            self._left -= n
-        return loc
 
     def read_to(self, write: Callable[[memoryview], int | None], n: int | None = None) -> int:
         """Zero-copy out: pass up to ``n`` readable bytes (default: all) to ``write`` (e.g. a
@@ -491,24 +485,12 @@ class WritableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         src = data if type(data) is bytes or type(data) is bytearray else memoryview(data).cast("B")
-        # the common case, one copy into one buffer, done here; anything else in _copy
-        i = self._i
-        locate = self._locate
-        if locate is not None and i < self._end:
-            rec = self._descs[i]
-            pos = self._pos
-            n = rec[1] - pos
-            want = len(src)
-            if 0 < want <= n or (0 < n < want and i + 1 == self._end):
-                n = min(n, want)
-                loc = locate(rec[0] + pos, n)
-                if loc is not None:
-                    base, off = loc
-                    base[off : off + n] = src if n == want else src[:n]
-                    self._pos = pos + n
-                    self._left -= n
-                    chain._written += n
-                    return n
+        span = self._span(len(src), to_end=True)  # the common case: one copy into one buffer
+        if span is not None:
+            base, off, n = span
+            base[off : off + n] = src if n == len(src) else src[:n]
+            chain._written += n
+            return n
         try:
             self._copy(src, True)
         finally:  # bytes that landed count, even if a later buffer turned out unmapped
