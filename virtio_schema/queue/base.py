@@ -17,7 +17,14 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from virtio_schema.queue.errors import OutOfOrderReturn, QueueBroken, RingError
+from virtio_schema.queue.errors import (
+    IndirectTableTooLarge,
+    InvalidIndirectLength,
+    OutOfOrderReturn,
+    QueueBroken,
+    RingError,
+    UnmappedIndirectTable,
+)
 from virtio_schema.queue.state import DriverNotify, QueueState
 from virtio_schema.schema import Feature
 
@@ -25,7 +32,14 @@ if TYPE_CHECKING:
     from virtio_schema.mem import DriverMem, Locate
     from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 
-__all__ = ["QueueBase"]
+__all__ = ["ADDR_END", "MAX_INDIRECT_ENTRIES", "MAX_TOTAL_LEN", "QueueBase"]
+
+MAX_TOTAL_LEN = (1 << 32) - 1
+"""Largest total length of a chain's buffers (the used length is a u32)."""
+ADDR_END = 1 << 64
+"""One past the last driver address: ``addr + len`` must not pass it."""
+MAX_INDIRECT_ENTRIES = 65535
+"""Most entries an indirect table may have."""
 
 
 class QueueBase:
@@ -149,6 +163,16 @@ class QueueBase:
             return
         with contextlib.suppress(ValueError):
             outstanding.remove(head)
+
+    def _check_indirect_table(self, head: int, at: int, addr: int, length: int) -> None:
+        """The table rules both formats share, after their own structural ones: a non-zero
+        multiple of 16 bytes, at most 65535 entries, not wrapping past 2**64."""
+        if length == 0 or length & 15:
+            raise InvalidIndirectLength(self.index, head, at, length)
+        if length >> 4 > MAX_INDIRECT_ENTRIES:
+            raise IndirectTableTooLarge(self.index, head, at, length)
+        if addr + length > ADDR_END:
+            raise UnmappedIndirectTable(self.index, head, at, addr, length)
 
     def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
         raise NotImplementedError

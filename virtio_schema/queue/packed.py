@@ -29,7 +29,7 @@ from __future__ import annotations
 import struct
 
 from virtio_schema.mem import DriverMem, DriverRange, full_barrier, read_barrier, write_barrier
-from virtio_schema.queue.base import QueueBase
+from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     BufferAddressOverflow,
@@ -39,9 +39,7 @@ from virtio_schema.queue.errors import (
     ChainNeverEnds,
     ChainTooLong,
     IndirectNotNegotiated,
-    IndirectTableTooLarge,
     IndirectWithNext,
-    InvalidIndirectLength,
     InvalidQueueState,
     NestedIndirect,
     QueueBroken,
@@ -62,9 +60,6 @@ _USED = int(PackedDescFlags.USED)
 _ENABLE = int(EventFlags.ENABLE)
 _DISABLE = int(EventFlags.DISABLE)
 _DESC = int(EventFlags.DESC)
-_MAX_TOTAL = (1 << 32) - 1
-_ADDR_END = 1 << 64
-_MAX_INDIRECT_ENTRIES = 65535
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<L")
 _new_desc = tuple.__new__
@@ -195,7 +190,7 @@ class PackedQueue(QueueBase):
                         count += 1
                         if count > size:
                             raise ChainTooLong(self.index, start, size)
-                        if addr + length > _ADDR_END:
+                        if addr + length > ADDR_END:
                             raise BufferAddressOverflow(self.index, start, pos, addr, length)
                         if flags & _WRITE:
                             wlen += length
@@ -216,7 +211,7 @@ class PackedQueue(QueueBase):
                 pos = 0
         if buf_id >= size:
             raise self._break(BufferIdOutOfRange(self.index, start, buf_id, size))
-        if error is None and rlen + wlen > _MAX_TOTAL:
+        if error is None and rlen + wlen > MAX_TOTAL_LEN:
             error = ChainLengthOverflow(self.index, start, rlen + wlen)
         nxt = start + slots
         if nxt >= size:
@@ -252,12 +247,7 @@ class PackedQueue(QueueBase):
             raise IndirectWithNext(self.index, head, pos)
         if slots > 1:
             raise IndirectWithNext(self.index, head, pos, "is INDIRECT after other descriptors")
-        if length == 0 or length & 15:
-            raise InvalidIndirectLength(self.index, head, pos, length)
-        if length >> 4 > _MAX_INDIRECT_ENTRIES:
-            raise IndirectTableTooLarge(self.index, head, pos, length)
-        if addr + length > _ADDR_END:
-            raise UnmappedIndirectTable(self.index, head, pos, addr, length)
+        self._check_indirect_table(head, pos, addr, length)
 
     def _walk_indirect(
         self,
@@ -286,7 +276,7 @@ class PackedQueue(QueueBase):
             count += 1
             if count > size:
                 raise ChainTooLong(self.index, head, size)
-            if baddr + blen > _ADDR_END:
+            if baddr + blen > ADDR_END:
                 raise BufferAddressOverflow(self.index, head, i, baddr, blen)
             if bflags & _WRITE:
                 wlen += blen

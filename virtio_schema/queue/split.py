@@ -33,7 +33,7 @@ from virtio_schema.mem import (
     read_barrier,
     write_barrier,
 )
-from virtio_schema.queue.base import QueueBase
+from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     AvailIndexJump,
@@ -44,9 +44,7 @@ from virtio_schema.queue.errors import (
     DescIndexOutOfRange,
     HeadOutOfRange,
     IndirectNotNegotiated,
-    IndirectTableTooLarge,
     IndirectWithNext,
-    InvalidIndirectLength,
     NestedIndirect,
     QueueBroken,
     ReadableAfterWritable,
@@ -63,9 +61,6 @@ _WRITE = int(DescFlags.WRITE)
 _INDIRECT = int(DescFlags.INDIRECT)
 _NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
 _NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
-_MAX_TOTAL = (1 << 32) - 1
-_ADDR_END = 1 << 64
-_MAX_INDIRECT_ENTRIES = 65535
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<LL")
 _new_desc = tuple.__new__
@@ -207,10 +202,8 @@ class Queue(QueueBase):
                     table_at = len(descs)
                     i = 0
                     continue
-                count += 1
-                if count > size:
-                    raise ChainTooLong(self.index, head, size)
-                if addr + length > _ADDR_END:
+                count += 1  # at most size: the check before following NEXT below keeps it there
+                if addr + length > ADDR_END:
                     raise BufferAddressOverflow(self.index, head, i, addr, length)
                 if flags & _WRITE:
                     wlen += length
@@ -227,7 +220,7 @@ class Queue(QueueBase):
                 if nxt >= limit:
                     raise DescIndexOutOfRange(self.index, head, i, nxt, limit)
                 i = nxt
-            if rlen + wlen > _MAX_TOTAL:
+            if rlen + wlen > MAX_TOTAL_LEN:
                 raise ChainLengthOverflow(self.index, head, rlen + wlen)
         except ChainError as error:
             return DescChain(self, head, [], 0, 0, 0, error)
@@ -259,12 +252,7 @@ class Queue(QueueBase):
             raise NestedIndirect(self.index, head, i)
         if flags & _NEXT:
             raise IndirectWithNext(self.index, head, i)
-        if length == 0 or length & 15:
-            raise InvalidIndirectLength(self.index, head, i, length)
-        if length >> 4 > _MAX_INDIRECT_ENTRIES:
-            raise IndirectTableTooLarge(self.index, head, i, length)
-        if addr + length > _ADDR_END:
-            raise UnmappedIndirectTable(self.index, head, i, addr, length)
+        self._check_indirect_table(head, i, addr, length)
 
     # --- returning chains ----------------------------------------------------------------------
 
