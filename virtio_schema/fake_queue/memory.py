@@ -130,6 +130,24 @@ class FakeMemory:
                 merged.append((fs, fe))
         r.free = merged
 
+    def alloc_buffer(self, data: bytes | int) -> int:
+        """A buffer holding ``data`` (or ``data`` zero bytes), 8-aligned; returns its address."""
+        if isinstance(data, int):
+            return self.alloc(data, 8)
+        addr = self.alloc(len(data), 8)
+        self.write(addr, data)
+        return addr
+
+    def read_written(self, buffers: Sequence[tuple[int, int]], length: int) -> tuple[bytes, ...]:
+        """What a device wrote into ``(addr, len)`` buffers, in order, cut to ``length`` bytes
+        (the used length it reported)."""
+        written: list[bytes] = []
+        for addr, blen in buffers:
+            n = min(length, blen)
+            written.append(self.read(addr, n))
+            length -= n
+        return tuple(written)
+
     @property
     def allocated(self) -> int:
         """Bytes currently allocated (for leak checks)."""

@@ -156,12 +156,11 @@ class FakePackedDriver:
         entries: list[tuple[int, int, int]] = []
         chain = _Chain(slots, [], [])
         for data in readable:
-            addr = self.memory.alloc(len(data), 8)
-            self.memory.write(addr, data)
+            addr = self.memory.alloc_buffer(data)
             chain.buffers.append(addr)
             entries.append((addr, len(data), 0))
         for length in writable:
-            addr = self.memory.alloc(length, 8)
+            addr = self.memory.alloc_buffer(length)
             chain.buffers.append(addr)
             chain.writable.append((addr, length))
             entries.append((addr, length, _WRITE))
@@ -216,11 +215,8 @@ class FakePackedDriver:
         self.ring.set(index, PackedDesc(addr, length, buffer_id, flags))
 
     def alloc_buffer(self, data: bytes | int) -> int:
-        if isinstance(data, int):
-            return self.memory.alloc(data, 8)
-        addr = self.memory.alloc(len(data), 8)
-        self.memory.write(addr, data)
-        return addr
+        """Allocate a buffer holding ``data`` (or ``data`` zero bytes); returns its address."""
+        return self.memory.alloc_buffer(data)
 
     def write_indirect_table(self, entries: Sequence[PackedDesc]) -> int:
         table = self.memory.alloc(PACKED_DESC.size * max(len(entries), 1), 16)
@@ -259,19 +255,14 @@ class FakePackedDriver:
             self._step_used(slots)
             return UsedChain(buf_id, length, ())
         self._step_used(chain.slots)
-        written: list[bytes] = []
-        left = length
-        for addr, blen in chain.writable:
-            n = min(left, blen)
-            written.append(self.memory.read(addr, n))
-            left -= n
+        written = self.memory.read_written(chain.writable, length)
         for addr in chain.buffers:
             self.memory.free(addr)
         if chain.table is not None:
             self.memory.free(chain.table)
         self._free_slots += chain.slots
         self._free_ids.append(buf_id)
-        return UsedChain(buf_id, length, tuple(written))
+        return UsedChain(buf_id, length, written)
 
     def _step_used(self, slots: int) -> None:
         self.used_pos += slots

@@ -130,12 +130,11 @@ class FakeDriver:
         entries: list[tuple[int, int, int]] = []  # addr, len, flags
         wbufs: list[tuple[int, int]] = []
         for data in readable:
-            addr = self.memory.alloc(len(data), 8)
-            self.memory.write(addr, data)
+            addr = self.memory.alloc_buffer(data)
             buffers.append(addr)
             entries.append((addr, len(data), 0))
         for length in writable:
-            addr = self.memory.alloc(length, 8)
+            addr = self.memory.alloc_buffer(length)
             buffers.append(addr)
             wbufs.append((addr, length))
             entries.append((addr, length, DescFlags.WRITE))
@@ -178,11 +177,7 @@ class FakeDriver:
 
     def alloc_buffer(self, data: bytes | int) -> int:
         """Allocate a buffer holding ``data`` (or ``data`` zero bytes); returns its address."""
-        if isinstance(data, int):
-            return self.memory.alloc(data, 8)
-        addr = self.memory.alloc(len(data), 8)
-        self.memory.write(addr, data)
-        return addr
+        return self.memory.alloc_buffer(data)
 
     def write_indirect_table(self, entries: Sequence[Desc]) -> int:
         """Allocate and fill an indirect table with raw entries; returns its address."""
@@ -240,18 +235,13 @@ class FakeDriver:
         pub = self._published.pop(head, None)
         if pub is None:
             return UsedChain(head, length, ())
-        written: list[bytes] = []
-        left = length
-        for addr, blen in pub.writable:
-            n = min(left, blen)
-            written.append(self.memory.read(addr, n))
-            left -= n
+        written = self.memory.read_written(pub.writable, length)
         for addr in pub.buffers:
             self.memory.free(addr)
         if pub.table is not None:
             self.memory.free(pub.table)
         self._free.extend(reversed(pub.descs))
-        return UsedChain(head, length, tuple(written))
+        return UsedChain(head, length, written)
 
     # --- notification fields -------------------------------------------------------------------
 
