@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from virtio_schema.errors import DeviceUsageError
+from virtio_schema.layout import Layout
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory, Locate
 
 __all__ = ["FakeMemory", "FakeMemoryFull"]
+
+_R = TypeVar("_R", bound=tuple[Any, ...])
 
 
 class FakeMemoryFull(DeviceUsageError):
@@ -137,6 +141,13 @@ class FakeMemory:
         addr = self.alloc(len(data), 8)
         self.write(addr, data)
         return addr
+
+    def alloc_table(self, layout: Layout[_R], entries: Sequence[_R]) -> int:
+        """A 16-aligned table of ``entries`` packed with ``layout`` (room for one record when
+        ``entries`` is empty, so the address is still a real allocation); returns its address."""
+        table = self.alloc(layout.size * max(len(entries), 1), 16)
+        self.write(table, b"".join(map(layout.pack, entries)))
+        return table
 
     def read_written(self, buffers: Sequence[tuple[int, int]], length: int) -> tuple[bytes, ...]:
         """What a device wrote into ``(addr, len)`` buffers, in order, cut to ``length`` bytes

@@ -165,12 +165,9 @@ class FakePackedDriver:
             chain.writable.append((addr, length))
             entries.append((addr, length, _WRITE))
         if indirect:
-            table = self.memory.alloc(PACKED_DESC.size * count, 16)
-            for k, (addr, length, flags) in enumerate(entries):
-                self.memory.write(
-                    table + PACKED_DESC.size * k,
-                    PACKED_DESC.pack(PackedDesc(addr, length, 0, flags)),
-                )
+            table = self.memory.alloc_table(
+                PACKED_DESC, [PackedDesc(addr, length, 0, flags) for addr, length, flags in entries]
+            )
             chain.table = table
             entries = [(table, PACKED_DESC.size * count, _INDIRECT)]
         self._chains[buf_id] = chain
@@ -219,10 +216,8 @@ class FakePackedDriver:
         return self.memory.alloc_buffer(data)
 
     def write_indirect_table(self, entries: Sequence[PackedDesc]) -> int:
-        table = self.memory.alloc(PACKED_DESC.size * max(len(entries), 1), 16)
-        for k, rec in enumerate(entries):
-            self.memory.write(table + PACKED_DESC.size * k, PACKED_DESC.pack(rec))
-        return table
+        """Allocate and fill an indirect table with raw entries; returns its address."""
+        return self.memory.alloc_table(PACKED_DESC, entries)
 
     # --- reading back --------------------------------------------------------------------------
 

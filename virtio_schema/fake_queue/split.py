@@ -140,13 +140,15 @@ class FakeDriver:
             entries.append((addr, length, DescFlags.WRITE))
         pub = _Published([], buffers, wbufs)
         if indirect:
-            table = self.memory.alloc(DESC.size * count, 16)
-            for k, (addr, length, flags) in enumerate(entries):
-                more = k + 1 < count
-                rec = Desc(
-                    addr, length, flags | (DescFlags.NEXT if more else 0), k + 1 if more else 0
-                )
-                self.memory.write(table + DESC.size * k, DESC.pack(rec))
+            table = self.memory.alloc_table(
+                DESC,
+                [
+                    Desc(addr, length, flags | DescFlags.NEXT, k + 1)
+                    if k + 1 < count
+                    else Desc(addr, length, flags, 0)
+                    for k, (addr, length, flags) in enumerate(entries)
+                ],
+            )
             pub.table = table
             head = self._free.pop()
             pub.descs.append(head)
@@ -181,10 +183,7 @@ class FakeDriver:
 
     def write_indirect_table(self, entries: Sequence[Desc]) -> int:
         """Allocate and fill an indirect table with raw entries; returns its address."""
-        table = self.memory.alloc(DESC.size * max(len(entries), 1), 16)
-        for k, rec in enumerate(entries):
-            self.memory.write(table + DESC.size * k, DESC.pack(rec))
-        return table
+        return self.memory.alloc_table(DESC, entries)
 
     def push_head(self, head: int) -> None:
         """Put ``head`` (any u16) in the next avail slot and publish it (idx + 1)."""
