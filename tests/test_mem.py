@@ -619,6 +619,52 @@ def test_split_halves_are_tracked_and_released_by_close(mem: GuestMemory) -> Non
             piece.view[0]
 
 
+# --- word views -----------------------------------------------------------------------------------
+
+
+def test_le16_and_le32_read_and_write_little_endian_words_at_their_byte_offsets() -> None:
+    buf = bytearray(11)  # odd length: the word views stop at the last whole word
+    dr = DeviceRange(memoryview(buf))
+    w16, w32 = dr.le16(), dr.le32()
+    assert (len(memoryview(buf)), _count(w16), _count(w32)) == (11, 5, 2)
+    w16[1] = 0xBEEF
+    w32[1] = 0x01020304
+    assert buf[2:4] == b"\xef\xbe"
+    assert buf[4:8] == b"\x04\x03\x02\x01"
+    assert w16[1] == 0xBEEF
+    assert w16[2] == 0x0304
+    assert w16[3] == 0x0102
+    assert buf[:2] == bytes(2)
+    assert buf[8:] == bytes(3)
+
+
+def _count(words: object) -> int:
+    n = 0
+    while True:
+        try:
+            words[n]  # type: ignore[index]
+        except IndexError:
+            return n
+        n += 1
+
+
+def test_word_views_are_released_with_their_range_so_the_mmap_can_be_unmapped() -> None:
+    mm = mmap.mmap(-1, MMAP_SIZE)
+    try:
+        mem = GuestMemory([(0x100000, mm)], close_buffers=True)
+        dr = mem.translate(r(0x100000, 64))
+        assert dr is not None
+        w16, w32 = dr.le16(), dr.le32()
+        w16[0] = 7
+        mem.close()  # no MemoryInUse: the word views went with the range
+        assert mm.closed
+        for words in (w16, w32):
+            with pytest.raises(ValueError, match="released"):
+                words[0]
+    finally:
+        mm.close()
+
+
 # --- lifetime ------------------------------------------------------------------------------------
 
 

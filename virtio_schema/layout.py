@@ -170,7 +170,7 @@ class IntField:
     """
 
     __slots__ = (
-        "_pack_into",
+        "_pack",
         "_unpack_from",
         "maximum",
         "minimum",
@@ -190,7 +190,7 @@ class IntField:
         self.minimum = -(1 << (bits - 1)) if signed else 0
         self.maximum = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
         self._unpack_from = self.struct.unpack_from
-        self._pack_into = self.struct.pack_into
+        self._pack = self.struct.pack
 
     @classmethod
     def of(cls, schema: construct.Struct, name: str) -> IntField:
@@ -225,11 +225,16 @@ class IntField:
                 self.owner, self.name, value, f"outside {self.minimum}..{self.maximum}"
             )
         at = base + self.offset
+        data = self._pack(value)
+        # one copy of the packed bytes, so the field changes in one store: struct.pack_into
+        # would zero it first, and a driver or device polling it could read the zero
         try:
-            if at < 0:
-                raise struct.error("negative offset")
-            self._pack_into(buf, at, value)
-        except struct.error as exc:
+            with memoryview(buf) as whole, whole.cast("B") as view:
+                end = at + len(data)
+                if at < 0 or end > len(view):
+                    raise ValueError(f"bytes {at}..{end} outside a {len(view)}-byte buffer")
+                view[at:end] = data
+        except (TypeError, ValueError) as exc:
             raise LayoutValueError(self.owner, self.name, at, f"cannot write: {exc}") from None
 
     def __repr__(self) -> str:
@@ -289,7 +294,7 @@ class Layout(Generic[R]):
         "_fields",
         "_has_bytes",
         "_new",
-        "_pack_into",
+        "_pack",
         "_unpack_from",
         "name",
         "offsets",
@@ -360,7 +365,7 @@ class Layout(Generic[R]):
         self._fields = tuple(fields)
         self._has_bytes = any(f[1] == "bytes" for f in fields)
         self._unpack_from = self.struct.unpack_from
-        self._pack_into = self.struct.pack_into
+        self._pack = self.struct.pack
         self._new = cast("Any", tuple.__new__)
         self._check_record(names)
         self._prove()
@@ -422,13 +427,19 @@ class Layout(Generic[R]):
     def pack_into(self, buf: WriteBuffer, offset: int, record: R) -> None:
         """Write ``record`` at ``offset`` of ``buf``. Out-of-range values are refused, never
         truncated, and a refused record writes nothing
-        (:class:`~virtio_schema.errors.LayoutValueError` names the field)."""
+        (:class:`~virtio_schema.errors.LayoutValueError` names the field).
+
+        The bytes are packed first and copied in at once: unlike ``struct.pack_into``, which
+        zeroes its target before writing it, no reader ever sees a zero that was not written."""
         self._check(record)
         try:
-            if offset < 0:
-                raise struct.error("negative offset")
-            self._pack_into(buf, offset, *record)
-        except (struct.error, TypeError) as exc:
+            data = self._pack(*record)
+            with memoryview(buf) as whole, whole.cast("B") as view:
+                end = offset + len(data)
+                if offset < 0 or end > len(view):
+                    raise ValueError(f"bytes {offset}..{end} outside a {len(view)}-byte buffer")
+                view[offset:end] = data
+        except (struct.error, TypeError, ValueError) as exc:
             raise LayoutValueError(self.name, "*", offset, f"cannot write: {exc}") from None
 
     def pack(self, record: R) -> bytes:

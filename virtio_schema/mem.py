@@ -16,8 +16,15 @@ Rules of this module:
    memoryview of it is alive). After ``close``, the memory refuses to translate, and old views raise
    ``ValueError`` on access, as released memoryviews do. Views the *caller* derives from a view (a
    slice of ``DeviceRange.view``) are the caller's to release; ``close`` reports them with
-   :class:`~virtio_schema.errors.MemoryInUse` if it owns the buffer.
-3. The memory-ordering points the virtio specification requires are the three named helpers at the
+   :class:`~virtio_schema.errors.MemoryInUse` if it owns the buffer. The word views of
+   :meth:`DeviceRange.le16` and :meth:`DeviceRange.le32` are tracked with their range.
+3. A store the driver may watch while it happens (``used.idx``, ``used.flags``, ``avail_event``, a
+   packed descriptor's flags, the device event area) is ONE machine store, made through those word
+   views. ``struct.pack_into`` is not: it zeroes its target before writing the value, so a driver
+   polling on another CPU can read 0 in between (``used.idx`` going back to 0 looks like 65535 new
+   used elements to it). It is fine for bytes the driver does not look at until a later store
+   publishes them (used elements, buffer contents).
+4. The memory-ordering points the virtio specification requires are the three named helpers at the
    end of this module, and nowhere else. Code that needs a barrier calls one by name.
 
 Imports: the standard library and :mod:`virtio_schema.errors` only.
@@ -28,6 +35,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import platform
+import sys
 import threading
 import weakref
 from bisect import bisect_right
@@ -56,6 +64,7 @@ __all__ = [
     "Locate",
     "MemoryRegion",
     "UnmappedRange",
+    "Words",
     "full_barrier",
     "read_barrier",
     "write_barrier",
@@ -135,6 +144,42 @@ class DriverRange:
         return f"DriverRange({self.start:#x}, {self.end:#x})"
 
 
+class Words(Protocol):
+    """Little-endian words of a :class:`DeviceRange` (from :meth:`DeviceRange.le16` or
+    :meth:`DeviceRange.le32`): ``words[k]`` reads, and ``words[k] = v`` writes, the word at byte
+    offset ``k * width`` with ONE machine access, never a zero in between. On a little-endian host
+    this is the ``memoryview`` itself (``cast("H")`` or ``cast("I")``)."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+    def __setitem__(self, index: int, value: int, /) -> None: ...
+
+    def release(self) -> None: ...
+
+
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+class _SwappedWords:  # pragma: no cover - big-endian hosts only
+    """:class:`Words` on a big-endian host: a native word view plus a byte swap per access."""
+
+    __slots__ = ("_view", "_width")
+
+    def __init__(self, view: memoryview, width: int) -> None:
+        self._view = view
+        self._width = width
+
+    def __getitem__(self, index: int, /) -> int:
+        value: int = self._view[index]
+        return int.from_bytes(value.to_bytes(self._width, "big"), "little")
+
+    def __setitem__(self, index: int, value: int, /) -> None:
+        self._view[index] = int.from_bytes(value.to_bytes(self._width, "little"), "big")
+
+    def release(self) -> None:
+        self._view.release()
+
+
 @final
 class DeviceRange:
     """Device-accessible memory: a byte ``memoryview`` plus the driver range it came from (``None``
@@ -144,7 +189,7 @@ class DeviceRange:
     hostile driver may change the bytes at any moment, so copy what must not change under you.
     """
 
-    __slots__ = ("__weakref__", "_owner", "driver_range", "view")
+    __slots__ = ("__weakref__", "_owner", "_words", "driver_range", "view")
 
     view: memoryview
     driver_range: DriverRange | None
@@ -155,6 +200,7 @@ class DeviceRange:
         self.view = view
         self.driver_range = driver_range
         self._owner: weakref.WeakSet[DeviceRange] | None = None
+        self._words: list[Words] = []
 
     def __len__(self) -> int:
         return len(self.view)
@@ -194,8 +240,34 @@ class DeviceRange:
             owner.add(part)
         return part
 
+    def le16(self) -> Words:
+        """The range as little-endian 16-bit words (``len // 2`` of them, ``words[k]`` at byte
+        ``2 * k``), each read or written with one machine access: the way to store a field the
+        driver may be polling (see rule 3 of this module). Released with the range."""
+        return self._cast(2)
+
+    def le32(self) -> Words:
+        """The range as little-endian 32-bit words (``len // 4`` of them, ``words[k]`` at byte
+        ``4 * k``), like :meth:`le16`."""
+        return self._cast(4)
+
+    def _cast(self, width: int) -> Words:
+        n = len(self.view)
+        whole = self.view[: n - n % width]
+        try:
+            native = whole.cast("H") if width == 2 else whole.cast("I")
+        finally:
+            whole.release()
+        words: Words = native if _LITTLE_ENDIAN_HOST else _SwappedWords(native, width)
+        self._words.append(words)
+        return words
+
     def release(self) -> None:
-        """Release the view now (it raises ``ValueError`` on use afterwards)."""
+        """Release the view and the word views made from it now (they raise ``ValueError`` on
+        use afterwards)."""
+        for words in self._words:
+            words.release()
+        self._words.clear()
         self.view.release()
 
     def __repr__(self) -> str:
@@ -399,7 +471,7 @@ class GuestMemory:
         busy: list[str] = []
         for dr in list(self._views):
             try:
-                dr.view.release()
+                dr.release()
             except BufferError:
                 busy.append(repr(dr))
             else:
@@ -445,7 +517,7 @@ class GuestMemory:
 # avail idx) at the notification points (full barrier).
 #
 # Python has no fence primitive. What CPython gives: every guest-memory access here is a separate C
-# call (struct.unpack_from / pack_into / memoryview slice assignment) that the C compiler cannot
+# call (struct.unpack_from / pack_into / a memoryview item or slice assignment) that the C compiler cannot
 # reorder across, so compiler reordering is excluded. On x86-64 (TSO) the hardware keeps load->load
 # and store->store order, so read and write barriers need nothing more; only store->load needs a
 # locked instruction, and acquiring/releasing a lock executes one (LOCK CMPXCHG is a full fence). On

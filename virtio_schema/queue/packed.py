@@ -61,7 +61,6 @@ _ENABLE = int(EventFlags.ENABLE)
 _DISABLE = int(EventFlags.DISABLE)
 _DESC = int(EventFlags.DESC)
 _U16 = struct.Struct("<H")
-_U32 = struct.Struct("<L")
 _new_desc = tuple.__new__
 
 
@@ -93,14 +92,23 @@ class PackedQueue(QueueBase):
         self._event_idx = bool(features & Feature.EVENT_IDX)
         self._ring_view = self.ring.view
         self._drv_view = self.driver_event.view
-        self._dev_view = self.device_event.view
         self._flags_off = self.ring.flags_offset
         self._id_off = self.ring.id_offset
         self._len_off = self.ring.len_offset
+        # what the driver polls (a descriptor's flags, the device event area) is stored as one
+        # word each: pack_into would zero it first (see virtio_schema.mem, rule 3)
+        self._ring_w16 = self.ring.range.le16()
+        self._ring_w32 = self.ring.range.le32()
+        self._dev_words = self.device_event.range.le16()
         self._drv_off_wrap_off = self.driver_event.off_wrap_offset
         self._drv_flags_off = self.driver_event.flags_offset
         self._dev_off_wrap_off = self.device_event.off_wrap_offset
         self._dev_flags_off = self.device_event.flags_offset
+        self._id_w = self._id_off >> 1
+        self._len_w = self._len_off >> 2
+        self._flags_w = self._flags_off >> 1
+        self._dev_off_wrap_w = self._dev_off_wrap_off >> 1
+        self._dev_flags_w = self._dev_flags_off >> 1
         self._unpack_desc = PACKED_DESC.struct.unpack_from
         self._start(state or QueueState())
 
@@ -314,16 +322,15 @@ class PackedQueue(QueueBase):
             self.notifier.notify()
 
     def _write_used(self, head: int, written: int, slots: int) -> None:
-        ring = self._ring_view
+        w16 = self._ring_w16
         pos = self._next_used
-        base = 16 * pos
-        _U16.pack_into(ring, base + self._id_off, head)
-        _U32.pack_into(ring, base + self._len_off, written)
+        w16[8 * pos + self._id_w] = head
+        self._ring_w32[4 * pos + self._len_w] = written
         flags = (_AVAIL | _USED) if self._used_wrap else 0
         if written:
             flags |= _WRITE
         write_barrier()  # id and len before the flags that publish them (virtio 1.2, 2.8.21)
-        _U16.pack_into(ring, base + self._flags_off, flags)
+        w16[8 * pos + self._flags_w] = flags
         pos += slots
         if pos >= self.size:
             pos -= self.size
@@ -355,15 +362,15 @@ class PackedQueue(QueueBase):
 
     def _write_device_event(self) -> None:
         off_wrap = self._next_avail | (self._avail_wrap << 15)
-        _U16.pack_into(self._dev_view, self._dev_off_wrap_off, off_wrap)
-        _U16.pack_into(self._dev_view, self._dev_flags_off, _DESC)
+        self._dev_words[self._dev_off_wrap_w] = off_wrap
+        self._dev_words[self._dev_flags_w] = _DESC
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick: the device event area says DISABLE."""
         self._notify_enabled = False
         if self._broken is not None:
             return
-        _U16.pack_into(self._dev_view, self._dev_flags_off, _DISABLE)
+        self._dev_words[self._dev_flags_w] = _DISABLE
 
     def enable_notifications(self) -> bool:
         """Ask for kicks again (ENABLE, or DESC at the next avail position with EVENT_IDX), then
@@ -374,6 +381,6 @@ class PackedQueue(QueueBase):
         if self._event_idx:
             self._write_device_event()
         else:
-            _U16.pack_into(self._dev_view, self._dev_flags_off, _ENABLE)
+            self._dev_words[self._dev_flags_w] = _ENABLE
         full_barrier()  # the request to kick before re-reading the ring
         return self._available(self._next_avail)

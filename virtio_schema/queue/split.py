@@ -106,6 +106,12 @@ class Queue(QueueBase):
         self._avail_idx_off = self.avail_ring.idx_offset
         self._avail_flags_off = self.avail_ring.flags_offset
         self._avail_event_off = self.used_ring.avail_event_offset
+        # the fields the driver polls are stored as one 16-bit word each (pack_into would zero
+        # them first: see virtio_schema.mem, rule 3)
+        self._used_words = self.used_ring.range.le16()
+        self._used_idx_w = self._used_idx_off >> 1
+        self._used_flags_w = self._used_flags_off >> 1
+        self._avail_event_w = self._avail_event_off >> 1
         self._unpack_desc = DESC.struct.unpack_from
         self._start(state or QueueState())
 
@@ -167,7 +173,7 @@ class Queue(QueueBase):
         self._next_avail = next_avail = (next_avail + 1) & 0xFFFF
         if self._event_idx and self._notify_enabled:
             # ask for a kick when the driver publishes past what we have taken (virtio 1.2, 2.7.10)
-            _U16.pack_into(self._used_view, self._avail_event_off, next_avail)
+            self._used_words[self._avail_event_w] = next_avail
         chain = self._walk(head)
         if self._in_order:
             self._outstanding.append(head)
@@ -280,7 +286,7 @@ class Queue(QueueBase):
                 next_used += 1
         write_barrier()  # the elements before the index that publishes them
         self._next_used = next_used = next_used & 0xFFFF
-        _U16.pack_into(used, self._used_idx_off, next_used)
+        self._used_words[self._used_idx_w] = next_used
         if next_used != start and self._should_notify(next_used):
             self.notifier.notify()
 
@@ -292,7 +298,7 @@ class Queue(QueueBase):
         )
         write_barrier()  # the element before the index that publishes it (virtio 1.2, 2.7.14)
         self._next_used = next_used = (next_used + 1) & 0xFFFF
-        _U16.pack_into(used, self._used_idx_off, next_used)
+        self._used_words[self._used_idx_w] = next_used
         if self._should_notify(next_used):
             self.notifier.notify()
 
@@ -317,8 +323,8 @@ class Queue(QueueBase):
         self._notify_enabled = False
         if self._broken is not None or self._event_idx:
             return
-        flags: int = _U16.unpack_from(self._used_view, self._used_flags_off)[0]
-        _U16.pack_into(self._used_view, self._used_flags_off, flags | _NO_NOTIFY)
+        words = self._used_words
+        words[self._used_flags_w] = words[self._used_flags_w] | _NO_NOTIFY
 
     def enable_notifications(self) -> bool:
         """Ask the driver to kick again, then re-check the ring (virtio 1.2, 2.7.10: without the
@@ -331,10 +337,10 @@ class Queue(QueueBase):
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
         if self._event_idx:
-            _U16.pack_into(self._used_view, self._avail_event_off, self._next_avail)
+            self._used_words[self._avail_event_w] = self._next_avail
         else:
-            flags: int = _U16.unpack_from(self._used_view, self._used_flags_off)[0]
-            _U16.pack_into(self._used_view, self._used_flags_off, flags & ~_NO_NOTIFY & 0xFFFF)
+            words = self._used_words
+            words[self._used_flags_w] = words[self._used_flags_w] & ~_NO_NOTIFY & 0xFFFF
         full_barrier()  # the request to kick before re-reading avail.idx
         avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
         return avail_idx != self._next_avail
