@@ -154,26 +154,10 @@ def test_txonly_into_sink_every_frame_arrives(tmp: Path, variant: str) -> None:
         assert not acked & Feature.INDIRECT_DESC
 
 
-# Receive on a packed ring stalls in some runs (issue #10, open): testpmd stops taking frames after
-# a few hundred to a few thousand, with one ring slot still holding the device's used descriptor of
-# the previous lap. It shows with and without IN_ORDER (testpmd's virtio-user turns in_order on by
-# default, so "packed" negotiates it too; the back-end's --without in-order does not make it go
-# away). Until it is understood the packed case runs as a non-strict xfail, reported as XFAIL or
-# XPASS in every run rather than gating CI; "packed-in-order" is the same negotiation and is left
-# out. Transmit and reflect (which also receive) cover packed rings as gating tests.
-_PACKED_RECEIVE_STALL = pytest.mark.xfail(
-    reason="issue #10: intermittent packed-ring receive stall with DPDK virtio-user", strict=False
-)
-
-
-@pytest.mark.parametrize(
-    "variant",
-    [
-        pytest.param(v, marks=_PACKED_RECEIVE_STALL) if v == "packed" else v
-        for v in VARIANTS
-        if v != "packed-in-order"
-    ],
-)
+# "packed-in-order" is left out: testpmd's virtio-user turns in_order on by default, so "packed"
+# negotiates the same. (This test found issue #10's packed receive stall: the device's used-flags
+# store passed through 0, see tests/test_single_store.py.)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "packed-in-order"])
 def test_source_into_rxonly_testpmd_counts_every_frame(tmp: Path, variant: str) -> None:
     vdev, extra = VARIANTS[variant]
     frames = 5000
