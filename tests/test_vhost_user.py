@@ -61,7 +61,9 @@ from virtio_schema.vhost_user.messages import (
     Request,
     U64Rec,
     VringStateRec,
+    decode_capture,
     describe,
+    parse_capture,
 )
 
 SECTORS = 64
@@ -98,11 +100,18 @@ def serving(
     factory: Callable[[], VhostUserDevice],
     *,
     trace: bool = False,
+    capture: Path | None = None,
     io_timeout: float = 0.5,
 ) -> Iterator[VhostUserServer]:
     """A server listening on ``path``, its loop in a daemon thread; stopped and joined on exit."""
     assert len(str(path)) < 100, f"unix socket path too long: {path}"
-    server = VhostUserServer(str(path), factory, trace=trace, io_timeout=io_timeout)
+    server = VhostUserServer(
+        str(path),
+        factory,
+        trace=trace,
+        capture=None if capture is None else str(capture),
+        io_timeout=io_timeout,
+    )
     server.listen()
     thread = threading.Thread(target=server.serve_forever, name="vhost-user-server", daemon=True)
     thread.start()
@@ -1062,6 +1071,34 @@ def test_trace_logs_every_message_in_and_out_decoded(
     assert lines[6].endswith("size=4 deadbeef")
     # the REPLY_ACK to SET_MEM_TABLE is a u64 (0: success), not a memory table
     assert "u64=0x0" in lines[4]
+
+
+def test_capture_records_every_message_raw_both_ways_as_the_trace_decodes_it(
+    tmp_path: Path, blk: BlkDevice, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=TRACE_LOGGER)
+    capture = tmp_path / "conversation.trace"
+    with (
+        serving(
+            tmp_path / "cap.sock", lambda: VhostUserBlk(blk), trace=True, capture=capture
+        ) as server,
+        session(server.path, start=False) as s,
+    ):
+        offered = s.fe.get_features()
+        s.fe.set_protocol_features(PROTOCOL)
+        assert s.fe.use_ram(s.ram, need_reply=True) == 0
+        s.fe.set_vring_call(0, s.call_fd)
+        s.fe.send(999, b"\xde\xad\xbe\xef")
+        assert s.fe.wait_closed() == b""
+    records = parse_capture(capture.read_text())
+    assert [(r.direction, r.nfds) for r in records] == [
+        ("<-", 0), ("->", 0), ("<-", 0), ("<-", 1), ("->", 0), ("<-", 1), ("<-", 0),
+    ]  # fmt: skip
+    assert records[1].data[HEADER.size :] == offered.to_bytes(8, "little")  # the reply, raw
+    # exactly the bytes sent: request 999, flags 1 (version), size 4, payload
+    assert records[-1].data == bytes.fromhex("e70300000100000004000000deadbeef")
+    # decoded, a capture reads like the trace of the same conversation
+    assert decode_capture(capture.read_text()) == _trace_lines(caplog)
 
 
 def test_no_trace_unless_asked(

@@ -1,12 +1,19 @@
 """A read-only virtqueue inspector for memory dumps and live guests.
 
-    python -m virtio_schema.inspect --mem FILE [--mem-base GPA] --desc ADDR --avail ADDR --used ADDR
-        --size N [--packed] [--index K ...] [--json] [--hexdump N] [--decode blk|net]
+    python -m virtio_schema.inspect --mem FILE [--mem-base GPA]
+        (--desc ADDR --avail ADDR --used ADDR --size N [--packed] | --qmp SOCKET --path QOM_PATH
+        [--queue K]) [--index K ...] [--json] [--hexdump N] [--decode blk|net]
 
 ``--mem`` is guest memory as a file: a raw dump, or the live memory of a QEMU guest started with
 ``-object memory-backend-file,mem-path=/dev/shm/NAME,share=on``, mapped read-only (``PROT_READ``)
 at guest-physical ``--mem-base``. ``--desc/--avail/--used`` are the ring's guest addresses (for a
-packed ring: the descriptor ring and the driver and device event areas).
+packed ring: the descriptor ring and the driver and device event areas). Instead, ``--qmp`` asks
+the running QEMU (QMP socket, QEMU 7.2 or later; see :mod:`virtio_schema.qmp`) for queue ``--queue``
+of the virtio device at ``--path`` (``x-query-virtio`` lists the paths): the ring format from the
+negotiated features (``x-query-virtio-status``), addresses and size from
+``x-query-virtio-queue-status``, shown with QEMU's own indices for the queue, or, while a vhost
+back-end runs the device, from ``x-query-virtio-vhost-queue-status`` (asking the former would make
+QEMU stop the back-end's ring: see :func:`ring_from_qmp`).
 
 It prints the ring's flags and indices (``used_event``/``avail_event``, or the packed event areas),
 the chains between the last used and the current avail index ("in flight"), and every avail slot
@@ -29,10 +36,12 @@ import mmap
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from virtio_schema.errors import VirtioError
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
+from virtio_schema.qmp import QMPClient, QMPError
 from virtio_schema.queue import DescChain, PackedQueue, Queue, QueueBroken, QueueMemory
 from virtio_schema.records import BLK_REQ_HDR, NET_HDR
 from virtio_schema.ring import DESC, PACKED_DESC
@@ -46,7 +55,7 @@ from virtio_schema.schema import (
     used_ring,
 )
 
-__all__ = ["InspectError", "inspect_ring", "main"]
+__all__ = ["InspectError", "QemuRing", "inspect_ring", "main", "ring_from_qmp"]
 
 _DESC_NAMES = [(int(DescFlags.NEXT), "next"), (int(DescFlags.WRITE), "write"),
                (int(DescFlags.INDIRECT), "indirect")]  # fmt: skip
@@ -61,6 +70,54 @@ class InspectError(VirtioError):
 class _NullNotify:
     def notify(self) -> None:  # pragma: no cover - the inspector never returns a chain
         pass
+
+
+@dataclass(frozen=True)
+class QemuRing:
+    """Where a running QEMU says a queue's ring is, and its own indices for the queue."""
+
+    desc: int
+    avail: int
+    used: int
+    size: int
+    packed: bool
+    indices: dict[str, Any]
+    """QEMU's view for the report: ``path``, ``queue``, ``vhost`` (a vhost back-end runs the
+    ring) and, where QEMU is the device, its ``last_avail_idx``, ``shadow_avail_idx``,
+    ``used_idx`` and ``inuse`` (from ``x-query-virtio-queue-status``)."""
+
+
+def ring_from_qmp(socket_path: str, path: str, queue: int, *, timeout: float = 10.0) -> QemuRing:
+    """Ask QEMU over QMP where queue ``queue`` of the device at QOM ``path`` lives.
+
+    Only reads: for a device whose vhost back-end is running, the addresses come from
+    ``x-query-virtio-vhost-queue-status`` (``x-query-virtio-queue-status`` would make QEMU 7.2
+    stop the back-end's ring, see :mod:`virtio_schema.qmp`), and QEMU has no indices of its own to
+    show. Raises :class:`InspectError` if QEMU cannot be asked or does not know the queue, or if
+    the driver has not set the ring up (address 0)."""
+    indices: dict[str, Any] = {"path": path, "queue": queue}
+    try:
+        with QMPClient(socket_path, timeout=timeout) as qmp:
+            vs = qmp.virtio_status(path)
+            indices["vhost"] = vs.vhost_started
+            if vs.vhost_started:
+                vq = qmp.vhost_queue_status(path, queue)
+                desc, avail, used, num = vq.desc, vq.avail, vq.used, vq.num
+            else:
+                qs = qmp.queue_status(path, queue)
+                desc, avail, used, num = qs.desc, qs.avail, qs.used, qs.num
+                indices.update(
+                    last_avail_idx=qs.last_avail_idx, shadow_avail_idx=qs.shadow_avail_idx,
+                    used_idx=qs.used_idx, inuse=qs.inuse,
+                )  # fmt: skip
+    except QMPError as exc:
+        raise InspectError(f"QMP: {exc}") from None
+    if desc == 0 or num == 0:
+        raise InspectError(
+            f"queue {queue} of {path} has no ring (desc {desc:#x}, size {num}):"
+            " the driver has not set it up"
+        )
+    return QemuRing(desc, avail, used, num, vs.packed, indices)
 
 
 def _flag_names(flags: int, table: list[tuple[int, str]]) -> list[str]:
@@ -176,6 +233,7 @@ def inspect_ring(
     except VirtioError as exc:
         raise InspectError(str(exc)) from None
     doc: dict[str, Any] = {"format": "packed" if packed else "split", "size": size}
+    doc["addresses"] = {"desc": desc, "avail": avail, "used": used}
     chains: list[dict[str, Any]] = []
     if isinstance(queue, Queue):
         a, u = queue.avail_ring, queue.used_ring
@@ -276,8 +334,9 @@ def _decode_header(mem: GuestMemory, descriptors: list[dict[str, Any]], kind: st
 
 
 def _print_text(doc: dict[str, Any]) -> None:
-    print(f"{doc['format']} ring, size {doc['size']}")
-    for key in ("avail", "used", "driver_event", "device_event"):
+    where = ", ".join(f"{k} {v:#x}" for k, v in doc["addresses"].items())
+    print(f"{doc['format']} ring, size {doc['size']} ({where})")
+    for key in ("qemu", "avail", "used", "driver_event", "device_event"):
         if key in doc:
             print(f"  {key}: " + " ".join(f"{k}={v}" for k, v in doc[key].items()))
     if "in_flight" in doc:
@@ -310,20 +369,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--mem-base", type=_addr, default=0, help="guest address of the file's first byte"
     )
-    p.add_argument("--desc", type=_addr, required=True)
-    p.add_argument(
-        "--avail", type=_addr, required=True, help="avail ring (packed: driver event area)"
+    by_addr = p.add_argument_group("the ring by address")
+    by_addr.add_argument("--desc", type=_addr, help="descriptor table (packed: descriptor ring)")
+    by_addr.add_argument("--avail", type=_addr, help="avail ring (packed: driver event area)")
+    by_addr.add_argument("--used", type=_addr, help="used ring (packed: device event area)")
+    by_addr.add_argument("--size", type=int, help="queue size")
+    by_addr.add_argument("--packed", action="store_true", help="a packed ring")
+    by_qmp = p.add_argument_group("the ring from a running QEMU (QMP, QEMU 7.2 and later)")
+    by_qmp.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket")
+    by_qmp.add_argument("--path", help="the device's QOM path (x-query-virtio lists them)")
+    by_qmp.add_argument("--queue", type=int, default=0, help="queue index (default 0)")
+    by_qmp.add_argument(
+        "--qmp-timeout", type=float, default=10.0, metavar="SECONDS", help="per QMP reply"
     )
-    p.add_argument(
-        "--used", type=_addr, required=True, help="used ring (packed: device event area)"
-    )
-    p.add_argument("--size", type=int, required=True)
-    p.add_argument("--packed", action="store_true")
     p.add_argument("--index", type=int, action="append", default=[])
     p.add_argument("--json", action="store_true")
     p.add_argument("--hexdump", type=int, default=0, metavar="N", help="first N bytes of buffers")
     p.add_argument("--decode", choices=["blk", "net"], default=None, help="decode request headers")
     args = p.parse_args(argv)
+    by_address = (args.desc, args.avail, args.used, args.size)
+    qemu: dict[str, Any] | None = None
+    if args.qmp is not None:
+        if any(v is not None for v in by_address) or args.packed:
+            p.error("--qmp reads the ring's addresses, size and format from QEMU: drop"
+                    " --desc/--avail/--used/--size/--packed")  # fmt: skip
+        if args.path is None:
+            p.error("--qmp needs --path (the device's QOM path; x-query-virtio lists them)")
+        try:
+            ring = ring_from_qmp(args.qmp, args.path, args.queue, timeout=args.qmp_timeout)
+        except InspectError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        args.desc, args.avail, args.used, args.size = ring.desc, ring.avail, ring.used, ring.size
+        args.packed = ring.packed
+        qemu = ring.indices
+    elif any(v is None for v in by_address):
+        p.error("give the ring as --desc, --avail, --used and --size, or --qmp with --path")
     fd = os.open(args.mem, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -345,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         mm.close()
+    if qemu is not None:
+        doc["qemu"] = qemu
     if args.json:
         print(json.dumps(doc, indent=2))
     else:

@@ -216,12 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--serial", default="virtio-schema", help="GET_ID string (20 bytes max)")
     p.add_argument("--trace", action="store_true", help="log every vhost-user message decoded")
+    p.add_argument(
+        "--capture", metavar="FILE", default=None, help="append every vhost-user message, raw"
+    )
     p.add_argument("--max-connections", type=int, default=None, help="exit after N front-ends")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with open(args.image, "rb" if args.read_only else "r+b", buffering=0) as image:
         blk = BlkDevice(image, read_only=args.read_only, serial=args.serial.encode())
-        server = VhostUserServer(args.vhost_user, lambda: VhostUserBlk(blk), trace=args.trace)
+        server = VhostUserServer(
+            args.vhost_user, lambda: VhostUserBlk(blk), trace=args.trace, capture=args.capture
+        )
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         log.info("virtio-blk on %s: %s, %d sectors", args.vhost_user, args.image, blk.capacity)

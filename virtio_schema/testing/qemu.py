@@ -10,7 +10,10 @@ caller, so a test can look for its own markers and show the console when somethi
 * :func:`build_initramfs` writes a newc cpio archive (no ``cpio`` binary needed) with the static
   busybox, the requested modules in dependency order, extra files and the ``/init`` script;
 * :func:`run_guest` starts ``qemu-system-x86_64 -accel tcg`` with memfd guest memory shared with
-  vhost-user back-ends, under a hard timeout, and kills exactly the process it started.
+  vhost-user back-ends, under a hard timeout, and kills exactly the process it started;
+  :func:`start_guest` does the same without waiting (a :class:`RunningGuest` with a watchdog), for
+  tests that talk to the running VM, optionally with its memory in a file (``mem_path``, e.g. in
+  ``/dev/shm``) and a QMP socket (``qmp``).
 
 Nothing here runs unless called; importing it needs only the standard library.
 """
@@ -22,9 +25,11 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -32,11 +37,14 @@ __all__ = [
     "INIT_PRELUDE",
     "GuestResult",
     "KernelKit",
+    "RunningGuest",
     "build_initramfs",
     "find_busybox",
     "find_kernel",
     "qemu_binary",
+    "qemu_command",
     "run_guest",
+    "start_guest",
 ]
 
 DEFAULT_CACHE = Path(
@@ -256,27 +264,35 @@ class GuestResult:
         return "\n".join(self.console.splitlines()[-n:])
 
 
-def run_guest(
+def qemu_command(
     kit: KernelKit,
     initrd: Path,
     device_args: list[str],
     *,
-    timeout: float = 180.0,
     memory_mib: int = 256,
     append: str = "",
     qemu: str | None = None,
-) -> GuestResult:
-    """Boot the guest with ``device_args`` (``-chardev``/``-device`` pairs for vhost-user
-    devices) and wait for it to power off, at most ``timeout`` seconds (then QEMU is killed)."""
+    mem_path: Path | None = None,
+    qmp: Path | None = None,
+) -> list[str]:
+    """The QEMU command line :func:`run_guest` and :func:`start_guest` run.
+
+    Guest memory is a shared memfd, or with ``mem_path`` a shared file (e.g. in ``/dev/shm``) that
+    another process, such as :mod:`virtio_schema.inspect`, can map; ``qmp`` adds a QMP server on
+    that unix socket path (QEMU creates it and does not wait for a client)."""
     binary = qemu or qemu_binary()
     if binary is None:
         raise FileNotFoundError("qemu-system-x86_64 is not installed")
+    if mem_path is None:
+        backend = f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"
+    else:
+        backend = f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={mem_path},share=on"
     cmd = [
         binary,
         "-accel", "tcg",
         "-machine", "pc,memory-backend=mem",
         "-m", f"{memory_mib}M",
-        "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
+        "-object", backend,
         "-smp", "1",
         "-display", "none",
         "-vga", "none",
@@ -287,23 +303,136 @@ def run_guest(
         "-kernel", str(kit.vmlinuz),
         "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 loglevel=4 {append}".strip(),
-        *device_args,
     ]  # fmt: skip
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    timed_out = False
+    if qmp is not None:
+        cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    return cmd + device_args
+
+
+class RunningGuest:
+    """A QEMU process started by :func:`start_guest`, with its console collected as it runs.
+
+    A watchdog kills the process (by its PID, SIGKILL) ``timeout`` seconds after the start,
+    whatever the caller is doing; :meth:`kill` ends it earlier. Use it as a context manager (the
+    exit kills) or call :meth:`kill` in a ``finally`` block."""
+
+    def __init__(self, cmd: list[str], timeout: float) -> None:
+        self.timeout = timeout
+        self._t0 = time.monotonic()
+        self._chunks: list[bytes] = []
+        self._lock = threading.Lock()
+        self.timed_out = False
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self._reader = threading.Thread(target=self._read, name="qemu-console", daemon=True)
+        self._reader.start()
+        self._watchdog = threading.Timer(timeout, self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        while chunk := os.read(out.fileno(), 65536):
+            with self._lock:
+                self._chunks.append(chunk)
+
+    def _expire(self) -> None:
+        if self.proc.poll() is None:
+            self.timed_out = True
+            self.proc.kill()
+
+    def console(self) -> str:
+        """Everything the guest printed so far."""
+        with self._lock:
+            data = b"".join(self._chunks)
+        return data.decode(errors="replace")
+
+    def wait_for(self, marker: str, timeout: float | None = None) -> bool:
+        """Wait until a console line starts with ``marker``; ``False`` if QEMU exits or
+        ``timeout`` (default: until the watchdog) passes first."""
+        end = self._t0 + self.timeout if timeout is None else time.monotonic() + timeout
+        while True:
+            text = self.console()
+            if any(line.strip("\r").startswith(marker) for line in text.splitlines()):
+                return True
+            if self.proc.poll() is not None or time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+
+    def wait(self) -> GuestResult:
+        """Wait for QEMU to exit (at most until the watchdog kills it) and return the result."""
+        self.proc.wait()
+        return self._finish()
+
+    def kill(self) -> GuestResult:
+        """Kill QEMU now (if still running) and return the result so far."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        return self._finish()
+
+    def _finish(self) -> GuestResult:
+        self._watchdog.cancel()
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return GuestResult(
+            self.console(), self.proc.returncode, self.timed_out, time.monotonic() - self._t0
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def start_guest(
+    kit: KernelKit,
+    initrd: Path,
+    device_args: list[str],
+    *,
+    timeout: float = 180.0,
+    memory_mib: int = 256,
+    append: str = "",
+    qemu: str | None = None,
+    mem_path: Path | None = None,
+    qmp: Path | None = None,
+) -> RunningGuest:
+    """Start the guest without waiting for it (see :func:`qemu_command` for the options): for a
+    test that talks to the running VM (QMP, reading its memory) before it ends it."""
+    cmd = qemu_command(
+        kit, initrd, device_args, memory_mib=memory_mib, append=append, qemu=qemu,
+        mem_path=mem_path, qmp=qmp,
+    )  # fmt: skip
+    return RunningGuest(cmd, timeout)
+
+
+def run_guest(
+    kit: KernelKit,
+    initrd: Path,
+    device_args: list[str],
+    *,
+    timeout: float = 180.0,
+    memory_mib: int = 256,
+    append: str = "",
+    qemu: str | None = None,
+    mem_path: Path | None = None,
+    qmp: Path | None = None,
+) -> GuestResult:
+    """Boot the guest with ``device_args`` (``-chardev``/``-device`` pairs for vhost-user
+    devices) and wait for it to power off, at most ``timeout`` seconds (then QEMU is killed)."""
+    guest = start_guest(
+        kit, initrd, device_args, timeout=timeout, memory_mib=memory_mib, append=append,
+        qemu=qemu, mem_path=mem_path, qmp=qmp,
+    )  # fmt: skip
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        proc.kill()
-        out, _ = proc.communicate()
+        return guest.wait()
     finally:
-        if proc.poll() is None:  # pragma: no cover - communicate() waited
-            proc.kill()
-            proc.wait()
-    return GuestResult(
-        out.decode(errors="replace"), proc.returncode, timed_out, time.monotonic() - t0
-    )
+        guest.kill()

@@ -8,6 +8,17 @@ descriptors travel as SCM_RIGHTS ancillary data with the message.
 As for the rings, the schemas are the source of truth and the transport reads them through
 :mod:`virtio_schema.layout`; :func:`describe` uses Construct itself to decode a message for the
 trace (never on a hot path).
+
+Captures. A raw recording of a conversation (``VhostUserServer(capture=FILE)``, the examples'
+``--capture FILE``) is text, one message per line::
+
+    CONN DIR NFDS HEX
+
+``CONN`` names the connection (``vhost-user#1``), ``DIR`` is ``<-`` (front-end to back-end) or
+``->`` (the back-end's reply), ``NFDS`` the number of file descriptors that came with the message
+(they cannot be recorded), ``HEX`` the message bytes, header and payload. Blank lines and lines
+starting with ``#`` are comments. :func:`format_capture` writes a line, :func:`parse_capture`
+reads a file back, :func:`decode_capture` decodes it into trace lines.
 """
 
 from __future__ import annotations
@@ -17,9 +28,12 @@ from typing import NamedTuple
 
 from construct import Array, Bytes, Int32ul, Int64ul, Padding, Struct, this
 
+from virtio_schema.errors import VirtioError
 from virtio_schema.layout import Layout
 
 __all__ = [
+    "CAPTURE_IN",
+    "CAPTURE_OUT",
     "CONFIG_HDR",
     "HEADER",
     "MAX_CONFIG_SIZE",
@@ -32,6 +46,8 @@ __all__ = [
     "VERSION",
     "VRING_ADDR",
     "VRING_STATE",
+    "CaptureFormatError",
+    "CapturedMessage",
     "ConfigHdr",
     "ConfigSpace",
     "Header",
@@ -45,8 +61,11 @@ __all__ = [
     "U64Payload",
     "VringAddr",
     "VringState",
+    "decode_capture",
     "decode_stream",
     "describe",
+    "format_capture",
+    "parse_capture",
 ]
 
 VERSION = 0x1
@@ -380,3 +399,73 @@ def _describe_payload(request: int, payload: bytes) -> str:
         c = ConfigSpace.parse(payload)
         return f"offset={c.offset} size={c.size} flags={c.flags} data={bytes(c.payload)[:64].hex()}"
     return payload[:32].hex()
+
+
+# --- captures ----------------------------------------------------------------------------------
+
+CAPTURE_IN = "<-"
+"""Direction mark of a message from the front-end (as in the trace)."""
+CAPTURE_OUT = "->"
+"""Direction mark of a message from the back-end (a reply)."""
+
+
+class CaptureFormatError(VirtioError):
+    """A capture line does not follow the format (named by its line number)."""
+
+
+class CapturedMessage(NamedTuple):
+    """One recorded message (see "Captures" in the module docstring)."""
+
+    conn: str
+    direction: str
+    """:data:`CAPTURE_IN` or :data:`CAPTURE_OUT`."""
+    nfds: int
+    data: bytes
+    """The whole message: header and payload, as on the socket."""
+
+
+def format_capture(conn: str, direction: str, data: bytes, nfds: int = 0) -> str:
+    """One capture line (without the newline) for a message of ``data`` bytes."""
+    if direction not in (CAPTURE_IN, CAPTURE_OUT) or not conn or " " in conn:
+        raise CaptureFormatError(f"bad capture record: conn {conn!r}, direction {direction!r}")
+    return f"{conn} {direction} {nfds} {data.hex()}"
+
+
+def parse_capture(text: str) -> list[CapturedMessage]:
+    """The messages of a capture file's text, in order."""
+    out: list[CapturedMessage] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 4 or parts[1] not in (CAPTURE_IN, CAPTURE_OUT):
+            raise CaptureFormatError(f"capture line {lineno}: expected 'CONN DIR NFDS HEX'")
+        try:
+            nfds = int(parts[2])
+            data = bytes.fromhex(parts[3])
+        except ValueError:
+            raise CaptureFormatError(
+                f"capture line {lineno}: NFDS must be a number and HEX hexadecimal"
+            ) from None
+        out.append(CapturedMessage(parts[0], parts[1], nfds, data))
+    return out
+
+
+def decode_capture(text: str) -> list[str]:
+    """A capture decoded into the lines ``--trace`` logs: ``CONN DIR`` and :func:`describe` of
+    each record; a record shorter or longer than its header says is marked as such."""
+    out = []
+    for msg in parse_capture(text):
+        if len(msg.data) < HEADER.size:
+            line = f"<truncated header: {len(msg.data)} of {HEADER.size} bytes>"
+        else:
+            h = HEADER.unpack_from(msg.data)
+            body = msg.data[HEADER.size :]
+            line = describe(h.request, h.flags, body[: h.size], msg.nfds)
+            if len(body) < h.size:
+                line += f" <truncated payload: {len(body)} of {h.size} bytes>"
+            elif len(body) > h.size:
+                line += f" <{len(body) - h.size} bytes after the message>"
+        out.append(f"{msg.conn} {msg.direction} {line}")
+    return out

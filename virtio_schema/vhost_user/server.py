@@ -15,7 +15,11 @@ Rules of this module:
 2. A front-end that stalls mid-message cannot hang the server: reads of the rest of a message time
    out (``io_timeout``), and the connection is dropped.
 3. With ``trace=True`` every message in and out is logged decoded (logger
-   ``virtio_schema.vhost_user.trace``).
+   ``virtio_schema.vhost_user.trace``). With ``capture=FILE`` every message in and out is also
+   appended to FILE raw, one line each, flushed at once: a recording of a real conversation to
+   decode later or elsewhere (the format and
+   :func:`~virtio_schema.vhost_user.messages.decode_capture` are in
+   :mod:`~virtio_schema.vhost_user.messages`, "Captures").
 """
 
 from __future__ import annotations
@@ -30,10 +34,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from virtio_schema.vhost_user.backend import Backend, FrontendError
 from virtio_schema.vhost_user.device import VhostUserDevice
-from virtio_schema.vhost_user.messages import HEADER, MAX_FDS, MAX_PAYLOAD, describe
+from virtio_schema.vhost_user.messages import (
+    CAPTURE_IN,
+    CAPTURE_OUT,
+    HEADER,
+    MAX_FDS,
+    MAX_PAYLOAD,
+    HeaderRec,
+    describe,
+    format_capture,
+)
 
 __all__ = ["VhostUserServer"]
 
@@ -69,11 +83,15 @@ class VhostUserServer:
         device_factory: Callable[[], VhostUserDevice],
         *,
         trace: bool = False,
+        capture: str | None = None,
         io_timeout: float = 5.0,
     ) -> None:
         self.path = path
         self.device_factory = device_factory
         self.trace = trace
+        self.capture = capture
+        """File every message is appended to, raw (see the module's rule 3), or ``None``."""
+        self._capture: TextIO | None = None
         self.io_timeout = io_timeout
         self._sel = selectors.DefaultSelector()
         self._stop_r, self._stop_w = os.pipe()
@@ -100,6 +118,8 @@ class VhostUserServer:
         self._listener = lst
         self._sel.register(lst, selectors.EVENT_READ, ("listen", None))
         self._sel.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
+        if self.capture is not None and self._capture is None:
+            self._capture = open(self.capture, "a", encoding="ascii")  # noqa: SIM115 - close()
         self.ready.set()
 
     def stop(self) -> None:
@@ -169,6 +189,9 @@ class VhostUserServer:
                 os.close(fd)
         self._stop_r = self._stop_w = -1
         self._sel.close()
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
 
     # --- connections ---------------------------------------------------------------------------
 
@@ -222,6 +245,9 @@ class VhostUserServer:
         fds: list[int] = []
         try:
             request, flags, payload, fds = self._read_message(conn.sock)
+            if self._capture is not None:
+                raw = HEADER.pack(HeaderRec(request, flags, len(payload))) + payload
+                self._record(conn, CAPTURE_IN, raw, len(fds))
             if self.trace:
                 trace_log.info("%s <- %s", conn.name, describe(request, flags, payload, len(fds)))
             reply = conn.backend.handle(request, flags, payload, fds)
@@ -232,6 +258,8 @@ class VhostUserServer:
                     trace_log.info(
                         "%s -> %s", conn.name, describe(h.request, h.flags, reply[HEADER.size :])
                     )
+                if self._capture is not None:
+                    self._record(conn, CAPTURE_OUT, reply, 0)
                 conn.sock.sendall(reply)
         except _Disconnect:
             return ""
@@ -244,6 +272,11 @@ class VhostUserServer:
             log.exception("%s: internal error", conn.name)
             return f"internal error: {type(exc).__name__}: {exc}"
         return None
+
+    def _record(self, conn: _Conn, direction: str, data: bytes, nfds: int) -> None:
+        assert self._capture is not None
+        self._capture.write(format_capture(conn.name, direction, data, nfds) + "\n")
+        self._capture.flush()
 
     def _read_message(self, sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
         data, anc, msg_flags, _ = sock.recvmsg(HEADER.size, _FD_SPACE)
