@@ -161,3 +161,27 @@ def test_decode_blk_shows_the_request_header_of_each_chain(
     assert (first["type_name"], first["sector"]) == ("IN", 2048)
     assert second["type_name"] == "FLUSH"
     assert third is None
+
+
+# every malformed chain of the validation catalogue (the rows of tests/test_queue.py)
+from test_queue import BAD_CHAINS, BadChain, _bad_queue, _catalogue  # noqa: E402
+
+
+@pytest.mark.parametrize(("case", "packed"), _catalogue(BAD_CHAINS))
+def test_every_malformed_chain_of_the_catalogue_shows_the_library_error(
+    case: BadChain, packed: bool, dump: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fq, chain, pushed, _ = _bad_queue(case, packed)
+    assert chain.error is not None
+    d = fq.driver
+    where = pushed.head if packed else 0  # packed: the ring slot; split: the avail entry
+    negotiated = () if case.features & Feature.INDIRECT_DESC else ("--no-indirect",)
+    doc = _run(capsys, dump, _save(d, dump), d, "--index", str(where), *negotiated)
+    (shown,) = [c for c in doc["chains"] if c["avail_idx"] == where]
+    assert shown["head"] == (pushed.id if packed else pushed.head)
+    # the same validation as the device path (whose queue has another index)
+    assert shown["error"] == str(chain.error).replace(f"queue {chain.queue_index},", "queue 0,")
+    # and the rest of the output is still there
+    assert doc["size"] == case.size
+    assert doc["format"] == ("packed" if packed else "split")
+    chain.return_written()

@@ -81,6 +81,8 @@ class QemuRing:
     used: int
     size: int
     packed: bool
+    indirect: bool
+    """The driver negotiated INDIRECT_DESC."""
     indices: dict[str, Any]
     """QEMU's view for the report: ``path``, ``queue``, ``vhost`` (a vhost back-end runs the
     ring) and, where QEMU is the device, its ``last_avail_idx``, ``shadow_avail_idx``,
@@ -117,7 +119,8 @@ def ring_from_qmp(socket_path: str, path: str, queue: int, *, timeout: float = 1
             f"queue {queue} of {path} has no ring (desc {desc:#x}, size {num}):"
             " the driver has not set it up"
         )
-    return QemuRing(desc, avail, used, num, vs.packed, indices)
+    indirect = "VIRTIO_RING_F_INDIRECT_DESC" in vs.guest_features
+    return QemuRing(desc, avail, used, num, vs.packed, indirect, indices)
 
 
 def _flag_names(flags: int, table: list[tuple[int, str]]) -> list[str]:
@@ -207,12 +210,14 @@ def inspect_ring(
     used: int,
     size: int,
     packed: bool = False,
+    indirect: bool = True,
     indices: Sequence[int] = (),
     hexdump: int = 0,
     decode: str | None = None,
 ) -> dict[str, Any]:
-    """The inspector's findings as one JSON-ready document."""
-    features = int(Feature.INDIRECT_DESC | (Feature.RING_PACKED if packed else 0))
+    """The inspector's findings as one JSON-ready document. Chains are validated as the device
+    would validate them with INDIRECT_DESC negotiated or not (``indirect``)."""
+    features = (Feature.INDIRECT_DESC if indirect else 0) | (Feature.RING_PACKED if packed else 0)
     mem_size = mem.regions[0].size if mem.regions else 0
     if packed:
         qmem = QueueMemory(
@@ -375,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     by_addr.add_argument("--used", type=_addr, help="used ring (packed: device event area)")
     by_addr.add_argument("--size", type=int, help="queue size")
     by_addr.add_argument("--packed", action="store_true", help="a packed ring")
+    by_addr.add_argument(
+        "--no-indirect",
+        dest="indirect",
+        action="store_false",
+        help="the driver did not negotiate INDIRECT_DESC (an indirect descriptor is then an error)",
+    )
     by_qmp = p.add_argument_group("the ring from a running QEMU (QMP, QEMU 7.2 and later)")
     by_qmp.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket")
     by_qmp.add_argument("--path", help="the device's QOM path (x-query-virtio lists them)")
@@ -390,9 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     by_address = (args.desc, args.avail, args.used, args.size)
     qemu: dict[str, Any] | None = None
     if args.qmp is not None:
-        if any(v is not None for v in by_address) or args.packed:
+        if any(v is not None for v in by_address) or args.packed or not args.indirect:
             p.error("--qmp reads the ring's addresses, size and format from QEMU: drop"
-                    " --desc/--avail/--used/--size/--packed")  # fmt: skip
+                    " --desc/--avail/--used/--size/--packed/--no-indirect")  # fmt: skip
         if args.path is None:
             p.error("--qmp needs --path (the device's QOM path; x-query-virtio lists them)")
         try:
@@ -401,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         args.desc, args.avail, args.used, args.size = ring.desc, ring.avail, ring.used, ring.size
-        args.packed = ring.packed
+        args.packed, args.indirect = ring.packed, ring.indirect
         qemu = ring.indices
     elif any(v is None for v in by_address):
         p.error("give the ring as --desc, --avail, --used and --size, or --qmp with --path")
@@ -418,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         with GuestMemory([(args.mem_base, mm)], writable=False) as mem:
             doc = inspect_ring(
                 mem, desc=args.desc, avail=args.avail, used=args.used, size=args.size,
-                packed=args.packed, indices=args.index, hexdump=args.hexdump,
-                decode=args.decode,
+                packed=args.packed, indirect=args.indirect, indices=args.index,
+                hexdump=args.hexdump, decode=args.decode,
             )  # fmt: skip
     except InspectError as exc:
         print(f"error: {exc}", file=sys.stderr)
