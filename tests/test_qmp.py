@@ -416,3 +416,13 @@ def test_the_ring_comes_from_addresses_or_from_qmp_not_both(
         inspect.main(["--mem", "/dev/null", *argv])
     assert info.value.code == 2
     assert "--qmp" in capsys.readouterr().err
+
+
+def test_qmp_mode_takes_indirect_desc_from_the_negotiated_features(sock_dir: Path) -> None:
+    rec = _load("qemu72_qmp.json")
+    raw = _find(rec["exchanges"], "x-query-virtio-status", path=BLK0)["return"]["guest-features"]
+    names = {f.split(":")[0] for f in raw["transports"] + raw.get("dev-features", [])}
+    with fake_qemu(sock_dir, rec) as (path, _):
+        ring = inspect.ring_from_qmp(path, BLK0, 0)
+    assert ring.indirect == ("VIRTIO_RING_F_INDIRECT_DESC" in names)
+    assert ring.indirect  # Linux negotiates it with QEMU's virtio-blk
