@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from virtio_schema.testing.qemu import GuestTools, find_guest_tools
 
 # The machine is shared and noisy: no per-example deadlines (speed is the benchmarks' business).
 settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -13,3 +20,30 @@ settings.register_profile(
     "ci", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+# --- end-to-end prerequisites ---------------------------------------------------------------------
+
+
+def require_e2e(reason: str) -> NoReturn:
+    """Skip an end-to-end test whose system component is missing, with ``reason``; in CI
+    (``VIRTIO_SCHEMA_REQUIRE_E2E=1``, set by ``.ci/run``, which installs everything) fail instead."""
+    if os.environ.get("VIRTIO_SCHEMA_REQUIRE_E2E") == "1":
+        pytest.fail(f"end-to-end prerequisites missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestTools:
+    """QEMU, the guest kernel (fetched into the cache when running as root) and busybox."""
+    found = find_guest_tools(fetch=os.geteuid() == 0)
+    if isinstance(found, str):
+        require_e2e(found)
+    return found
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory for unix sockets (sun_path is ~107 bytes; pytest's tmp_path can be long)."""
+    with tempfile.TemporaryDirectory(prefix="vs-e2e-") as d:
+        yield Path(d)

@@ -17,17 +17,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_e2e
 
 from virtio_schema.schema import Feature, NetFeature
+from virtio_schema.testing.process import BackendProcess
 
 TESTPMD = shutil.which("dpdk-testpmd")
 RUN_SECONDS = 5
@@ -36,9 +36,7 @@ RING = 256  # testpmd's default ring size
 
 def _require() -> str:
     if TESTPMD is None:
-        if os.environ.get("VIRTIO_SCHEMA_REQUIRE_E2E") == "1":
-            pytest.fail("dpdk-testpmd missing in CI (Debian package dpdk-dev)")
-        pytest.skip("dpdk-testpmd not installed (Debian package dpdk-dev)")
+        require_e2e("dpdk-testpmd not installed (Debian package dpdk-dev)")
     return TESTPMD
 
 
@@ -54,38 +52,23 @@ class NetBackend:
     def __init__(self, tmp: Path, mode: str, *extra: str) -> None:
         self.sock = tmp / "net.sock"
         self.stats_path = tmp / "stats.json"
-        self.log_path = tmp / "backend.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [
-            sys.executable, "-m", "virtio_schema.examples.net",
-            "--vhost-user", str(self.sock), "--mode", mode,
-            "--stats", str(self.stats_path), "--cpu", "0", *extra,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 20
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"back-end did not start:\n{self.log()}")
-            time.sleep(0.05)
+        self.proc = BackendProcess(
+            ["-m", "virtio_schema.examples.net", "--vhost-user", str(self.sock), "--mode", mode,
+             "--stats", str(self.stats_path), "--cpu", "0", *extra],
+            self.sock,
+            tmp / "backend.log",
+            timeout=300,
+        )  # fmt: skip
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.proc.log()
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def stop(self) -> dict[str, int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        """End the device (SIGTERM: it writes its counters) and return the counters."""
+        self.proc.stop(grace=15)
         if not self.stats_path.exists():
             return {}
         stats: dict[str, int] = json.loads(self.stats_path.read_text())

@@ -24,30 +24,19 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_e2e
 
 from virtio_schema.qmp import JSON, QMPClient, QMPCommandError, QueueElement
-from virtio_schema.testing.qemu import (
-    INIT_PRELUDE,
-    KernelKit,
-    build_initramfs,
-    find_busybox,
-    find_kernel,
-    qemu_binary,
-    start_guest,
-)
+from virtio_schema.testing.process import BackendProcess
+from virtio_schema.testing.qemu import INIT_PRELUDE, GuestTools, build_initramfs, start_guest
 from virtio_schema.vhost_user.messages import decode_capture, parse_capture
 
 GUEST_TIMEOUT = 240.0
@@ -76,47 +65,11 @@ while true; do sleep 1; done
 """
 
 
-@dataclass(frozen=True)
-class Guest:
-    kit: KernelKit
-    busybox: Path
-
-
-def _require(reason: str) -> None:
-    if os.environ.get("VIRTIO_SCHEMA_REQUIRE_E2E") == "1":
-        pytest.fail(f"end-to-end prerequisites missing in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def guest() -> Guest:
-    if qemu_binary() is None:
-        _require("qemu-system-x86_64 not installed (Debian package qemu-system-x86)")
-    busybox = find_busybox()
-    if busybox is None:
-        _require("no static busybox (Debian package busybox-static)")
-    kit = find_kernel(fetch=os.geteuid() == 0)
-    if kit is None:
-        _require(
-            "no Debian cloud kernel in the cache (run .ci/run as root, or python3 dev.py guest)"
-        )
-    if not Path("/dev/shm").is_dir():
-        _require("no /dev/shm for the guest's memory file")
-    assert busybox is not None
-    assert kit is not None
-    return Guest(kit, busybox)
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short directory for unix sockets (sun_path is ~107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="vs-insp-") as d:
-        yield Path(d)
-
-
 @pytest.fixture
 def shm() -> Iterator[Path]:
     """The guest memory file QEMU creates; removed afterwards whatever happened."""
+    if not Path("/dev/shm").is_dir():
+        require_e2e("no /dev/shm for the guest's memory file")
     path = Path("/dev/shm") / f"vs-inspect-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         yield path
@@ -124,7 +77,7 @@ def shm() -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
-def _initrd(guest: Guest, tmp: Path) -> Path:
+def _initrd(guest: GuestTools, tmp: Path) -> Path:
     return build_initramfs(
         tmp / "initrd.cpio",
         init_script=INIT_PRELUDE + WORKLOAD,
@@ -199,7 +152,7 @@ def _theirs(element: QueueElement) -> list[tuple[int, int, int]]:
 
 @pytest.mark.parametrize("variant", ["indirect", "direct"])
 def test_inspector_and_qemu_agree_on_every_avail_slot(
-    guest: Guest, short_tmp: Path, shm: Path, variant: str
+    guest: GuestTools, short_tmp: Path, shm: Path, variant: str
 ) -> None:
     image = _image(short_tmp / "disk.img", 8, 1)
     spare = _image(short_tmp / "spare.img", 1, 2)
@@ -315,52 +268,6 @@ def test_inspector_and_qemu_agree_on_every_avail_slot(
         (DATA / "qemu72_qmp.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-class Backend:
-    """Our blk back-end with its documented command line, killed by a watchdog at the latest."""
-
-    def __init__(self, args: list[str], sock: Path, log: Path) -> None:
-        self.log_path = log
-        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self._watchdog = threading.Timer(BACKEND_TIMEOUT, self.proc.kill)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"back-end did not start:\n{self.log()}")
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout: float, after: int = 0) -> re.Match[str] | None:
-        """The last match of ``pattern`` in the log from offset ``after`` on, once there is one."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            found = list(re.finditer(pattern, self.log()[after:]))
-            if found:
-                return found[-1]
-            time.sleep(0.05)
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s: only the process this object started."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._watchdog.cancel()
-        self._log.close()
-
-
 _STARTED = re.compile(
     r"ring 0 started \(size (\d+), avail (\d+), desc (0x[0-9a-f]+), avail (0x[0-9a-f]+),"
     r" used (0x[0-9a-f]+)\)"
@@ -368,17 +275,18 @@ _STARTED = re.compile(
 
 
 def test_inspector_reads_the_ring_our_blk_backend_serves(
-    guest: Guest, short_tmp: Path, shm: Path
+    guest: GuestTools, short_tmp: Path, shm: Path
 ) -> None:
     image = _image(short_tmp / "disk.img", 8, 3)
     sock = short_tmp / "blk.sock"
     qmp_sock = short_tmp / "qmp.sock"
     capture = short_tmp / "capture.trace"
-    backend = Backend(
+    backend = BackendProcess(
         ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image), "--trace",
          "--capture", str(capture)],
         sock,
         short_tmp / "backend.log",
+        timeout=BACKEND_TIMEOUT,
     )  # fmt: skip
     vm = None
     try:

@@ -13,28 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from virtio_schema.schema import Feature
+from virtio_schema.testing.process import BackendProcess
 from virtio_schema.testing.qemu import (
     INIT_EPILOGUE,
     INIT_PRELUDE,
     GuestResult,
-    KernelKit,
+    GuestTools,
     build_initramfs,
-    find_busybox,
-    find_kernel,
-    qemu_binary,
     run_guest,
 )
 
@@ -44,83 +35,8 @@ PATTERN_OFFSET = (1 << 20) + 3 * 4096  # 4 KiB aligned, not 64 KiB aligned
 PATTERN_LEN = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Guest:
-    kit: KernelKit
-    busybox: Path
-
-
-def _require(reason: str) -> None:
-    if os.environ.get("VIRTIO_SCHEMA_REQUIRE_E2E") == "1":
-        pytest.fail(f"end-to-end prerequisites missing in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def guest() -> Guest:
-    if qemu_binary() is None:
-        _require("qemu-system-x86_64 not installed (Debian package qemu-system-x86)")
-    busybox = find_busybox()
-    if busybox is None:
-        _require("no static busybox (Debian package busybox-static)")
-    can_fetch = os.geteuid() == 0
-    kit = find_kernel(fetch=can_fetch)
-    if kit is None:
-        _require(
-            "no Debian cloud kernel in the cache (run .ci/run as root, or python3 dev.py guest)"
-        )
-    assert busybox is not None
-    assert kit is not None
-    return Guest(kit, busybox)
-
-
-class Backend:
-    """An example back-end process, started with its documented command line."""
-
-    def __init__(self, args: list[str], sock: Path, log: Path) -> None:
-        self.sock = sock
-        self.log_path = log
-        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"back-end did not start:\n{self.log()}")
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 10 s: only the process this object started."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short directory for unix sockets (sun_path is ~107 bytes; pytest's tmp_path can be long)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="vs-e2e-") as d:
-        yield Path(d)
-
-
 def _boot(
-    guest: Guest,
+    guest: GuestTools,
     tmp: Path,
     workload: str,
     modules: list[str],
@@ -137,7 +53,7 @@ def _boot(
     return run_guest(guest.kit, initrd, device_args, timeout=GUEST_TIMEOUT)
 
 
-def _explain(result: GuestResult, backend: Backend) -> str:
+def _explain(result: GuestResult, backend: BackendProcess) -> str:
     return (
         f"guest exit={result.returncode} timed_out={result.timed_out} after {result.seconds:.1f}s\n"
         f"--- guest console (tail) ---\n{result.tail()}\n--- back-end log (tail) ---\n"
@@ -172,7 +88,7 @@ BLK_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(BLK_VARIANTS))
 def test_linux_virtio_blk_reads_writes_and_reads_in_parallel(
-    guest: Guest, short_tmp: Path, variant: str
+    guest: GuestTools, short_tmp: Path, variant: str
 ) -> None:
     rng = random.Random(variant)
     original = rng.randbytes(DISK_MIB << 20)
@@ -180,7 +96,7 @@ def test_linux_virtio_blk_reads_writes_and_reads_in_parallel(
     image = short_tmp / "disk.img"
     image.write_bytes(original)
     sock = short_tmp / "blk.sock"
-    backend = Backend(
+    backend = BackendProcess(
         ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)],
         sock,
         short_tmp / "backend.log",
@@ -232,14 +148,14 @@ def test_linux_virtio_blk_reads_writes_and_reads_in_parallel(
     assert bool(last & Feature.EVENT_IDX) == ("event-idx" not in variant and variant != "neither")
 
 
-def test_firmware_start_stop_then_linux_restart(guest: Guest, short_tmp: Path) -> None:
+def test_firmware_start_stop_then_linux_restart(guest: GuestTools, short_tmp: Path) -> None:
     """SeaBIOS starts and stops the device before Linux starts it again (VIRTIO_FACTS): the
     back-end serves both, across a new memory table and new ring addresses."""
     image = short_tmp / "disk.img"
     data = random.Random(5).randbytes(DISK_MIB << 20)
     image.write_bytes(data)
     sock = short_tmp / "blk.sock"
-    backend = Backend(
+    backend = BackendProcess(
         ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)],
         sock,
         short_tmp / "backend.log",
@@ -268,11 +184,11 @@ def test_firmware_start_stop_then_linux_restart(guest: Guest, short_tmp: Path) -
 
 
 def test_linux_virtio_rng_reads_the_bytes_the_device_produced(
-    guest: Guest, short_tmp: Path
+    guest: GuestTools, short_tmp: Path
 ) -> None:
     sock = short_tmp / "rng.sock"
     record = short_tmp / "rng.bin"
-    backend = Backend(
+    backend = BackendProcess(
         [
             "-m",
             "virtio_schema.examples.rng",
@@ -336,7 +252,9 @@ echo "E2E-NET-RX $rx"
 
 
 @pytest.mark.parametrize("mode", ["sink", "reflect"])
-def test_linux_virtio_net_frames_reach_the_device(guest: Guest, short_tmp: Path, mode: str) -> None:
+def test_linux_virtio_net_frames_reach_the_device(
+    guest: GuestTools, short_tmp: Path, mode: str
+) -> None:
     """Linux's virtio_net over ``-netdev vhost-user``: bringing the link up makes the kernel send
     frames of its own (IPv6 neighbour discovery; no address is configured); the device counts them,
     and in ``reflect`` mode the guest's receive counter shows them coming back.
@@ -345,7 +263,7 @@ def test_linux_virtio_net_frames_reach_the_device(guest: Guest, short_tmp: Path,
     notifier setup (``msix_set_vector_notifiers`` from ``vhost_net_start``) with any back-end."""
     sock = short_tmp / "net.sock"
     stats = short_tmp / "stats.json"
-    backend = Backend(
+    backend = BackendProcess(
         [
             "-m",
             "virtio_schema.examples.net",

@@ -36,10 +36,12 @@ __all__ = [
     "INIT_EPILOGUE",
     "INIT_PRELUDE",
     "GuestResult",
+    "GuestTools",
     "KernelKit",
     "RunningGuest",
     "build_initramfs",
     "find_busybox",
+    "find_guest_tools",
     "find_kernel",
     "qemu_binary",
     "qemu_command",
@@ -108,6 +110,28 @@ def find_busybox() -> Path | None:
         if p.exists() and b"ld-linux" not in p.read_bytes()[:8192]:  # no ELF interpreter
             return p
     return None
+
+
+@dataclass(frozen=True)
+class GuestTools:
+    """What booting a guest needs from the host: the kernel kit and a static busybox."""
+
+    kit: KernelKit
+    busybox: Path
+
+
+def find_guest_tools(*, fetch: bool = False) -> GuestTools | str:
+    """The kernel kit and busybox, or a sentence saying what is missing and which Debian package
+    or command provides it (for a test's skip reason). ``fetch`` as for :func:`find_kernel`."""
+    if qemu_binary() is None:
+        return "qemu-system-x86_64 not installed (Debian package qemu-system-x86)"
+    busybox = find_busybox()
+    if busybox is None:
+        return "no static busybox (Debian package busybox-static)"
+    kit = find_kernel(fetch=fetch)
+    if kit is None:
+        return "no Debian cloud kernel in the cache (run .ci/run as root, or python3 dev.py guest)"
+    return GuestTools(kit, busybox)
 
 
 def find_kernel(cache: Path = DEFAULT_CACHE, *, fetch: bool = False) -> KernelKit | None:

@@ -1,0 +1,88 @@
+"""``virtio_schema.testing.process.BackendProcess``: start, log, stop by PID, watchdog."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from virtio_schema.testing.process import BackendProcess, BackendStartError
+
+# a stand-in back-end: says hello, creates its "socket", then serves until SIGTERM
+SERVER = """
+import pathlib, signal, sys, time
+print("hello from", sys.argv[1], flush=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+pathlib.Path(sys.argv[1]).touch()
+print("serving", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_starts_waits_for_the_socket_logs_and_stops_by_sigterm(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    with BackendProcess(["-c", SERVER, str(sock)], sock, tmp_path / "log") as be:
+        assert sock.exists()
+        assert _alive(be.pid)
+        found = be.wait_for_log(r"serving", timeout=10)
+        assert found is not None
+        assert f"hello from {sock}" in be.log()
+        assert be.wait_for_log(r"never printed", timeout=0.1) is None
+        status = be.stop()
+    assert status == 3  # its SIGTERM handler ran: a clean stop, not a kill
+    assert be.proc.poll() == 3
+
+
+def test_a_back_end_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    stubborn = SERVER.replace("sys.exit(3)", "None")
+    be = BackendProcess(["-c", stubborn, str(sock)], sock, tmp_path / "log")
+    try:
+        be.wait_for_log(r"serving", timeout=10)
+        assert be.stop(grace=0.5) == -signal.SIGKILL
+    finally:
+        be.stop()
+
+
+def test_a_back_end_that_exits_early_raises_with_its_log(tmp_path: Path) -> None:
+    with pytest.raises(BackendStartError, match="no such option"):
+        BackendProcess(
+            ["-c", "import sys; print('no such option'); sys.exit(2)"],
+            tmp_path / "never.sock",
+            tmp_path / "log",
+        )
+
+
+def test_no_socket_in_time_raises_and_leaves_no_process(tmp_path: Path) -> None:
+    with pytest.raises(BackendStartError) as info:
+        BackendProcess(
+            ["-c", "import time; print('busy', flush=True); time.sleep(60)"],
+            tmp_path / "never.sock",
+            tmp_path / "log",
+            start_timeout=0.5,
+        )
+    assert "busy" in str(info.value)
+
+
+def test_the_watchdog_kills_a_back_end_the_test_forgot(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    be = BackendProcess(["-c", SERVER, str(sock)], sock, tmp_path / "log", timeout=0.5)
+    try:
+        deadline = time.monotonic() + 20
+        while be.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert be.proc.returncode == -signal.SIGKILL
+    finally:
+        be.stop()
