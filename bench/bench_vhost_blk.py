@@ -46,16 +46,19 @@ def start_ours(sock: Path, image: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def start_qsd(sock: Path, image: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_qsd(sock: Path, image: Path, log: Path, *, blockdev: str = "") -> subprocess.Popen[bytes]:
+    """qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``sock`` (``blockdev``: more
+    ``--blockdev`` options, e.g. ``,cache.direct=off``)."""
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
         raise SystemExit("qemu-storage-daemon not found (Debian package qemu-system-common)")
     export = f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on"
     return subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=f0,filename={image}", "--export", export],
+        [qsd, "--blockdev", f"driver=file,node-name=f0,filename={image}{blockdev}",
+         "--export", export],
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
-    )
+    )  # fmt: skip
 
 
 class Requests:
