@@ -378,3 +378,19 @@ def test_queue_refuses_invalid_size_and_misaligned_ring(guest: GuestMemory) -> N
     )
     assert queue.size == n
     assert queue.next_chain() is None
+
+
+def test_linked_descs_chain_buffers_through_the_given_indices() -> None:
+    from virtio_schema.ring import linked_descs
+    from virtio_schema.schema import DescFlags
+
+    bufs = [(0x1000, 16, 0), (0x2000, 512, int(DescFlags.WRITE)), (0x3000, 1, int(DescFlags.WRITE))]
+    direct = linked_descs(bufs, [7, 2, 5])
+    assert direct == [
+        Desc(0x1000, 16, int(DescFlags.NEXT), 2),
+        Desc(0x2000, 512, int(DescFlags.WRITE | DescFlags.NEXT), 5),
+        Desc(0x3000, 1, int(DescFlags.WRITE), 0),  # the last: no NEXT, next 0
+    ]
+    table = linked_descs(bufs, range(3))  # an indirect table links 0 -> 1 -> 2
+    assert [d.next for d in table] == [1, 2, 0]
+    assert linked_descs(bufs[:1], [4]) == [Desc(0x1000, 16, 0, 0)]

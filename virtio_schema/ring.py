@@ -20,6 +20,7 @@ Imports: :mod:`virtio_schema.schema`, :mod:`virtio_schema.layout`, :mod:`virtio_
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple, final
 
 from virtio_schema.errors import DeviceUsageError, DriverError
@@ -27,6 +28,7 @@ from virtio_schema.layout import ArrayField, IntField, Layout
 from virtio_schema.mem import DeviceRange
 from virtio_schema.schema import packed as pk
 from virtio_schema.schema import split as sp
+from virtio_schema.schema.flags import DescFlags
 
 __all__ = [
     "DESC",
@@ -44,6 +46,7 @@ __all__ = [
     "RingTooSmall",
     "UsedElemRecord",
     "UsedRing",
+    "linked_descs",
 ]
 
 
@@ -54,6 +57,21 @@ class Desc(NamedTuple):
     len: int
     flags: int
     next: int
+
+
+_NEXT = int(DescFlags.NEXT)
+
+
+def linked_descs(buffers: Sequence[tuple[int, int, int]], at: Sequence[int]) -> list[Desc]:
+    """The split descriptors a driver writes for a chain of ``buffers`` (``(addr, len, flags)``,
+    in chain order) placed at table indices ``at``: each but the last gets ``NEXT`` and the index
+    of the one after it (``at = range(n)`` for an indirect table). For drivers in tests and
+    benchmarks; the device side never builds chains."""
+    last = len(buffers) - 1
+    return [
+        Desc(addr, length, flags | _NEXT, at[k + 1]) if k < last else Desc(addr, length, flags, 0)
+        for k, (addr, length, flags) in enumerate(buffers)
+    ]
 
 
 class UsedElemRecord(NamedTuple):

@@ -11,7 +11,7 @@ from virtio_schema.errors import DeviceUsageError
 from virtio_schema.fake_queue.memory import FakeMemory
 from virtio_schema.mem import DeviceRange, DriverRange, write_barrier
 from virtio_schema.queue import QueueMemory, QueueState, vring_need_event
-from virtio_schema.ring import DESC, AvailRing, Desc, DescTable, UsedRing
+from virtio_schema.ring import DESC, AvailRing, Desc, DescTable, UsedRing, linked_descs
 from virtio_schema.schema import (
     AVAIL_ALIGN,
     DESC_ALIGN,
@@ -140,28 +140,14 @@ class FakeDriver:
             entries.append((addr, length, DescFlags.WRITE))
         pub = _Published([], buffers, wbufs)
         if indirect:
-            table = self.memory.alloc_table(
-                DESC,
-                [
-                    Desc(addr, length, flags | DescFlags.NEXT, k + 1)
-                    if k + 1 < count
-                    else Desc(addr, length, flags, 0)
-                    for k, (addr, length, flags) in enumerate(entries)
-                ],
-            )
-            pub.table = table
+            pub.table = table = self.memory.alloc_table(DESC, linked_descs(entries, range(count)))
             head = self._free.pop()
             pub.descs.append(head)
             self.desc_table.set(head, Desc(table, DESC.size * count, DescFlags.INDIRECT, 0))
         else:
-            idx = [self._free.pop() for _ in range(count)]
-            pub.descs = idx
-            for k, (addr, length, flags) in enumerate(entries):
-                more = k + 1 < count
-                nxt = idx[k + 1] if more else 0
-                self.desc_table.set(
-                    idx[k], Desc(addr, length, flags | (DescFlags.NEXT if more else 0), nxt)
-                )
+            pub.descs = idx = [self._free.pop() for _ in range(count)]
+            for i, desc in zip(idx, linked_descs(entries, idx), strict=True):
+                self.desc_table.set(i, desc)
             head = idx[0]
         self._published[head] = pub
         self.push_head(head)

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import NamedTuple, Self
 
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory, write_barrier
-from virtio_schema.ring import DESC, AvailRing, Desc, DescTable, UsedRing
+from virtio_schema.ring import DESC, AvailRing, Desc, DescTable, UsedRing, linked_descs
 from virtio_schema.schema import (
     AVAIL_ALIGN,
     DESC_ALIGN,
@@ -322,25 +322,16 @@ class SplitRingDriver:
         assert count, "a chain needs at least one buffer"
         if indirect:
             table = self.ram.alloc(DESC.size * count, 16)
-            for k, (addr, length, flags) in enumerate(entries):
-                more = k + 1 < count
-                desc = Desc(
-                    addr, length, flags | (DescFlags.NEXT if more else 0), k + 1 if more else 0
-                )
+            for k, desc in enumerate(linked_descs(entries, range(count))):
                 self.ram.write(table + DESC.size * k, DESC.pack(desc))
             head = self._free.pop()
             chain.descs = [head]
             self.desc_table.set(head, Desc(table, DESC.size * count, DescFlags.INDIRECT, 0))
         else:
             assert count <= len(self._free), "no free descriptors"
-            idx = [self._free.pop() for _ in range(count)]
-            chain.descs = idx
-            for k, (addr, length, flags) in enumerate(entries):
-                more = k + 1 < count
-                nxt = idx[k + 1] if more else 0
-                self.desc_table.set(
-                    idx[k], Desc(addr, length, flags | (DescFlags.NEXT if more else 0), nxt)
-                )
+            chain.descs = idx = [self._free.pop() for _ in range(count)]
+            for i, desc in zip(idx, linked_descs(entries, idx), strict=True):
+                self.desc_table.set(i, desc)
             head = idx[0]
         self._chains[head] = chain
         self.avail.set_used_event(self.last_used)
