@@ -518,3 +518,19 @@ def test_set_used_event_with_event_idx() -> None:
     # the first return always notifies (nothing signalled yet); then only crossing used_event 2
     assert counts == [1, 0, 1, 0]
     assert len(fq.driver.used()) == 4
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_publish_refuses_a_chain_longer_than_the_queue_size(packed: bool, indirect: bool) -> None:
+    """A well-behaved driver never makes one (virtio 1.2, 2.7.5.3.1 and 2.8.19), even in an
+    indirect table; the device would reject it as too long."""
+    fq = make_queue(size=2, features=Feature.INDIRECT_DESC, packed=packed)
+    with pytest.raises(DeviceUsageError, match="longer than the queue size 2"):
+        fq.driver.publish([b"a", b"b"], [1], indirect=indirect)
+    assert fq.queue.next_chain() is None  # nothing was published
+    assert fq.driver.publish([b"a"], [1], indirect=indirect) is not None  # size 2 is fine
+    chain = fq.queue.next_chain()
+    assert chain is not None
+    assert chain.error is None
+    chain.return_written(1)

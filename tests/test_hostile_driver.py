@@ -519,6 +519,8 @@ class HostileDriverMachine(RuleBasedStateMachine):
         if not readable and not writable:
             writable = [16]
         indirect = bool(self.features & F_INDIRECT) and data.draw(st.booleans(), label="indirect")
+        if len(readable) + len(writable) > self.size:
+            return  # longer than the queue: never well-formed (the raw rules make such chains)
         try:
             head = self.driver.publish(readable, writable, indirect=indirect)
         except FakeMemoryFull:

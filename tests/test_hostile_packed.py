@@ -320,6 +320,8 @@ class HostilePackedMachine(RuleBasedStateMachine):
         if not readable and not writable:
             writable = [16]
         indirect = bool(self.features & F_INDIRECT) and data.draw(st.booleans(), label="indirect")
+        if len(readable) + len(writable) > self.size:
+            return  # longer than the queue: never well-formed (push_raw makes such chains)
         with contextlib.suppress(FakeMemoryFull):
             self.driver.publish(readable, writable, indirect=indirect)
 

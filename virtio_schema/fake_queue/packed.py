@@ -147,6 +147,11 @@ class FakePackedDriver:
         count = len(readable) + len(writable)
         if count == 0:
             raise DeviceUsageError("a chain needs at least one buffer")
+        if count > self.size:  # virtio 1.2, 2.7.5.3.1 (split) and 2.8.19 (packed)
+            raise DeviceUsageError(
+                f"a chain of {count} buffers is longer than the queue size {self.size}; a well-behaved"
+                " driver never makes one (write a hostile one with the raw methods)"
+            )
         slots = 1 if indirect else count
         if slots > self._free_slots or not self._free_ids:
             return None

@@ -121,6 +121,11 @@ class FakeDriver:
         count = len(readable) + len(writable)
         if count == 0:
             raise DeviceUsageError("a chain needs at least one buffer")
+        if count > self.size:  # virtio 1.2, 2.7.5.3.1 (split) and 2.8.19 (packed)
+            raise DeviceUsageError(
+                f"a chain of {count} buffers is longer than the queue size {self.size}; a well-behaved"
+                " driver never makes one (write a hostile one with the raw methods)"
+            )
         need = 1 if indirect else count
         if need > len(self._free) or self.in_flight >= self.size:
             return None
