@@ -24,8 +24,6 @@ another thread are handed back through a thread-safe side list.
 
 from __future__ import annotations
 
-import struct
-
 from virtio_schema.mem import (
     DriverMem,
     DriverRange,
@@ -61,8 +59,6 @@ _WRITE = int(DescFlags.WRITE)
 _INDIRECT = int(DescFlags.INDIRECT)
 _NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
 _NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<LL")
 _new_desc = tuple.__new__
 
 
@@ -96,8 +92,6 @@ class Queue(QueueBase):
         self._event_idx = bool(features & Feature.EVENT_IDX)
         # bound once: the hot path calls these directly
         self._desc_view = self.desc_table.view
-        self._avail_view = self.avail_ring.view
-        self._used_view = self.used_ring.view
         self._ring_off = self.avail_ring.ring_offset
         self._used_event_off = self.avail_ring.used_event_offset
         self._used_ring_off = self.used_ring.ring_offset
@@ -112,6 +106,14 @@ class Queue(QueueBase):
         self._used_idx_w = self._used_idx_off >> 1
         self._used_flags_w = self._used_flags_off >> 1
         self._avail_event_w = self._avail_event_off >> 1
+        self._used_elems = self.used_ring.range.le32()  # element k: words 2k+e, 2k+e+1
+        self._used_elem_w = self._used_ring_off >> 2
+        # and what the driver writes is read one word at a time, the same way (cheaper than struct)
+        self._avail_words = self.avail_ring.range.le16()
+        self._avail_idx_w = self._avail_idx_off >> 1
+        self._avail_flags_w = self._avail_flags_off >> 1
+        self._ring_w = self._ring_off >> 1
+        self._used_event_w = self._used_event_off >> 1
         self._unpack_desc = DESC.struct.unpack_from
         self._start(state or QueueState())
 
@@ -141,7 +143,7 @@ class Queue(QueueBase):
         Raises :class:`QueueBroken` on an index jump."""
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
-        avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
+        avail_idx = self._avail_words[self._avail_idx_w]
         n = (avail_idx - self._next_avail) & 0xFFFF
         if n > self.size:
             raise self._break(AvailIndexJump(self.index, avail_idx, self._next_avail, self.size))
@@ -159,7 +161,7 @@ class Queue(QueueBase):
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
         next_avail = self._next_avail
-        avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
+        avail_idx = self._avail_words[self._avail_idx_w]
         if avail_idx == next_avail:
             return None
         size = self.size
@@ -167,7 +169,7 @@ class Queue(QueueBase):
             raise self._break(AvailIndexJump(self.index, avail_idx, next_avail, size))
         read_barrier()  # avail.idx before the ring entry it publishes (virtio 1.2, 2.7.13)
         slot = next_avail & (size - 1)
-        head: int = _U16.unpack_from(self._avail_view, self._ring_off + 2 * slot)[0]
+        head = self._avail_words[self._ring_w + slot]
         if head >= size:
             raise self._break(HeadOutOfRange(self.index, slot, head, size))
         self._next_avail = next_avail = (next_avail + 1) & 0xFFFF
@@ -267,22 +269,25 @@ class Queue(QueueBase):
         decision. Under IN_ORDER, a run of chains that wrote nothing followed by one chain is
         published as ONE used element (the last chain's id and length) at the run's last slot,
         ``used.idx`` advancing by the run's length (virtio 1.2, 2.7.10.1)."""
-        used = self._used_view
+        elems = self._used_elems
+        first = self._used_elem_w
         mask = self.size - 1
         start = next_used = self._next_used
-        pack = _USED_ELEM.pack_into
-        off = self._used_ring_off
         if self._in_order:
             run = 0
             for k, (head, written, _slots) in enumerate(items):
                 run += 1
                 if written or k == len(items) - 1:
-                    pack(used, off + 8 * ((next_used + run - 1) & mask), head, written)
+                    at = first + 2 * ((next_used + run - 1) & mask)
+                    elems[at] = head
+                    elems[at + 1] = written
                     next_used += run
                     run = 0
         else:
             for head, written, _slots in items:
-                pack(used, off + 8 * (next_used & mask), head, written)
+                at = first + 2 * (next_used & mask)
+                elems[at] = head
+                elems[at + 1] = written
                 next_used += 1
         write_barrier()  # the elements before the index that publishes them
         self._next_used = next_used = next_used & 0xFFFF
@@ -291,11 +296,11 @@ class Queue(QueueBase):
             self.notifier.notify()
 
     def _publish_used(self, head: int, written: int, slots: int = 1) -> None:
-        used = self._used_view
         next_used = self._next_used
-        _USED_ELEM.pack_into(
-            used, self._used_ring_off + 8 * (next_used & (self.size - 1)), head, written
-        )
+        elems = self._used_elems
+        at = self._used_elem_w + 2 * (next_used & (self.size - 1))
+        elems[at] = head
+        elems[at + 1] = written
         write_barrier()  # the element before the index that publishes it (virtio 1.2, 2.7.14)
         self._next_used = next_used = (next_used + 1) & 0xFFFF
         self._used_words[self._used_idx_w] = next_used
@@ -310,10 +315,9 @@ class Queue(QueueBase):
             valid = self._signalled_valid
             self._signalled_used = new_used
             self._signalled_valid = True
-            used_event: int = _U16.unpack_from(self._avail_view, self._used_event_off)[0]
+            used_event = self._avail_words[self._used_event_w]
             return not valid or ((new_used - used_event - 1) & 0xFFFF) < ((new_used - old) & 0xFFFF)
-        flags: int = _U16.unpack_from(self._avail_view, self._avail_flags_off)[0]
-        return not flags & _NO_INTERRUPT
+        return not self._avail_words[self._avail_flags_w] & _NO_INTERRUPT
 
     # --- kick suppression ----------------------------------------------------------------------
 
@@ -342,5 +346,5 @@ class Queue(QueueBase):
             words = self._used_words
             words[self._used_flags_w] = words[self._used_flags_w] & ~_NO_NOTIFY & 0xFFFF
         full_barrier()  # the request to kick before re-reading avail.idx
-        avail_idx: int = _U16.unpack_from(self._avail_view, self._avail_idx_off)[0]
+        avail_idx = self._avail_words[self._avail_idx_w]
         return avail_idx != self._next_avail
