@@ -12,6 +12,10 @@ Scenarios (each device iteration: take a chain, read it, write it, return it):
 * ``c-copy-64k``: 64 KiB read into the caller's buffer and 64 KiB written back (copy throughput);
 * ``d-batch-256``: ``a`` in batches of 256 chains with ``BufferedNotify`` and one flush per batch.
 
+For ``a`` on split rings a third reference, the API skeleton, has the library's shape (a chain
+object, a reader, a writer: the same six calls per chain) with nothing inside: no validation, no
+bookkeeping, no notification decision. It is the least any API of that shape costs in CPython.
+
 The driver side costs the same for every implementation and almost nothing: descriptors and the
 available ring are laid out once, and each round the "driver" only moves ``avail.idx`` forward by a
 batch (the device returns every chain, so the same heads are valid again).
@@ -270,6 +274,91 @@ def floor_echo(rig: Rig, rounds: int) -> int:
             pack_u(mem, us + 4 + 8 * (used & mask), head, 64)
             used = (used + 1) & 0xFFFF
             pack_h(mem, us + 2, used)
+            n += 1
+    return n
+
+
+# --- the API skeleton: the library's shape with nothing inside -----------------------------------
+#
+# What any API with a chain object, a reader and a writer costs in CPython before it checks
+# anything: the floor's struct calls, spread over the same six calls per chain the library's users
+# make (next_chain, ReadableChain, readinto, into_writable, write, return_written), with no
+# validation, no bookkeeping and no notification decision. Scenario a, split ring only.
+
+
+class _SkelChain:
+    __slots__ = ("head", "q", "r", "w")
+
+    def __init__(self, q: _SkelQueue, head: int, r: tuple[int, int], w: tuple[int, int]) -> None:
+        self.q, self.head, self.r, self.w = q, head, r, w
+
+    def return_written(self, n: int) -> None:
+        self.q.give_back(self.head, n)
+
+
+class _SkelReader:
+    __slots__ = ("c",)
+
+    def __init__(self, c: _SkelChain) -> None:
+        self.c = c
+
+    def readinto(self, buf: bytearray) -> int:
+        (addr, length), q = self.c.r, self.c.q
+        off = addr - q.base
+        buf[:length] = q.mem[off : off + length]
+        return length
+
+    def into_writable(self) -> _SkelWriter:
+        return _SkelWriter(self.c)
+
+
+class _SkelWriter:
+    __slots__ = ("c",)
+
+    def __init__(self, c: _SkelChain) -> None:
+        self.c = c
+
+    def write(self, data: bytearray) -> int:
+        (addr, _length), q = self.c.w, self.c.q
+        off = addr - q.base
+        q.mem[off : off + len(data)] = data
+        return len(data)
+
+
+class _SkelQueue:
+    def __init__(self, rig: Rig) -> None:
+        self.mem, self.base = rig.mem, rig.base
+        self.desc, self.avail, self.used_off = rig.desc_off, rig.avail_off, rig.used_off
+        self.last = self.used = 0
+        self.mask = rig.size - 1
+
+    def next_chain(self) -> _SkelChain | None:
+        mem = self.mem
+        if _H.unpack_from(mem, self.avail + 2)[0] == self.last:
+            return None
+        head = _H.unpack_from(mem, self.avail + 4 + 2 * (self.last & self.mask))[0]
+        self.last = (self.last + 1) & 0xFFFF
+        addr, length, _flags, nxt = _D.unpack_from(mem, self.desc + 16 * head)
+        waddr, wlength, _wflags, _ = _D.unpack_from(mem, self.desc + 16 * nxt)
+        return _SkelChain(self, head, (addr, length), (waddr, wlength))
+
+    def give_back(self, head: int, n: int) -> None:
+        _U.pack_into(self.mem, self.used_off + 4 + 8 * (self.used & self.mask), head, n)
+        self.used = (self.used + 1) & 0xFFFF
+        _H.pack_into(self.mem, self.used_off + 2, self.used)
+
+
+def skeleton_echo(rig: Rig, rounds: int) -> int:
+    q = _SkelQueue(rig)
+    buf = bytearray(64)
+    n = 0
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        while (chain := q.next_chain()) is not None:
+            r = _SkelReader(chain)
+            r.readinto(buf)
+            r.into_writable().write(buf)
+            chain.return_written(64)
             n += 1
     return n
 
@@ -568,7 +657,12 @@ def naive_copy(rig: Rig, rounds: int) -> int:
 
 
 SCENARIOS: dict[str, dict[str, Callable[[Rig, int], int]]] = {
-    "a-echo-64": {"library": lib_echo, "floor": floor_echo, "construct": naive_echo},
+    "a-echo-64": {
+        "library": lib_echo,
+        "floor": floor_echo,
+        "skeleton": skeleton_echo,
+        "construct": naive_echo,
+    },
     "b-blk-indirect": {"library": lib_blk, "floor": floor_blk, "construct": naive_blk},
     "c-copy-64k": {"library": lib_copy, "floor": floor_copy, "construct": naive_copy},
     "d-batch-256": {
@@ -652,10 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         ring = "packed" if packed else "split"
         for name in names:
             rounds = max(1, int(ROUNDS[name] * scale))
-            per = {
-                impl: measure(name, impl, rounds, repeats, packed)
-                for impl in ("floor", "library", "construct")
-            }
+            table = (PACKED if packed else SCENARIOS)[name]
+            impls = [i for i in ("floor", "skeleton", "library", "construct") if i in table]
+            per = {impl: measure(name, impl, rounds, repeats, packed) for impl in impls}
             payload = PAYLOAD[name]
             key = f"{ring}/{name}"
             results[key] = {f"{k}_ns": v * 1e9 for k, v in per.items()}
@@ -663,7 +756,9 @@ def main(argv: list[str] | None = None) -> int:
             results[key]["construct_over_lib"] = per["construct"] / per["library"]
             results[key]["library_mb_s"] = payload / per["library"] / 1e6
             results[key]["floor_mb_s"] = payload / per["floor"] / 1e6
-            for impl in ("floor", "library", "construct"):
+            if "skeleton" in per:
+                results[key]["lib_over_skeleton"] = per["library"] / per["skeleton"]
+            for impl in impls:
                 ratio1 = f"{per[impl] / per['floor']:.2f}" if impl != "floor" else ""
                 ratio2 = f"{per['construct'] / per['library']:.1f}" if impl == "library" else ""
                 print(
