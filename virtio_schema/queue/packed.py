@@ -26,8 +26,6 @@ Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply
 
 from __future__ import annotations
 
-import struct
-
 from virtio_schema.mem import DriverMem, DriverRange, full_barrier, read_barrier, write_barrier
 from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
@@ -60,7 +58,6 @@ _USED = int(PackedDescFlags.USED)
 _ENABLE = int(EventFlags.ENABLE)
 _DISABLE = int(EventFlags.DISABLE)
 _DESC = int(EventFlags.DESC)
-_U16 = struct.Struct("<H")
 _new_desc = tuple.__new__
 
 
@@ -91,7 +88,6 @@ class PackedQueue(QueueBase):
         self._indirect = bool(features & Feature.INDIRECT_DESC)
         self._event_idx = bool(features & Feature.EVENT_IDX)
         self._ring_view = self.ring.view
-        self._drv_view = self.driver_event.view
         self._flags_off = self.ring.flags_offset
         self._id_off = self.ring.id_offset
         self._len_off = self.ring.len_offset
@@ -100,6 +96,7 @@ class PackedQueue(QueueBase):
         self._ring_w16 = self.ring.range.le16()
         self._ring_w32 = self.ring.range.le32()
         self._dev_words = self.device_event.range.le16()
+        self._drv_words = self.driver_event.range.le16()
         self._drv_off_wrap_off = self.driver_event.off_wrap_offset
         self._drv_flags_off = self.driver_event.flags_offset
         self._dev_off_wrap_off = self.device_event.off_wrap_offset
@@ -109,6 +106,8 @@ class PackedQueue(QueueBase):
         self._flags_w = self._flags_off >> 1
         self._dev_off_wrap_w = self._dev_off_wrap_off >> 1
         self._dev_flags_w = self._dev_flags_off >> 1
+        self._drv_off_wrap_w = self._drv_off_wrap_off >> 1
+        self._drv_flags_w = self._drv_flags_off >> 1
         self._unpack_desc = PACKED_DESC.struct.unpack_from
         self._start(state or QueueState())
 
@@ -146,7 +145,7 @@ class PackedQueue(QueueBase):
     # --- taking chains -------------------------------------------------------------------------
 
     def _available(self, pos: int) -> bool:
-        flags: int = _U16.unpack_from(self._ring_view, 16 * pos + self._flags_off)[0]
+        flags = self._ring_w16[8 * pos + self._flags_w]
         wrap = self._avail_wrap
         return bool(flags & _AVAIL) == wrap and bool(flags & _USED) != wrap
 
@@ -341,8 +340,9 @@ class PackedQueue(QueueBase):
         """The used-buffer notification decision from the driver event area (virtio 1.2,
         2.8.10; the same arithmetic as QEMU's ``virtio_packed_should_notify``)."""
         full_barrier()  # the used descriptor before reading the driver's event area
-        off_wrap: int = _U16.unpack_from(self._drv_view, self._drv_off_wrap_off)[0]
-        flags: int = _U16.unpack_from(self._drv_view, self._drv_flags_off)[0]
+        drv = self._drv_words
+        off_wrap = drv[self._drv_off_wrap_w]
+        flags = drv[self._drv_flags_w]
         old = self._signalled_used
         valid = self._signalled_valid
         self._signalled_used = new_used
