@@ -160,7 +160,7 @@ class Words(Protocol):
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
-class _SwappedWords:  # pragma: no cover - big-endian hosts only
+class _SwappedWords:
     """:class:`Words` on a big-endian host: a native word view plus a byte swap per access."""
 
     __slots__ = ("_view", "_width")
