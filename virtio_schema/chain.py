@@ -183,7 +183,7 @@ class _Walker:
             return cur[off : off + n]
         return None
 
-    def _span(self, want: int, *, to_end: bool) -> tuple[memoryview, int, int] | None:
+    def _span(self, want: int, to_end: bool) -> tuple[memoryview, int, int] | None:
         """The fast path of the copies: ``(region view, offset, n)`` for the next ``n`` bytes when
         they lie in the current buffer and one memory region, advancing past them; ``n`` is
         ``want``, or with ``to_end`` the rest of the current buffer if it is the last one.
@@ -350,7 +350,7 @@ class ReadableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         out = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
-        span = self._span(len(out), to_end=True)  # the common case: one copy from one buffer
+        span = self._span(len(out), True)  # the common case: one copy from one buffer
         if span is not None:
             base, off, n = span
             out[:n] = base[off : off + n]
@@ -365,7 +365,7 @@ class ReadableChain(_Walker):
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        span = self._span(size, to_end=False)
+        span = self._span(size, False)
         if span is not None:  # the bytes sit in one buffer: one copy, straight out
             base, off, _ = span
             return bytes(base[off : off + size])
@@ -396,7 +396,7 @@ class ReadableChain(_Walker):
             self.chain.check_usable()
         if self._left < layout.size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, layout.size, self._left)
-        span = self._span(layout.size, to_end=False)
+        span = self._span(layout.size, False)
         if span is not None:  # the record sits in one buffer: unpack it where it is
             return layout.unpack_from(span[0], span[1])
         buf = bytearray(layout.size)
@@ -485,7 +485,7 @@ class WritableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         src = data if type(data) is bytes or type(data) is bytearray else memoryview(data).cast("B")
-        span = self._span(len(src), to_end=True)  # the common case: one copy into one buffer
+        span = self._span(len(src), True)  # the common case: one copy into one buffer
         if span is not None:
             base, off, n = span
             base[off : off + n] = src if n == len(src) else src[:n]

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ChainDescriptor", "DescChain"]
 
+_get_ident = threading.get_ident  # bound once: every chain records the thread that took it
+
 
 class ChainDescriptor(NamedTuple):
     """One buffer of a chain, as validated when the chain was taken from the queue."""
@@ -140,7 +142,7 @@ class DescChain:
         self._slots = slots
         self._written = 0
         self._returned = False
-        self._tid = threading.get_ident()
+        self._tid = _get_ident()
 
     # --- what the chain holds ------------------------------------------------------------------
 
@@ -260,7 +262,7 @@ class DescChain:
             ResourceWarning,
             stacklevel=1,
         )
-        if threading.get_ident() == self._tid:
+        if _get_ident() == self._tid:
             self._queue._return_chain(self, 0)
         else:  # collected on another thread: the queue returns it at its next call
             self._queue._orphan(self)
