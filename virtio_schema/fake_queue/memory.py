@@ -24,6 +24,21 @@ class FakeMemoryFull(DeviceUsageError):
     """The fake memory has no free block of the requested size (make it bigger in the test)."""
 
 
+_WRITE = 2  # the WRITE flag: bit 1 in both ring formats (DescFlags.WRITE, PackedDescFlags.WRITE)
+
+
+def check_chain_length(count: int, size: int) -> None:
+    """The fake drivers' rule for a chain they publish: at least one buffer, and no more than the
+    queue size, also in an indirect table (virtio 1.2, 2.7.5.3.1 for split, 2.8.19 for packed)."""
+    if count == 0:
+        raise DeviceUsageError("a chain needs at least one buffer")
+    if count > size:
+        raise DeviceUsageError(
+            f"a chain of {count} buffers is longer than the queue size {size}; a well-behaved"
+            " driver never makes one (write a hostile one with the raw methods)"
+        )
+
+
 class _Region:
     __slots__ = ("allocs", "end", "free", "start")
 
@@ -141,6 +156,16 @@ class FakeMemory:
         addr = self.alloc(len(data), 8)
         self.write(addr, data)
         return addr
+
+    def alloc_chain(
+        self, readable: Sequence[bytes], writable: Sequence[int]
+    ) -> list[tuple[int, int, int]]:
+        """The buffers of a chain a fake driver publishes, in chain order, as ``(addr, len,
+        flags)``: the readable ones holding their contents, then the writable ones of the given
+        lengths, with the WRITE flag (the same bit in both ring formats)."""
+        entries = [(self.alloc_buffer(data), len(data), 0) for data in readable]
+        entries += [(self.alloc_buffer(n), n, _WRITE) for n in writable]
+        return entries
 
     def alloc_table(self, layout: Layout[_R], entries: Sequence[_R]) -> int:
         """A 16-aligned table of ``entries`` packed with ``layout`` (room for one record when

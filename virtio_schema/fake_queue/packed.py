@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.fake_queue.memory import FakeMemory
+from virtio_schema.fake_queue.memory import FakeMemory, check_chain_length
 from virtio_schema.fake_queue.split import UsedChain
 from virtio_schema.mem import DeviceRange, DriverRange, write_barrier
 from virtio_schema.queue import QueueMemory, QueueState, vring_need_event
@@ -145,30 +145,17 @@ class FakePackedDriver:
     ) -> int | None:
         """Publish a chain; returns its buffer id, or ``None`` if the ring has no room."""
         count = len(readable) + len(writable)
-        if count == 0:
-            raise DeviceUsageError("a chain needs at least one buffer")
-        if count > self.size:  # virtio 1.2, 2.7.5.3.1 (split) and 2.8.19 (packed)
-            raise DeviceUsageError(
-                f"a chain of {count} buffers is longer than the queue size {self.size}; a well-behaved"
-                " driver never makes one (write a hostile one with the raw methods)"
-            )
+        check_chain_length(count, self.size)
         slots = 1 if indirect else count
         if slots > self._free_slots or not self._free_ids:
             return None
         if indirect and not self.features & Feature.INDIRECT_DESC:
             raise DeviceUsageError("publish(indirect=True) needs INDIRECT_DESC in features")
         buf_id = self._free_ids.pop()
-        entries: list[tuple[int, int, int]] = []
-        chain = _Chain(slots, [], [])
-        for data in readable:
-            addr = self.memory.alloc_buffer(data)
-            chain.buffers.append(addr)
-            entries.append((addr, len(data), 0))
-        for length in writable:
-            addr = self.memory.alloc_buffer(length)
-            chain.buffers.append(addr)
-            chain.writable.append((addr, length))
-            entries.append((addr, length, _WRITE))
+        entries = self.memory.alloc_chain(readable, writable)
+        chain = _Chain(
+            slots, [addr for addr, _, _ in entries], [(a, n) for a, n, flags in entries if flags]
+        )
         if indirect:
             table = self.memory.alloc_table(
                 PACKED_DESC, [PackedDesc(addr, length, 0, flags) for addr, length, flags in entries]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.fake_queue.memory import FakeMemory
+from virtio_schema.fake_queue.memory import FakeMemory, check_chain_length
 from virtio_schema.mem import DeviceRange, DriverRange, write_barrier
 from virtio_schema.queue import QueueMemory, QueueState, vring_need_event
 from virtio_schema.ring import DESC, AvailRing, Desc, DescTable, UsedRing, linked_descs
@@ -119,31 +119,16 @@ class FakeDriver:
         lengths); with ``indirect`` all of them sit in one indirect table. Returns the head, or
         ``None`` if the ring has no room (no free descriptors, or ``size`` chains in flight)."""
         count = len(readable) + len(writable)
-        if count == 0:
-            raise DeviceUsageError("a chain needs at least one buffer")
-        if count > self.size:  # virtio 1.2, 2.7.5.3.1 (split) and 2.8.19 (packed)
-            raise DeviceUsageError(
-                f"a chain of {count} buffers is longer than the queue size {self.size}; a well-behaved"
-                " driver never makes one (write a hostile one with the raw methods)"
-            )
+        check_chain_length(count, self.size)
         need = 1 if indirect else count
         if need > len(self._free) or self.in_flight >= self.size:
             return None
         if indirect and not self.features & Feature.INDIRECT_DESC:
             raise DeviceUsageError("publish(indirect=True) needs INDIRECT_DESC in features")
-        buffers: list[int] = []
-        entries: list[tuple[int, int, int]] = []  # addr, len, flags
-        wbufs: list[tuple[int, int]] = []
-        for data in readable:
-            addr = self.memory.alloc_buffer(data)
-            buffers.append(addr)
-            entries.append((addr, len(data), 0))
-        for length in writable:
-            addr = self.memory.alloc_buffer(length)
-            buffers.append(addr)
-            wbufs.append((addr, length))
-            entries.append((addr, length, DescFlags.WRITE))
-        pub = _Published([], buffers, wbufs)
+        entries = self.memory.alloc_chain(readable, writable)
+        pub = _Published(
+            [], [addr for addr, _, _ in entries], [(a, n) for a, n, flags in entries if flags]
+        )
         if indirect:
             pub.table = table = self.memory.alloc_table(DESC, linked_descs(entries, range(count)))
             head = self._free.pop()
