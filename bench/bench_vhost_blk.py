@@ -20,11 +20,10 @@ import os
 import random
 import select
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from virtio_schema.mem import full_barrier
@@ -32,33 +31,36 @@ from virtio_schema.records import BLK_REQ_HDR, BlkReqHdr
 from virtio_schema.ring import Desc
 from virtio_schema.schema import BlkType, DescFlags, Feature
 from virtio_schema.testing.frontend import Frontend, GuestRam, SplitRingDriver, make_eventfd
+from virtio_schema.testing.process import BackendProcess
 from virtio_schema.vhost_user.messages import ProtocolFeature
 
 QUEUE = 128
 IMAGE_MIB = 64
 
 
-def start_ours(sock: Path, image: Path, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
+Start = Callable[[Path, Path, Path], BackendProcess]
+"""How a benchmark starts a back-end: ``start(sock, image, log)``, serving once it returns."""
+
+
+def start_ours(sock: Path, image: Path, log: Path) -> BackendProcess:
+    return BackendProcess(
+        ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)], sock, log
     )
 
 
-def start_qsd(sock: Path, image: Path, log: Path, *, blockdev: str = "") -> subprocess.Popen[bytes]:
+def start_qsd(sock: Path, image: Path, log: Path, *, blockdev: str = "") -> BackendProcess:
     """qemu-storage-daemon exporting ``image`` as vhost-user-blk on ``sock`` (``blockdev``: more
     ``--blockdev`` options, e.g. ``,cache.direct=off``)."""
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
         raise SystemExit("qemu-storage-daemon not found (Debian package qemu-system-common)")
     export = f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on"
-    return subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=f0,filename={image}{blockdev}",
-         "--export", export],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    return BackendProcess(
+        ["--blockdev", f"driver=file,node-name=f0,filename={image}{blockdev}", "--export", export],
+        sock,
+        log,
+        program=qsd,
+    )
 
 
 class Requests:
@@ -93,21 +95,16 @@ class Requests:
         ring.avail.set_idx(ring.avail_idx)
 
 
-def run(name: str, start: object, depth: int, seconds: float, tmp: Path) -> float:
+def run(name: str, start: Start, depth: int, seconds: float, tmp: Path) -> float:
     image = tmp / "disk.img"
     if not image.exists():
         image.write_bytes(random.Random(7).randbytes(IMAGE_MIB << 20))
     sock = tmp / f"{name}-{depth}.sock"
     log = tmp / f"{name}-{depth}.log"
-    proc = start(sock, image, log)  # type: ignore[operator]
+    backend = start(sock, image, log)
     ram = GuestRam(16 << 20, name=f"bench-{name}")
     kick_fd, call_fd = make_eventfd(), make_eventfd()
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not start: {log.read_text()}")
-            time.sleep(0.05)
         with Frontend(str(sock)) as fe:
             offered = fe.get_features()
             fe.set_protocol_features(
@@ -160,12 +157,7 @@ def run(name: str, start: object, depth: int, seconds: float, tmp: Path) -> floa
                 os.eventfd_write(kick_fd, 1)
             elapsed = time.perf_counter() - t0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        backend.stop()
         ram.close()
         os.close(kick_fd)
         os.close(call_fd)

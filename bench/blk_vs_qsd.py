@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench_vhost_blk import start_ours, start_qsd
+from bench_vhost_blk import Start, start_ours, start_qsd
 
+from virtio_schema.testing.process import BackendProcess
 from virtio_schema.testing.qemu import (
     INIT_EPILOGUE,
     INIT_PRELUDE,
@@ -54,12 +52,12 @@ echo "E2E-PHASE read_4k $a $b {small * 4096}"
 """
 
 
-def start_qsd_cached(sock: Path, image: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_qsd_cached(sock: Path, image: Path, log: Path) -> BackendProcess:
     """The C reference through the host page cache, as our back-end reads the image."""
     return start_qsd(sock, image, log, blockdev=",cache.direct=off")
 
 
-def measure(name: str, start: object, disk_mib: int, tmp: Path) -> dict[str, float]:
+def measure(name: str, start: Start, disk_mib: int, tmp: Path) -> dict[str, float]:
     kit = find_kernel()
     busybox = find_busybox()
     assert kit is not None
@@ -67,15 +65,8 @@ def measure(name: str, start: object, disk_mib: int, tmp: Path) -> dict[str, flo
     image = tmp / f"{name}.img"
     image.write_bytes(bytes(disk_mib << 20))
     sock = tmp / f"{name}.sock"
-    proc = start(sock, image, tmp / f"{name}.log")  # type: ignore[operator]
+    backend = start(sock, image, tmp / f"{name}.log")
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(
-                    f"{name} back-end did not start: {(tmp / f'{name}.log').read_text()}"
-                )
-            time.sleep(0.05)
         initrd = build_initramfs(
             tmp / "initrd",
             init_script=INIT_PRELUDE + workload(disk_mib) + INIT_EPILOGUE,
@@ -89,12 +80,7 @@ def measure(name: str, start: object, disk_mib: int, tmp: Path) -> dict[str, flo
             timeout=600,
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        backend.stop()
     rates: dict[str, float] = {}
     for line in result.lines("E2E-PHASE"):
         phase, a, b, nbytes = line.split()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -86,3 +87,13 @@ def test_the_watchdog_kills_a_back_end_the_test_forgot(tmp_path: Path) -> None:
         assert be.proc.returncode == -signal.SIGKILL
     finally:
         be.stop()
+
+
+def test_another_program_than_python_can_be_the_back_end(tmp_path: Path) -> None:
+    sh = shutil.which("sh")
+    assert sh is not None
+    sock = tmp_path / "s.sock"
+    script = 'echo "C back-end on $1"; touch "$1"; exec sleep 60'
+    with BackendProcess(["-c", script, "sh", str(sock)], sock, tmp_path / "log", program=sh) as be:
+        assert be.wait_for_log(rf"C back-end on {sock}", timeout=10) is not None
+        assert be.stop() == -signal.SIGTERM

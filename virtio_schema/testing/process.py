@@ -1,7 +1,8 @@
 """A device back-end as a child process, for end-to-end tests (this project's and yours).
 
 :class:`BackendProcess` starts ``python ARGS...`` (e.g. ``-m virtio_schema.examples.blk
---vhost-user SOCK ...``) with its output in a log file, waits until its socket exists, and ends it
+--vhost-user SOCK ...``), or another program's ``ARGS`` (e.g. a C reference back-end), with its
+output in a log file, waits until its socket exists, and ends it
 by its own PID: SIGTERM, then SIGKILL after a grace period. An optional watchdog kills it after a
 hard timeout even if the test hangs. Nothing else is ever signalled.
 
@@ -30,7 +31,8 @@ class BackendStartError(AssertionError):
 
 
 class BackendProcess:
-    """``python *args`` as a child process that serves on ``sock``, logging to ``log``.
+    """``python *args`` (or ``program *args``) as a child process that serves on ``sock``,
+    logging to ``log``.
 
     ``timeout`` (seconds, optional) arms a watchdog that kills the process at the latest then.
     Use it as a context manager, or call :meth:`stop` in a ``finally`` block.
@@ -44,12 +46,13 @@ class BackendProcess:
         *,
         timeout: float | None = None,
         start_timeout: float = 20.0,
+        program: str = sys.executable,
     ) -> None:
         self.sock = sock
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=self._log,
+            [program, *args], stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         self._watchdog: threading.Timer | None = None
