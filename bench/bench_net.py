@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from virtio_schema.testing.process import BackendProcess
+
 TESTPMD = shutil.which("dpdk-testpmd")
 COMMON = ["--no-pci", "--no-huge", "-m", "512"]
 
@@ -76,27 +78,27 @@ def pps(output: str, key: str, forwarded: float) -> float:
     return int(totals[-1]) / forwarded if totals and forwarded > 0 else 0.0
 
 
-def start_ours(sock: Path, mode: str, size: int, log: Path) -> subprocess.Popen[bytes]:
+def start_ours(sock: Path, mode: str, size: int, log: Path) -> BackendProcess:
     extra = (
         ["--frames", "100000000", "--size", str(size), "--start-delay", "1"]
         if mode == "source"
         else []
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "virtio_schema.examples.net", "--vhost-user", str(sock),
-         "--mode", mode, "--cpu", "0", *extra],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    return BackendProcess(
+        ["-m", "virtio_schema.examples.net", "--vhost-user", str(sock), "--mode", mode,
+         "--cpu", "0", *extra],
+        sock, log,
     )  # fmt: skip
 
 
-def start_c(sock: Path, mode: str, size: int, log: Path) -> subprocess.Popen[bytes]:
+def start_c(sock: Path, mode: str, size: int, log: Path) -> BackendProcess:
     assert TESTPMD is not None
     fwd = {"sink": "rxonly", "source": "txonly", "reflect": "io"}[mode]
-    return subprocess.Popen(
-        [TESTPMD, "-l", "1,0", "--main-lcore", "1", *COMMON, f"--file-prefix=be{os.getpid()}",
+    return BackendProcess(
+        ["-l", "1,0", "--main-lcore", "1", *COMMON, f"--file-prefix=be{os.getpid()}",
          "--vdev", f"net_vhost0,iface={sock},queues=1", "--", "--total-num-mbufs=8192",
          f"--forward-mode={fwd}", f"--txpkts={size}", "--stats-period", "100"],
-        stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        sock, log, program=TESTPMD,
     )  # fmt: skip
 
 
@@ -106,11 +108,6 @@ def run(backend: str, direction: str, size: int, vdev: str, seconds: float, tmp:
     mode = {"to-device": "sink", "to-driver": "source", "reflect": "reflect"}[direction]
     proc = (start_ours if backend == "ours" else start_c)(sock, mode, size, log)
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{backend} back-end did not start:\n{log.read_text()}")
-            time.sleep(0.05)
         fe_mode = {
             "to-device": ["--forward-mode=txonly"],
             "to-driver": ["--forward-mode=rxonly"],
@@ -118,12 +115,7 @@ def run(backend: str, direction: str, size: int, vdev: str, seconds: float, tmp:
         }[direction]
         out, forwarded = frontend(sock, vdev, fe_mode, seconds, size)
     finally:
-        proc.send_signal(signal.SIGINT if backend == "c" else signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop(grace=15, sig=signal.SIGINT if backend == "c" else signal.SIGTERM)
     return pps(out, "Tx-pps" if direction == "to-device" else "Rx-pps", forwarded)
 
 

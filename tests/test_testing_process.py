@@ -97,3 +97,12 @@ def test_another_program_than_python_can_be_the_back_end(tmp_path: Path) -> None
     with BackendProcess(["-c", script, "sh", str(sock)], sock, tmp_path / "log", program=sh) as be:
         assert be.wait_for_log(rf"C back-end on {sock}", timeout=10) is not None
         assert be.stop() == -signal.SIGTERM
+
+
+def test_stop_sends_the_signal_asked_for(tmp_path: Path) -> None:
+    sh = shutil.which("sh")
+    assert sh is not None
+    sock = tmp_path / "s.sock"
+    with BackendProcess(["-c", 'touch "$1"; exec sleep 60', "sh", str(sock)], sock, tmp_path / "log",
+                        program=sh) as be:  # fmt: skip
+        assert be.stop(sig=signal.SIGINT) == -signal.SIGINT

@@ -87,10 +87,11 @@ class BackendProcess:
                 return None
             time.sleep(0.05)
 
-    def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; the exit status (negative: a signal)."""
+    def stop(self, grace: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> int | None:
+        """``sig`` (SIGTERM; e.g. SIGINT for a program that reports on it), then SIGKILL after
+        ``grace`` seconds; the exit status (negative: a signal)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
