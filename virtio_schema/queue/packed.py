@@ -88,26 +88,21 @@ class PackedQueue(QueueBase):
         self._indirect = bool(features & Feature.INDIRECT_DESC)
         self._event_idx = bool(features & Feature.EVENT_IDX)
         self._ring_view = self.ring.view
-        self._flags_off = self.ring.flags_offset
-        self._id_off = self.ring.id_offset
-        self._len_off = self.ring.len_offset
+        ring, drv, dev = self.ring, self.driver_event, self.device_event
         # what the driver polls (a descriptor's flags, the device event area) is stored as one
-        # word each: pack_into would zero it first (see virtio_schema.mem, rule 3)
-        self._ring_w16 = self.ring.range.le16()
-        self._ring_w32 = self.ring.range.le32()
-        self._dev_words = self.device_event.range.le16()
-        self._drv_words = self.driver_event.range.le16()
-        self._drv_off_wrap_off = self.driver_event.off_wrap_offset
-        self._drv_flags_off = self.driver_event.flags_offset
-        self._dev_off_wrap_off = self.device_event.off_wrap_offset
-        self._dev_flags_off = self.device_event.flags_offset
-        self._id_w = self._id_off >> 1
-        self._len_w = self._len_off >> 2
-        self._flags_w = self._flags_off >> 1
-        self._dev_off_wrap_w = self._dev_off_wrap_off >> 1
-        self._dev_flags_w = self._dev_flags_off >> 1
-        self._drv_off_wrap_w = self._drv_off_wrap_off >> 1
-        self._drv_flags_w = self._drv_flags_off >> 1
+        # word each: pack_into would zero it first (see virtio_schema.mem, rule 3); what the
+        # driver writes is read the same way; indices are byte offsets // width
+        self._ring_w16 = ring.range.le16()
+        self._ring_w32 = ring.range.le32()
+        self._id_w = ring.id_offset >> 1  # descriptor k: + 8k in 16-bit words, + 4k in 32-bit
+        self._len_w = ring.len_offset >> 2
+        self._flags_w = ring.flags_offset >> 1
+        self._dev_words = dev.range.le16()
+        self._dev_off_wrap_w = dev.off_wrap_offset >> 1
+        self._dev_flags_w = dev.flags_offset >> 1
+        self._drv_words = drv.range.le16()
+        self._drv_off_wrap_w = drv.off_wrap_offset >> 1
+        self._drv_flags_w = drv.flags_offset >> 1
         self._unpack_desc = PACKED_DESC.struct.unpack_from
         self._start(state or QueueState())
 

@@ -92,28 +92,21 @@ class Queue(QueueBase):
         self._event_idx = bool(features & Feature.EVENT_IDX)
         # bound once: the hot path calls these directly
         self._desc_view = self.desc_table.view
-        self._ring_off = self.avail_ring.ring_offset
-        self._used_event_off = self.avail_ring.used_event_offset
-        self._used_ring_off = self.used_ring.ring_offset
-        self._used_idx_off = self.used_ring.idx_offset
-        self._used_flags_off = self.used_ring.flags_offset
-        self._avail_idx_off = self.avail_ring.idx_offset
-        self._avail_flags_off = self.avail_ring.flags_offset
-        self._avail_event_off = self.used_ring.avail_event_offset
-        # the fields the driver polls are stored as one 16-bit word each (pack_into would zero
-        # them first: see virtio_schema.mem, rule 3)
-        self._used_words = self.used_ring.range.le16()
-        self._used_idx_w = self._used_idx_off >> 1
-        self._used_flags_w = self._used_flags_off >> 1
-        self._avail_event_w = self._avail_event_off >> 1
-        self._used_elems = self.used_ring.range.le32()  # element k: words 2k+e, 2k+e+1
-        self._used_elem_w = self._used_ring_off >> 2
-        # and what the driver writes is read one word at a time, the same way (cheaper than struct)
-        self._avail_words = self.avail_ring.range.le16()
-        self._avail_idx_w = self._avail_idx_off >> 1
-        self._avail_flags_w = self._avail_flags_off >> 1
-        self._ring_w = self._ring_off >> 1
-        self._used_event_w = self._used_event_off >> 1
+        avail, used = self.avail_ring, self.used_ring
+        # the fields the driver polls are stored as one word each (pack_into would zero them
+        # first: see virtio_schema.mem, rule 3); what the driver writes is read the same way,
+        # one word at a time (cheaper than a struct call); indices are byte offsets // width
+        self._used_words = used.range.le16()
+        self._used_idx_w = used.idx_offset >> 1
+        self._used_flags_w = used.flags_offset >> 1
+        self._avail_event_w = used.avail_event_offset >> 1
+        self._used_elems = used.range.le32()  # element k: words e+2k (id) and e+2k+1 (len)
+        self._used_elem_w = used.ring_offset >> 2
+        self._avail_words = avail.range.le16()
+        self._avail_idx_w = avail.idx_offset >> 1
+        self._avail_flags_w = avail.flags_offset >> 1
+        self._ring_w = avail.ring_offset >> 1
+        self._used_event_w = avail.used_event_offset >> 1
         self._unpack_desc = DESC.struct.unpack_from
         self._start(state or QueueState())
 
