@@ -162,6 +162,18 @@ def _refuse(sname: str, span: Span) -> None:
     raise UnsupportedField(sname, span.name, f"{kind} has no exact struct equivalent")
 
 
+def _copy_in(buf: WriteBuffer, at: int, data: bytes) -> None:
+    """Copy ``data`` into ``buf`` at byte ``at`` at once. Unlike ``struct.pack_into``, which zeroes
+    its target before it writes, a driver or device polling those bytes never reads a zero that
+    was not written. ``ValueError`` if the bytes do not fit, ``TypeError`` for a read-only or
+    non-contiguous buffer."""
+    with memoryview(buf) as whole, whole.cast("B") as view:
+        end = at + len(data)
+        if at < 0 or end > len(view):
+            raise ValueError(f"bytes {at}..{end} outside a {len(view)}-byte buffer")
+        view[at:end] = data
+
+
 class IntField:
     """Typed access to one integer field of a fixed-size schema, at ``base + offset`` in a buffer.
 
@@ -225,15 +237,8 @@ class IntField:
                 self.owner, self.name, value, f"outside {self.minimum}..{self.maximum}"
             )
         at = base + self.offset
-        data = self._pack(value)
-        # one copy of the packed bytes, so the field changes in one store: struct.pack_into
-        # would zero it first, and a driver or device polling it could read the zero
         try:
-            with memoryview(buf) as whole, whole.cast("B") as view:
-                end = at + len(data)
-                if at < 0 or end > len(view):
-                    raise ValueError(f"bytes {at}..{end} outside a {len(view)}-byte buffer")
-                view[at:end] = data
+            _copy_in(buf, at, self._pack(value))
         except (TypeError, ValueError) as exc:
             raise LayoutValueError(self.owner, self.name, at, f"cannot write: {exc}") from None
 
@@ -433,12 +438,7 @@ class Layout(Generic[R]):
         zeroes its target before writing it, no reader ever sees a zero that was not written."""
         self._check(record)
         try:
-            data = self._pack(*record)
-            with memoryview(buf) as whole, whole.cast("B") as view:
-                end = offset + len(data)
-                if offset < 0 or end > len(view):
-                    raise ValueError(f"bytes {offset}..{end} outside a {len(view)}-byte buffer")
-                view[offset:end] = data
+            _copy_in(buf, offset, self._pack(*record))
         except (struct.error, TypeError, ValueError) as exc:
             raise LayoutValueError(self.name, "*", offset, f"cannot write: {exc}") from None
 
