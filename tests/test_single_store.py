@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,35 +86,48 @@ def shared() -> Iterator[tuple[Path, mmap.mmap]]:
             mm.close()
 
 
-def _watch(path: Path, word: int, mode: str) -> subprocess.Popen[str]:
+@dataclass
+class Watch:
+    """What the watcher process saw, once it has stopped."""
+
+    changes: int = 0
+    bad: int = 0
+    seen: str = ""
+
+    def check(self, what: str) -> None:
+        assert self.changes > 0, "the watcher saw no store at all"
+        assert self.bad == 0, f"{self.bad} of {self.changes} {what}: {self.seen}"
+
+
+@contextmanager
+def _watching(path: Path, view: memoryview, word: int, mode: str) -> Iterator[Watch]:
+    """The watcher polls 16-bit ``word`` of the mapping for the body of the ``with`` block; the
+    :class:`Watch` is filled when the block ends (it is stopped then, whatever happened)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", WATCHER, str(path), str(word), mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    return proc
-
-
-def _wait_ready(view: memoryview, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not view[READY]:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "watcher died"
-        assert time.monotonic() < deadline, "the watcher did not start"
-        time.sleep(0.01)
-
-
-def _finish(view: memoryview, proc: subprocess.Popen[str]) -> tuple[int, int, str]:
-    view[STOP] = 1
+    watch = Watch()
     try:
-        out, err = proc.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise AssertionError("the watcher did not stop") from None
+        deadline = time.monotonic() + DEADLINE_S
+        while not view[READY]:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "watcher died"
+            assert time.monotonic() < deadline, "the watcher did not start"
+            time.sleep(0.01)
+        yield watch
+    finally:
+        view[STOP] = 1
+        try:
+            out, err = proc.communicate(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("the watcher did not stop") from None
     assert proc.returncode == 0, err
     changes, bad, *seen = out.split(maxsplit=2)
-    return int(changes), int(bad), " ".join(seen)
+    watch.changes, watch.bad, watch.seen = int(changes), int(bad), " ".join(seen)
 
 
 def _queue_memory(mem: GuestMemory, used_len: int) -> QueueMemory:
@@ -139,7 +154,6 @@ def test_split_used_idx_never_steps_back_while_a_driver_polls_it(
             + bytes(2)
         )
     mem = GuestMemory([(0, mm)])
-    proc = _watch(path, (USED + 2) // 2, "split")
     try:
         queue = create_queue(
             _queue_memory(mem, 6 + 8 * SIZE),
@@ -148,27 +162,25 @@ def test_split_used_idx_never_steps_back_while_a_driver_polls_it(
             features=int(Feature.VERSION_1),
             notify=NotificationCounter(),
         )
-        _wait_ready(view, proc)
-        avail_idx = 0
-        served = 0
-        deadline = time.monotonic() + DEADLINE_S
-        while served < CHAINS and time.monotonic() < deadline:
-            for k in range(SIZE):  # the driver re-offers every head (the test is the driver)
-                words[(AVAIL + 4) // 2 + (avail_idx + k) % SIZE] = k
-            avail_idx = (avail_idx + SIZE) & 0xFFFF
-            words[(AVAIL + 2) // 2] = avail_idx
-            while (chain := queue.next_chain()) is not None:
-                chain.return_written(8)
-                served += 1
+        with _watching(path, view, (USED + 2) // 2, "split") as watch:
+            avail_idx = 0
+            served = 0
+            deadline = time.monotonic() + DEADLINE_S
+            while served < CHAINS and time.monotonic() < deadline:
+                for k in range(SIZE):  # the driver re-offers every head (the test is the driver)
+                    words[(AVAIL + 4) // 2 + (avail_idx + k) % SIZE] = k
+                avail_idx = (avail_idx + SIZE) & 0xFFFF
+                words[(AVAIL + 2) // 2] = avail_idx
+                while (chain := queue.next_chain()) is not None:
+                    chain.return_written(8)
+                    served += 1
         assert served >= CHAINS // 10, "the device loop barely ran"
         assert words[(USED + 2) // 2] == served & 0xFFFF
     finally:
-        changes, bad, seen = _finish(view, proc)
         words.release()
         view.release()
         mem.close()
-    assert changes > 0, "the watcher saw no store at all"
-    assert bad == 0, f"{bad} of {changes} used.idx changes went backwards: {seen}"
+    watch.check("used.idx changes went backwards")
 
 
 def test_packed_used_flags_never_pass_through_zero_while_a_driver_polls_them(
@@ -195,7 +207,6 @@ def test_packed_used_flags_never_pass_through_zero_while_a_driver_polls_them(
 
     arm(True)
     mem = GuestMemory([(0, mm)])
-    proc = _watch(path, (DESC + 14) // 2, "packed")
     try:
         queue = create_queue(
             _queue_memory(mem, 4),
@@ -204,24 +215,22 @@ def test_packed_used_flags_never_pass_through_zero_while_a_driver_polls_them(
             features=int(Feature.VERSION_1 | Feature.RING_PACKED),
             notify=NotificationCounter(),
         )
-        _wait_ready(view, proc)
-        served = 0
-        wrap = True
-        deadline = time.monotonic() + DEADLINE_S
-        while served < CHAINS and time.monotonic() < deadline:
-            n = 0
-            while (chain := queue.next_chain()) is not None:
-                chain.return_written(8)
-                n += 1
-            assert n == SIZE, f"a lap gave {n} chains"
-            served += n
-            wrap = not wrap
-            arm(wrap)
+        with _watching(path, view, (DESC + 14) // 2, "packed") as watch:
+            served = 0
+            wrap = True
+            deadline = time.monotonic() + DEADLINE_S
+            while served < CHAINS and time.monotonic() < deadline:
+                n = 0
+                while (chain := queue.next_chain()) is not None:
+                    chain.return_written(8)
+                    n += 1
+                assert n == SIZE, f"a lap gave {n} chains"
+                served += n
+                wrap = not wrap
+                arm(wrap)
         assert served >= CHAINS // 10, "the device loop barely ran"
     finally:
-        changes, bad, seen = _finish(view, proc)
         words.release()
         view.release()
         mem.close()
-    assert changes > 0, "the watcher saw no store at all"
-    assert bad == 0, f"{bad} of {changes} flag changes passed through an illegal value: {seen}"
+    watch.check("flag changes passed through an illegal value")
