@@ -200,7 +200,7 @@ class DeviceRange:
         self.view = view
         self.driver_range = driver_range
         self._owner: weakref.WeakSet[DeviceRange] | None = None
-        self._words: list[Words] = []
+        self._words: list[Words] | None = None  # word views made by le16/le32 (rare: rings)
 
     def __len__(self) -> int:
         return len(self.view)
@@ -259,15 +259,18 @@ class DeviceRange:
         finally:
             whole.release()
         words: Words = native if _LITTLE_ENDIAN_HOST else _SwappedWords(native, width)
+        if self._words is None:
+            self._words = []
         self._words.append(words)
         return words
 
     def release(self) -> None:
         """Release the view and the word views made from it now (they raise ``ValueError`` on
         use afterwards)."""
-        for words in self._words:
-            words.release()
-        self._words.clear()
+        if self._words is not None:
+            for words in self._words:
+                words.release()
+            self._words = None
         self.view.release()
 
     def __repr__(self) -> str:
