@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_queue import BAD_CHAINS, BadChain, _bad_queue, _catalogue
 
 from virtio_schema import inspect
 from virtio_schema.fake_queue import FakeDriver, FakePackedDriver, make_queue
@@ -163,8 +164,7 @@ def test_decode_blk_shows_the_request_header_of_each_chain(
     assert third is None
 
 
-# every malformed chain of the validation catalogue (the rows of tests/test_queue.py)
-from test_queue import BAD_CHAINS, BadChain, _bad_queue, _catalogue  # noqa: E402
+# --- every malformed chain of the validation catalogue (the rows of tests/test_queue.py) -------
 
 
 @pytest.mark.parametrize(("case", "packed"), _catalogue(BAD_CHAINS))
