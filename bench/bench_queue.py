@@ -256,7 +256,7 @@ def floor_echo(rig: Rig, rounds: int) -> int:
     mem, base = rig.mem, rig.base
     desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
     unpack_h, unpack_d, pack_u, pack_h = _H.unpack_from, _D.unpack_from, _U.pack_into, _H.pack_into
-    buf = bytearray(64)
+    buf = memoryview(bytearray(64))  # a view made once: copies into it are one memcpy
     last = used = n = 0
     mask = rig.size - 1
     for _ in range(rounds):
@@ -406,7 +406,7 @@ def floor_copy(rig: Rig, rounds: int) -> int:
     mem, base = rig.mem, rig.base
     desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
     unpack_h, unpack_d, pack_u, pack_h = _H.unpack_from, _D.unpack_from, _U.pack_into, _H.pack_into
-    buf = bytearray(65536)
+    buf = memoryview(bytearray(65536))
     last = used = n = 0
     mask = rig.size - 1
     for _ in range(rounds):
@@ -432,7 +432,7 @@ def floor_batch(rig: Rig, rounds: int) -> int:
     mem, base = rig.mem, rig.base
     desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
     unpack_h, unpack_d, pack_u, pack_h = _H.unpack_from, _D.unpack_from, _U.pack_into, _H.pack_into
-    buf = bytearray(64)
+    buf = memoryview(bytearray(64))
     last = used = n = 0
     mask = rig.size - 1
     notifier = rig.notifier
@@ -467,7 +467,7 @@ def floor_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
     mem, base, desc = rig.mem, rig.base, rig.desc_off
     unpack_d, pack_lid, pack_h = _D.unpack_from, _LEN_ID.pack_into, _H.pack_into
     size = rig.size
-    buf = bytearray(65536 if kind == "copy" else 64)
+    buf = memoryview(bytearray(65536 if kind == "copy" else 64))
     data = bytes(14 * 512)
     pos = used = n = 0
     wrap = uwrap = True

@@ -15,6 +15,7 @@ that need a split ring's ``next`` field are split-only.
 
 from __future__ import annotations
 
+import array
 import io
 import shutil
 import struct
@@ -305,6 +306,37 @@ def test_readinto_bytearray_across_buffers(packed: bool) -> None:
         assert r.readinto(buf) == 2
         assert buf == b"fgcde"
         assert r.readinto(buf) == 0
+
+
+@pytest.mark.parametrize("size", [12, 3000])  # below and above the copy-through-a-view threshold
+def test_readinto_leaves_the_callers_bytearray_resizable(packed: bool, size: int) -> None:
+    """The copies go through a memoryview of the caller's bytearray; it is released before
+    readinto returns (a live export would make ``extend`` raise BufferError), also when a later
+    buffer turns out unmapped midway."""
+    fq = make_queue(4, memory=FakeMemory(0x4000), packed=packed)
+    data = (bytes(range(256)) * 16)[: size - 6]
+    first = fq.driver.alloc_buffer(data)
+    edge = 0x10000 + 0x4000 - 4  # 4 mapped bytes, then the end of memory
+    raw_chain(fq.driver, [(first, size - 6, 0), (edge, 8, 0)])  # the read needs 6 of edge's 8
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        buf = bytearray(size)
+        with pytest.raises(UnmappedBuffer) as info:
+            r.readinto(buf)
+        assert buf[: size - 6] == data
+        buf.extend(b"resizable")  # with the traceback (and its frames) still alive
+        assert len(buf) == size + 9
+        array_buf = array.array("H", bytes(size))
+        with pytest.raises(UnmappedBuffer) as info_array:
+            ReadableChain(chain).readinto(array_buf)
+        array_buf.append(7)
+        del info, info_array
+    publish(fq, [b"abc", b"x" * 2000])
+    with take(fq) as chain:
+        big = bytearray(2003)
+        assert ReadableChain(chain).readinto(big) == 2003
+        assert big == b"abc" + b"x" * 2000
+        big.extend(b"!")
 
 
 def test_readinto_memoryview_fills_callers_buffer(packed: bool) -> None:
@@ -759,6 +791,22 @@ def test_write_reports_the_bytes_that_landed_before_an_unmapped_buffer(packed: b
         landed += len(fq.memory.read(edge, 4).strip(b"\0"))
         assert landed == 8
         assert w.written == landed
+
+
+def test_write_leaves_the_callers_buffer_resizable_after_an_unmapped_buffer(packed: bool) -> None:
+    fq = make_queue(4, memory=FakeMemory(0x1000), packed=packed)
+    first = fq.driver.alloc_buffer(4)
+    raw_chain(fq.driver, [(first, 4, WRITE), (0x10000 + 0x1000 - 4, 8, WRITE)])
+    with take(fq) as chain, WritableChain(chain) as w:
+        source = bytearray(b"ABCDEFGHIJKL")
+        with pytest.raises(UnmappedBuffer) as info:
+            w.write(source)
+        source.extend(b"!")  # with the traceback (and its frames) still alive
+        words = array.array("H", b"MNOPQRSTUVWX")
+        with pytest.raises(UnmappedBuffer) as info_array:
+            WritableChain(chain).write(words)
+        words.append(1)
+        del info, info_array
 
 
 def malformed_readable_after_writable(driver: Driver) -> int:

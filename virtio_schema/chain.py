@@ -48,6 +48,10 @@ __all__ = [
 R = TypeVar("R", bound=tuple[Any, ...])
 
 _READ_CHUNK = 1 << 18  # read() allocates at most this much ahead of the bytes that arrive
+# A slice assignment INTO a bytearray from another buffer first copies the source into a temporary
+# bytearray (CPython's bytearray_setslice); through a memoryview of the target it is one memcpy.
+# The view costs about as much as the extra copy of 1 KiB, so small reads keep the bytearray.
+_VIEW_COPY_MIN = 1024
 
 
 class Remaining(NamedTuple):
@@ -208,11 +212,16 @@ class _Walker:
 
     def _copy(self, buf: bytes | bytearray | memoryview, into_guest: bool) -> int:
         """Copy between ``buf`` and the buffers from the current position, as far as both go.
-        ``self._moved`` holds the count even if a buffer turns out unmapped midway."""
+        ``self._moved`` holds the count even if a buffer turns out unmapped midway.
+
+        ``buf`` is worked through one memoryview: its slices are views (slicing ``bytes`` would
+        copy each piece) and copying into one is a single memcpy (see ``_VIEW_COPY_MIN``)."""
         descs = self._descs
         locate = self._locate
         end = self._end
-        want = len(buf)
+        mine = type(buf) is not memoryview
+        whole = memoryview(buf) if mine else cast(memoryview, buf)
+        want = len(whole)
         total = fast = 0
         i, pos = self._i, self._pos
         self._moved = 0
@@ -231,9 +240,9 @@ class _Walker:
                 if loc is not None:
                     base, off = loc
                     if into_guest:
-                        base[off : off + n] = buf[total : total + n]
+                        base[off : off + n] = whole[total : total + n]
                     else:
-                        cast(bytearray, buf)[total : total + n] = base[off : off + n]
+                        whole[total : total + n] = base[off : off + n]
                     pos += n
                     total += n
                     fast += n
@@ -246,15 +255,17 @@ class _Walker:
                 assert view is not None
                 k = len(view)
                 if into_guest:
-                    view[:] = buf[total : total + k]
+                    view[:] = whole[total : total + k]
                 else:
-                    cast(bytearray, buf)[total : total + k] = view
+                    whole[total : total + k] = view
                 total += k
                 i, pos = self._i, self._pos
         finally:
             self._i, self._pos = i, pos
             self._left -= fast
             self._moved = total
+            if mine:
+                whole.release()  # the caller's bytearray can be resized again at once
         return total
 
     def _transfer(self, n: int, op: Callable[[memoryview], int | None]) -> int:
@@ -349,13 +360,25 @@ class ReadableChain(_Walker):
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        out = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
-        span = self._span(len(out), True)  # the common case: one copy from one buffer
-        if span is not None:
+        if type(buffer) is bytearray:
+            span = self._span(len(buffer), True)  # the common case: one copy from one buffer
+            if span is None:
+                return self._copy(buffer, False)
+            base, off, n = span
+            if n < _VIEW_COPY_MIN:
+                buffer[:n] = base[off : off + n]
+            else:  # through a view that dies with the statement (see _VIEW_COPY_MIN)
+                memoryview(buffer)[:n] = base[off : off + n]
+            return n
+        # any other writable buffer: one byte view of it, released before returning (an
+        # exception's traceback must not keep the caller's object exported)
+        with memoryview(buffer) as view, view.cast("B") as out:
+            span = self._span(len(out), True)
+            if span is None:
+                return self._copy(out, False)
             base, off, n = span
             out[:n] = base[off : off + n]
             return n
-        return self._copy(out, False)
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all remaining if negative); ``b""`` at the end."""
@@ -484,19 +507,26 @@ class WritableChain(_Walker):
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        src = data if type(data) is bytes or type(data) is bytearray else memoryview(data).cast("B")
+        if type(data) is bytes or type(data) is bytearray:
+            return self._write(data)
+        # any other buffer: one byte view of it, released before returning (an exception's
+        # traceback must not keep the caller's object exported)
+        with memoryview(data) as view, view.cast("B") as src:
+            return self._write(src)
+
+    def _write(self, src: bytes | bytearray | memoryview) -> int:
         span = self._span(len(src), True)  # the common case: one copy into one buffer
         if span is not None:
             base, off, n = span
             base[off : off + n] = src if n == len(src) else src[:n]
-            chain._written += n
+            self.chain._written += n
             return n
         try:
             self._copy(src, True)
         finally:  # bytes that landed count, even if a later buffer turned out unmapped
             total = self._moved
             if total:
-                chain._written += total
+                self.chain._written += total
         return total
 
     def write_from(self, readinto: Callable[[memoryview], int | None], n: int | None = None) -> int:
