@@ -714,6 +714,40 @@ def test_write_buffer_spanning_two_regions_lands_in_both(packed: bool) -> None:
     assert fq.memory.read(SPANNING, 16) == b"abcdefghijklmnop"
 
 
+@pytest.mark.parametrize("writing", [False, True])
+def test_one_copy_over_buffers_alternating_between_regions(packed: bool, writing: bool) -> None:
+    """One readinto/write over buffers in region 0, region 1, region 0, a spanning one, then
+    region 1: each piece lands at its own address (the copy remembers the last region found and
+    must look again whenever a buffer leaves it)."""
+    fq = two_regions(packed)
+    mem = fq.memory
+    low = [mem.alloc(4, region=0) for _ in range(2)]
+    high = [mem.alloc(4, region=1) for _ in range(2)]
+    addrs = [low[0], high[0], low[1], SPANNING, high[1]]
+    lengths = [4, 4, 4, 16, 4]
+    flag = WRITE if writing else 0
+    raw_chain(fq.driver, [(a, n, flag) for a, n in zip(addrs, lengths, strict=True)])
+    data = bytes(range(65, 65 + sum(lengths)))
+    pieces, at = [], 0
+    for n in lengths:
+        pieces.append(data[at : at + n])
+        at += n
+    if not writing:
+        for a, piece in zip(addrs, pieces, strict=True):
+            mem.write(a, piece)
+    with take(fq) as chain:
+        if writing:
+            with WritableChain(chain) as w:
+                assert w.write(data) == len(data)
+            assert [mem.read(a, n) for a, n in zip(addrs, lengths, strict=True)] == pieces
+        else:
+            buf = bytearray(len(data))
+            r = ReadableChain(chain)
+            assert r.readinto(buf) == len(data)
+            assert buf == data
+            assert r.remaining() == Remaining(0, 0)
+
+
 def test_record_across_a_region_boundary_queue_built_by_hand(packed: bool) -> None:
     mem = FakeMemory(regions=[(0x10000, 0x1000), (BOUNDARY, 0x1000)])
     mem.alloc_at(SPANNING, 16)

@@ -215,7 +215,9 @@ class _Walker:
         ``self._moved`` holds the count even if a buffer turns out unmapped midway.
 
         ``buf`` is worked through one memoryview: its slices are views (slicing ``bytes`` would
-        copy each piece) and copying into one is a single memcpy (see ``_VIEW_COPY_MIN``)."""
+        copy each piece) and copying into one is a single memcpy (see ``_VIEW_COPY_MIN``). A
+        region found by ``locate`` is remembered (its view covers the whole region, see
+        :data:`~virtio_schema.mem.Locate`), so the next buffers in it cost no lookup."""
         descs = self._descs
         locate = self._locate
         end = self._end
@@ -225,41 +227,51 @@ class _Walker:
         total = fast = 0
         i, pos = self._i, self._pos
         self._moved = 0
+        # the region the last lookup found, [lo, hi) in driver addresses: the buffers of a chain
+        # mostly lie in one region, so the next ones are checked against it without a call
+        region = whole
+        lo = hi = 0
         try:
             while total < want and i < end:
                 rec = descs[i]
-                length = rec[1]
-                if pos >= length:
+                n = rec[1] - pos
+                if n <= 0:  # an empty buffer (or one left at its end by another method)
                     i += 1
                     pos = 0
                     continue
-                n = length - pos
                 if n > want - total:
                     n = want - total
-                loc = locate(rec[0] + pos, n) if locate is not None else None
-                if loc is not None:
-                    base, off = loc
-                    if into_guest:
-                        base[off : off + n] = whole[total : total + n]
-                    else:
-                        whole[total : total + n] = base[off : off + n]
-                    pos += n
-                    total += n
-                    fast += n
-                    continue
-                # the general path for this piece (no fast path, or it crosses a region)
-                self._i, self._pos = i, pos
-                self._left -= fast
-                fast = 0
-                view = self._piece(n)
-                assert view is not None
-                k = len(view)
+                addr = rec[0] + pos
+                if lo > addr or addr + n > hi:
+                    loc = locate(addr, n) if locate is not None else None
+                    if loc is None:  # the general path for this piece (it crosses a region)
+                        self._i, self._pos = i, pos
+                        self._left -= fast
+                        fast = 0
+                        view = self._piece(n)
+                        assert view is not None
+                        k = len(view)
+                        if into_guest:
+                            view[:] = whole[total : total + k]
+                        else:
+                            whole[total : total + k] = view
+                        total += k
+                        i, pos = self._i, self._pos
+                        continue
+                    region, off = loc
+                    lo = addr - off
+                    hi = lo + len(region)
+                off = addr - lo
                 if into_guest:
-                    view[:] = whole[total : total + k]
+                    region[off : off + n] = whole[total : total + n]
                 else:
-                    whole[total : total + k] = view
-                total += k
-                i, pos = self._i, self._pos
+                    whole[total : total + n] = region[off : off + n]
+                total += n
+                fast += n
+                pos += n
+                if pos == rec[1]:  # step past a finished buffer now, not on the next turn
+                    i += 1
+                    pos = 0
         finally:
             self._i, self._pos = i, pos
             self._left -= fast
@@ -361,15 +373,29 @@ class ReadableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         if type(buffer) is bytearray:
-            span = self._span(len(buffer), True)  # the common case: one copy from one buffer
-            if span is None:
-                return self._copy(buffer, False)
-            base, off, n = span
-            if n < _VIEW_COPY_MIN:
-                buffer[:n] = base[off : off + n]
-            else:  # through a view that dies with the statement (see _VIEW_COPY_MIN)
-                memoryview(buffer)[:n] = base[off : off + n]
-            return n
+            # the hot path: _span's common case inlined (the call would cost as much as its
+            # checks): all of ``buffer`` from the current buffer, or the rest of the last one
+            want = len(buffer)
+            i = self._i
+            locate = self._locate
+            if locate is not None and i < self._end:
+                rec = self._descs[i]
+                pos = self._pos
+                n = rec[1] - pos
+                if 0 < want <= n or (0 < n < want and i + 1 == self._end):
+                    if n > want:
+                        n = want
+                    loc = locate(rec[0] + pos, n)
+                    if loc is not None:
+                        base, off = loc
+                        if n < _VIEW_COPY_MIN:
+                            buffer[:n] = base[off : off + n]
+                        else:  # through a view that dies with the statement (_VIEW_COPY_MIN)
+                            memoryview(buffer)[:n] = base[off : off + n]
+                        self._pos = pos + n
+                        self._left -= n
+                        return n
+            return self._copy(buffer, False)
         # any other writable buffer: one byte view of it, released before returning (an
         # exception's traceback must not keep the caller's object exported)
         with memoryview(buffer) as view, view.cast("B") as out:
@@ -508,6 +534,25 @@ class WritableChain(_Walker):
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         if type(data) is bytes or type(data) is bytearray:
+            # the hot path: _span's common case inlined, as in ReadableChain.readinto
+            want = len(data)
+            i = self._i
+            locate = self._locate
+            if locate is not None and i < self._end:
+                rec = self._descs[i]
+                pos = self._pos
+                n = rec[1] - pos
+                if 0 < want <= n or (0 < n < want and i + 1 == self._end):
+                    if n > want:
+                        n = want
+                    loc = locate(rec[0] + pos, n)
+                    if loc is not None:
+                        base, off = loc
+                        base[off : off + n] = data if n == want else data[:n]
+                        self._pos = pos + n
+                        self._left -= n
+                        chain._written += n
+                        return n
             return self._write(data)
         # any other buffer: one byte view of it, released before returning (an exception's
         # traceback must not keep the caller's object exported)
