@@ -6,7 +6,11 @@
 The front-end (:mod:`virtio_schema.testing.frontend`: a real unix socket, SCM_RIGHTS, eventfds,
 shared memfd guest memory) negotiates like QEMU, sets up one split queue of 128 entries, then keeps
 1 or 32 4 KiB read requests in flight (random sectors of a 64 MiB image) and counts completions for
-``--seconds``. The same front-end drives our example back-end (``python -m
+``--seconds``. Its guest driver is the library's fake driver
+(:class:`~virtio_schema.testing.frontend.SplitRingDriver`, a
+:class:`~virtio_schema.fake_queue.FakeDriver`): the requests are raw chains laid out once
+(``take_descriptor``, ``write_desc``) and made available again with ``push_head``; completions are
+read with ``used``. The same front-end drives our example back-end (``python -m
 virtio_schema.examples.blk``, a separate process) and ``qemu-storage-daemon --export
 type=vhost-user-blk`` (C, Debian package qemu-system-common) on the same image. It prints the
 requests/s of both and the ratio.
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from virtio_schema.mem import full_barrier
 from virtio_schema.records import BLK_REQ_HDR, BlkReqHdr
-from virtio_schema.ring import Desc
+from virtio_schema.ring import linked_descs
 from virtio_schema.schema import BlkType, DescFlags, Feature
 from virtio_schema.testing.frontend import Frontend, GuestRam, SplitRingDriver, make_eventfd
 from virtio_schema.testing.process import BackendProcess
@@ -65,21 +69,19 @@ def start_qsd(sock: Path, image: Path, log: Path, *, blockdev: str = "") -> Back
 
 class Requests:
     """``depth`` reusable 4 KiB read requests laid out once (header, data, status buffers, a chain
-    of three descriptors each), re-published as they complete."""
+    of three descriptors each, written raw through the driver), re-published as they complete."""
 
     def __init__(self, ram: GuestRam, ring: SplitRingDriver, depth: int) -> None:
         self.ram = ram
         self.ring = ring
         self.slots: list[tuple[int, int, int, int]] = []  # (head, hdr addr, data addr, status addr)
-        for k in range(depth):
+        for _ in range(depth):
             hdr, data, status = ram.alloc(16, 16), ram.alloc(4096, 4096), ram.alloc(1, 8)
-            head = 3 * k
-            ring.desc_table.set(head, Desc(hdr, 16, DescFlags.NEXT, head + 1))
-            ring.desc_table.set(
-                head + 1, Desc(data, 4096, DescFlags.WRITE | DescFlags.NEXT, head + 2)
-            )
-            ring.desc_table.set(head + 2, Desc(status, 1, DescFlags.WRITE, 0))
-            self.slots.append((head, hdr, data, status))
+            idx = [ring.take_descriptor() for _ in range(3)]
+            entries = [(hdr, 16, 0), (data, 4096, DescFlags.WRITE), (status, 1, DescFlags.WRITE)]
+            for i, desc in zip(idx, linked_descs(entries, idx), strict=True):
+                ring.write_desc(i, *desc)
+            self.slots.append((idx[0], hdr, data, status))
         self.by_head = {s[0]: s for s in self.slots}
         self.rng = random.Random(1)
         self.sectors = IMAGE_MIB * 2048 // 8  # 4 KiB blocks
@@ -89,10 +91,7 @@ class Requests:
         sector = self.rng.randrange(self.sectors) * 8
         self.ram.write(hdr, BLK_REQ_HDR.pack(BlkReqHdr(BlkType.IN, 0, sector)))
         self.ram.write(status, b"\xff")
-        ring = self.ring
-        ring.avail.set_ring(ring.avail_idx % ring.size, head)
-        ring.avail_idx = (ring.avail_idx + 1) & 0xFFFF
-        ring.avail.set_idx(ring.avail_idx)
+        self.ring.push_head(head)
 
 
 def run(name: str, start: Start, depth: int, seconds: float, tmp: Path) -> float:
@@ -126,15 +125,14 @@ def run(name: str, start: Start, depth: int, seconds: float, tmp: Path) -> float
             done = 0
             for slot in reqs.slots:
                 reqs.publish(slot)
-            ring.avail.set_used_event(ring.last_used)
             os.eventfd_write(kick_fd, 1)
             poll = select.poll()
             poll.register(call_fd, select.POLLIN)
             t0 = time.perf_counter()
             end = t0 + seconds
             while time.perf_counter() < end:
-                used_end = ring.used_ring.idx()
-                if used_end == ring.last_used:
+                completed = ring.used()
+                if not completed:
                     if not poll.poll(5000):
                         raise SystemExit(
                             f"{name} (depth {depth}): no completion within 5 s\n"
@@ -142,17 +140,15 @@ def run(name: str, start: Start, depth: int, seconds: float, tmp: Path) -> float
                         )
                     os.eventfd_read(call_fd)
                     continue
-                while ring.last_used != used_end:
-                    elem = ring.used_ring.elem(ring.last_used % ring.size)
-                    ring.last_used = (ring.last_used + 1) & 0xFFFF
-                    slot = reqs.by_head[elem.id]
+                for used in completed:
+                    slot = reqs.by_head[used.head]
                     if ram.read(slot[3], 1) != b"\0":
                         raise SystemExit(f"{name} (depth {depth}): request failed")
                     done += 1
                     reqs.publish(slot)
-                # ask to be called for the next completion, then look again: a completion that
-                # landed before used_event was written would otherwise never be signalled
-                ring.avail.set_used_event(ring.last_used)
+                # used() asked to be called for the next completion (used_event); order that
+                # store before the next look at used.idx, or a completion that landed before it
+                # would never be signalled
                 full_barrier()
                 os.eventfd_write(kick_fd, 1)
             elapsed = time.perf_counter() - t0

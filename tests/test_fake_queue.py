@@ -10,6 +10,8 @@ rules, with and without EVENT_IDX.
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,9 +27,10 @@ from virtio_schema.fake_queue import (
     make_queue,
 )
 from virtio_schema.mem import DriverRange
-from virtio_schema.queue import DescChain, QueueState
+from virtio_schema.queue import DescChain, QueueState, create_queue
 from virtio_schema.ring import DESC, Desc
 from virtio_schema.schema import AvailFlags, DescFlags, Feature
+from virtio_schema.util import NotificationCounter
 
 BASE = 0x10000
 SIZE = 0x1000
@@ -240,6 +243,48 @@ def test_fake_memory_close() -> None:
     mem = FakeMemory(SIZE)
     mem.close()
     assert mem.memory.closed
+
+
+def test_fake_memory_over_a_borrowed_mmap_allocates_in_it_and_leaves_it_to_its_owner() -> None:
+    with mmap.mmap(-1, SIZE) as mm:
+        mm[:] = b"\xaa" * SIZE
+        mem = FakeMemory.over([(BASE, mm)])
+        assert mem.buffers == []
+        addr = mem.alloc_buffer(b"data")
+        assert BASE <= addr < BASE + SIZE
+        assert mm[addr - BASE : addr - BASE + 4] == b"data"
+        zeroed = mem.alloc(8)
+        assert mm[zeroed - BASE : zeroed - BASE + 8] == bytes(8)
+        mem.close()
+        assert not mm.closed  # the owner closes it, which works: no view is left exported
+
+
+def test_copy_allocations_lets_a_remapped_driver_take_back_chains_in_flight() -> None:
+    old = FakeMemory(1 << 16)
+    driver = FakeDriver(old, 8)
+    baseline = old.allocated
+    head = driver.publish([b"req"], [4])
+    assert head is not None
+    new = FakeMemory(1 << 16)
+    new.buffers[0][:] = old.buffers[0]
+    new.copy_allocations(old)
+    assert new.allocated == old.allocated
+    driver.remap(new)
+    old.close()  # the driver holds nothing of the old memory any more
+    queue = create_queue(driver.queue_memory(), 8, new, features=0, notify=NotificationCounter())
+    chain = queue.next_chain()
+    assert chain is not None
+    with ReadableChain(chain) as r:
+        assert r.read() == b"req"
+        with r.into_writable() as w:
+            w.write(b"done")
+    assert driver.used() == [UsedChain(head, 4, (b"done",))]
+    assert new.allocated == baseline  # the buffers went back to the new memory's allocator
+
+
+def test_copy_allocations_from_other_regions_raises() -> None:
+    with pytest.raises(DeviceUsageError, match="other regions"):
+        FakeMemory(SIZE).copy_allocations(FakeMemory(2 * SIZE))
 
 
 # --- FakeDriver: publishing ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.examples.blk import BlkDevice, VhostUserBlk
 from virtio_schema.examples.rng import RngDevice
 from virtio_schema.queue import VirtQueue
@@ -220,6 +221,22 @@ def serve_blk_read(s: Session, image: io.FileIO, sector: int, length: int = SECT
 def roundtrip(fe: Frontend) -> None:
     """A request with a reply: everything sent before it has been handled."""
     fe.get_queue_num()
+
+
+# --- the front-end's driver ---------------------------------------------------------------------
+
+
+def test_front_end_driver_keeps_used_event_at_the_last_used_entry_and_refuses_a_full_ring() -> None:
+    with GuestRam(name="vu-driver") as ram:
+        ring = SplitRingDriver(ram, 2)
+        heads = [ring.publish([b"req"]), ring.publish(writable=[2])]
+        with pytest.raises(DeviceUsageError, match="no room"):
+            ring.publish([b"one too many"])
+        ring.used_ring.set_elem(0, heads[1], 2)  # the device's part, by hand
+        ring.used_ring.set_idx(1)
+        assert [u.head for u in ring.used()] == [heads[1]]
+        assert ring.avail.used_event() == 1  # notify me when used entry 1 is written
+        assert ring.publish([b"again"]) == heads[1]  # its descriptor was freed
 
 
 # --- the QEMU sequence -------------------------------------------------------------------------

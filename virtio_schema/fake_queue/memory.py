@@ -3,17 +3,23 @@
 :class:`FakeMemory` is a :class:`~virtio_schema.mem.DriverMem`: driver addresses are offsets in a few
 bytearray regions, handed out by an allocator that asserts allocations never overlap. Regions given
 adjacent make buffers that cross a region boundary possible (:meth:`FakeMemory.alloc_at`).
+:meth:`FakeMemory.over` puts the same allocator on buffers someone else owns (the ``mmap`` of a
+memfd the vhost-user test front-end shares with a back-end process), and
+:meth:`FakeMemory.copy_allocations` carries the allocations over to a copy of such memory.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.layout import Layout
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory, Locate
+
+if TYPE_CHECKING:
+    from virtio_schema._buffers import WriteBuffer
 
 __all__ = ["FakeMemory", "FakeMemoryFull"]
 
@@ -55,8 +61,11 @@ class FakeMemory:
 
     ``regions`` lists ``(driver address, size)`` pairs; by default one region of ``size`` bytes at
     ``base``. Regions given adjacent make buffers that cross a region boundary possible
-    (see :meth:`alloc_at`).
+    (see :meth:`alloc_at`). ``buffers`` holds the bytearrays made for the regions, in ``regions``
+    order (none for a memory made by :meth:`over`: its buffers are their owner's).
     """
+
+    buffers: list[bytearray]
 
     def __init__(
         self,
@@ -67,10 +76,35 @@ class FakeMemory:
     ) -> None:
         spec = list(regions) if regions is not None else [(base, size)]
         self.buffers = [bytearray(n) for _, n in spec]
-        self.memory = GuestMemory([(a, b) for (a, _), b in zip(spec, self.buffers, strict=True)])
-        self._regions = sorted((_Region(a, n) for a, n in spec), key=lambda r: r.start)
+        self._build([(a, b) for (a, _), b in zip(spec, self.buffers, strict=True)])
+
+    @classmethod
+    def over(cls, regions: Sequence[tuple[int, WriteBuffer]]) -> FakeMemory:
+        """Fake memory whose regions are ``(driver address, buffer)`` pairs owned by the caller
+        (an ``mmap`` shared with another process): the allocator serves them, and :meth:`close`
+        releases the views it handed out but leaves the buffers to their owner."""
+        mem = cls.__new__(cls)
+        mem.buffers = []
+        mem._build(regions)
+        return mem
+
+    def _build(self, regions: Sequence[tuple[int, WriteBuffer]]) -> None:
+        self.memory = GuestMemory(regions)
+        self._regions = [_Region(r.start, r.size) for r in self.memory.regions]  # sorted
         self._pieces: dict[int, list[int]] = {}  # alloc_at start -> piece starts, one per region
         self.locate: Locate = self.memory.locate  # the fast path of DriverMem, passed through
+
+    def copy_allocations(self, source: FakeMemory) -> None:
+        """Take over the allocations of ``source``, a memory with the same regions (a copy of its
+        contents, e.g. guest RAM cloned into a new memfd), so that what was allocated there,
+        buffers of chains in flight included, is allocated and can be freed here."""
+        layout = [(r.start, r.end) for r in source._regions]
+        if [(r.start, r.end) for r in self._regions] != layout:
+            raise DeviceUsageError(f"copy_allocations from a memory with other regions: {layout}")
+        for mine, theirs in zip(self._regions, source._regions, strict=True):
+            mine.free = list(theirs.free)
+            mine.allocs = dict(theirs.allocs)
+        self._pieces = {addr: list(p) for addr, p in source._pieces.items()}
 
     # DriverMem
     def translate(self, driver_range: DriverRange) -> DeviceRange | None:
@@ -191,6 +225,10 @@ class FakeMemory:
 
     def read(self, addr: int, length: int) -> bytes:
         """Bytes at ``addr``; may span adjacent regions."""
+        found = self.locate(addr, length) if length > 0 else None
+        if found is not None:  # in one region: one copy (the test front-end's hot path)
+            view, off = found
+            return bytes(view[off : off + length])
         out = bytearray()
         pos, end = addr, addr + length
         while pos < end:
@@ -203,6 +241,11 @@ class FakeMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``addr``; may span adjacent regions."""
         src = memoryview(data).cast("B")
+        found = self.locate(addr, len(src)) if len(src) > 0 else None
+        if found is not None:  # in one region: one copy
+            view, off = found
+            view[off : off + len(src)] = src
+            return
         pos, end = addr, addr + len(src)
         while pos < end:
             r = self._region_of(pos)

@@ -72,9 +72,7 @@ class FakeDriver:
         self.desc_addr = m.alloc(DESC.size * n, DESC_ALIGN)
         self.avail_addr = m.alloc(avail_ring(n).sizeof(), AVAIL_ALIGN)
         self.used_addr = m.alloc(used_ring(n).sizeof(), USED_ALIGN)
-        self.desc_table = DescTable(self._range(self.desc_addr, DESC.size * n), n)
-        self.avail = AvailRing(self._range(self.avail_addr, avail_ring(n).sizeof()), n)
-        self.used_ring = UsedRing(self._range(self.used_addr, used_ring(n).sizeof()), n)
+        self.remap(m)
         self._free: list[int] = list(range(n - 1, -1, -1))  # a stack: 0 is taken first
         self._published: dict[int, _Published] = {}
         self._order: collections.deque[int] = collections.deque()  # heads, in publish order
@@ -82,6 +80,17 @@ class FakeDriver:
         self.last_used = self.start.next_used
         self.avail.set_idx(self.avail_idx)
         self.used_ring.set_idx(self.start.next_used)
+
+    def remap(self, memory: FakeMemory) -> None:
+        """Drive the rings through ``memory`` from now on: the same driver addresses over new
+        backing (what a vhost-user front-end does after a memory table change). The chains in
+        flight carry over, so ``memory`` must hold their allocations
+        (:meth:`FakeMemory.copy_allocations`)."""
+        n = self.size
+        self.memory = memory
+        self.desc_table = DescTable(self._range(self.desc_addr, DESC.size * n), n)
+        self.avail = AvailRing(self._range(self.avail_addr, avail_ring(n).sizeof()), n)
+        self.used_ring = UsedRing(self._range(self.used_addr, used_ring(n).sizeof()), n)
 
     def _range(self, addr: int, length: int) -> DeviceRange:
         dr = self.memory.translate(DriverRange.from_addr_len(addr, length))

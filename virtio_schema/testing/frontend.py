@@ -9,10 +9,15 @@ with ``sendmsg`` and file descriptors passed as SCM_RIGHTS, guest memory that is
   closed connection from a slow one;
 * :class:`GuestRam`: guest RAM as ``memfd_create`` + ``mmap``, at a guest-physical base and a
   *different* fake front-end ("userspace") base, so the back-end's uva -> gpa translation is
-  exercised; a bump allocator hands out ring and buffer space;
-* :class:`SplitRingDriver`: the driver's half of a split virtqueue laid out in that memory with the
-  library's own ring views (:mod:`virtio_schema.ring`); it publishes chains, reads used entries
-  back and gives the SET_VRING_ADDR addresses in the front-end's address space;
+  exercised; the mapping is wrapped in a :class:`~virtio_schema.fake_queue.FakeMemory`
+  (:meth:`~virtio_schema.fake_queue.FakeMemory.over`), whose allocator hands out ring and buffer
+  space;
+* :class:`SplitRingDriver`: the guest's driver of a split virtqueue in that memory. It IS the fake
+  driver, :class:`~virtio_schema.fake_queue.FakeDriver`, on the RAM's ``FakeMemory``: ring layout,
+  publishing, used entries, buffer bookkeeping and the well-behaved driver's checks are that one
+  implementation, shared with the in-process tests. It adds only what a front-end needs: the
+  SET_VRING_ADDR addresses in the front-end's address space, ``used_event`` kept at the last used
+  entry consumed, and :meth:`SplitRingDriver.attach` to new RAM after a memory table change;
 * eventfd helpers: :func:`make_eventfd`, :func:`kick`, :func:`wait_signalled`.
 
 Rules of this module:
@@ -22,7 +27,7 @@ Rules of this module:
    the test suite runs with ``filterwarnings = error`` and counts the process's fds.
 3. Nothing here knows a device: requests and chains are bytes; the tests give them meaning.
 
-Imports: the standard library and :mod:`virtio_schema` (messages, ring views, memory, schema).
+Imports: the standard library and :mod:`virtio_schema` (messages, the fake driver, schema).
 """
 
 from __future__ import annotations
@@ -34,20 +39,12 @@ import select
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import Self
 
-from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory, write_barrier
-from virtio_schema.ring import DESC, AvailRing, Desc, DescTable, UsedRing, linked_descs
-from virtio_schema.schema import (
-    AVAIL_ALIGN,
-    DESC_ALIGN,
-    USED_ALIGN,
-    DescFlags,
-    avail_ring,
-    used_ring,
-)
+from virtio_schema.errors import DeviceUsageError
+from virtio_schema.fake_queue import FakeDriver, FakeMemory, UsedChain
+from virtio_schema.schema import Feature
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -167,26 +164,18 @@ class GuestRam:
         except BaseException:
             os.close(self.fd)
             raise
-        self.memory = GuestMemory([(gpa, self.mm)])
-        self._next = gpa
+        self.memory = FakeMemory.over([(gpa, self.mm)])
+        """The fake driver's memory: the mapping, and the allocator of ring and buffer space."""
         self.closed = False
 
     def alloc(self, size: int, align: int = 16) -> int:
-        """Guest address of ``size`` fresh bytes (never freed: tests are short)."""
-        start = -(-self._next // align) * align
-        if start + size > self.gpa + self.size:
-            raise MemoryError(f"GuestRam {self.name}: no room for {size} bytes")
-        self._next = start + max(size, 1)
-        return start
+        """Guest address of ``size`` fresh (zeroed) bytes from :attr:`memory`'s allocator, the
+        one the drivers in this RAM allocate from too."""
+        return self.memory.alloc(size, align)
 
     def uva_of(self, gpa: int) -> int:
         """The front-end's address of guest address ``gpa``."""
         return gpa - self.gpa + self.uva
-
-    def translate(self, gpa: int, length: int) -> DeviceRange:
-        dr = self.memory.translate(DriverRange.from_addr_len(gpa, length))
-        assert dr is not None, f"{gpa:#x}+{length:#x} is not in {self.name}"
-        return dr
 
     def read(self, gpa: int, length: int) -> bytes:
         return self.memory.read(gpa, length)
@@ -202,10 +191,10 @@ class GuestRam:
         return rec._replace(**changes)
 
     def clone(self, name: str) -> GuestRam:
-        """A new memfd with the same addresses and a copy of the contents (and allocator)."""
+        """A new memfd with the same addresses and a copy of the contents (and allocations)."""
         other = GuestRam(self.size, gpa=self.gpa, uva=self.uva, name=name)
         other.mm[:] = self.mm[:]
-        other._next = self._next
+        other.memory.copy_allocations(self.memory)
         return other
 
     def mappings(self) -> int:
@@ -235,57 +224,32 @@ class GuestRam:
         self.close()
 
 
-# --- the driver's half of a split ring ---------------------------------------------------------
+# --- the guest's driver: the fake driver on GuestRam ------------------------------------------
 
 
-class UsedChain(NamedTuple):
-    """A used entry as the driver sees it: head, used length and the bytes written (the
-    writable buffers' contents, cut to the used length, concatenated)."""
+class SplitRingDriver(FakeDriver):
+    """The fake driver of a split ring of ``size`` entries placed in ``ram``: a well-behaved guest
+    driver (:class:`~virtio_schema.fake_queue.FakeDriver`, which does all the ring work) plus what
+    a vhost-user front-end needs.
 
-    head: int
-    len: int
-    data: bytes
-
-
-@dataclass
-class _Chain:
-    descs: list[int]
-    writable: list[tuple[int, int]]  # (gpa, len)
-
-
-class SplitRingDriver:
-    """A well-behaved driver of a split ring of ``size`` entries placed in ``ram``.
-
-    Rings are packed like Linux lays them out (table, avail, used, each at its alignment). The
-    driver keeps ``used_event`` at the last used index it consumed, so a device with EVENT_IDX
-    notifies once per batch, and it always kicks (it ignores ``avail_event``/NO_NOTIFY).
+    ``features`` are the ones the driver honours (by default INDIRECT_DESC, for
+    ``publish(indirect=True)``). The driver keeps ``used_event`` at the last used index it
+    consumed, so a device with EVENT_IDX notifies once per batch, and it always kicks (it ignores
+    ``avail_event``/NO_NOTIFY).
     """
 
-    def __init__(self, ram: GuestRam, size: int = 16) -> None:
-        self.size = size
-        self.desc_addr = ram.alloc(DESC.size * size, DESC_ALIGN)
-        self.avail_addr = ram.alloc(avail_ring(size).sizeof(), AVAIL_ALIGN)
-        self.used_addr = ram.alloc(used_ring(size).sizeof(), USED_ALIGN)
-        self.avail_idx = 0
-        self.last_used = 0
-        self._free = list(range(size - 1, -1, -1))  # a stack: descriptor 0 goes first
-        self._chains: dict[int, _Chain] = {}
-        self.attach(ram)
+    def __init__(
+        self, ram: GuestRam, size: int = 16, features: int = int(Feature.INDIRECT_DESC)
+    ) -> None:
+        super().__init__(ram.memory, size, features)
+        self.ram = ram
+        self.set_used_event(self.last_used)
 
     def attach(self, ram: GuestRam) -> None:
-        """Use ``ram`` from now on (after a memory table change: same addresses, new memfd)."""
-        n = self.size
+        """Use ``ram`` from now on (after a memory table change: same addresses, new memfd, the
+        allocations copied by :meth:`GuestRam.clone`)."""
         self.ram = ram
-        # The ranges are kept: GuestMemory tracks views through their DeviceRange (weakly), and
-        # the ring views alone would outlive a GuestRam.close() and keep the mmap exported.
-        self._areas = (
-            ram.translate(self.desc_addr, DESC.size * n),
-            ram.translate(self.avail_addr, avail_ring(n).sizeof()),
-            ram.translate(self.used_addr, used_ring(n).sizeof()),
-        )
-        self.desc_table = DescTable(self._areas[0], n)
-        self.avail = AvailRing(self._areas[1], n)
-        self.used_ring = UsedRing(self._areas[2], n)
+        self.remap(ram.memory)
 
     def vring_addr(self, index: int = 0) -> VringAddrRec:
         """SET_VRING_ADDR for this ring: front-end addresses, not guest addresses."""
@@ -306,62 +270,21 @@ class SplitRingDriver:
         *,
         indirect: bool = False,
     ) -> int:
-        """Make a chain available: readable buffers (their contents), then writable buffers (their
-        lengths); with ``indirect`` all of them sit in one indirect table. Returns the head."""
-        entries: list[tuple[int, int, int]] = []
-        chain = _Chain([], [])
-        for data in readable:
-            addr = self.ram.alloc(len(data), 8)
-            self.ram.write(addr, data)
-            entries.append((addr, len(data), 0))
-        for length in writable:
-            addr = self.ram.alloc(length, 8)
-            entries.append((addr, length, DescFlags.WRITE))
-            chain.writable.append((addr, length))
-        count = len(entries)
-        assert count, "a chain needs at least one buffer"
-        if indirect:
-            table = self.ram.alloc(DESC.size * count, 16)
-            for k, desc in enumerate(linked_descs(entries, range(count))):
-                self.ram.write(table + DESC.size * k, DESC.pack(desc))
-            head = self._free.pop()
-            chain.descs = [head]
-            self.desc_table.set(head, Desc(table, DESC.size * count, DescFlags.INDIRECT, 0))
-        else:
-            assert count <= len(self._free), "no free descriptors"
-            chain.descs = idx = [self._free.pop() for _ in range(count)]
-            for i, desc in zip(idx, linked_descs(entries, idx), strict=True):
-                self.desc_table.set(i, desc)
-            head = idx[0]
-        self._chains[head] = chain
-        self.avail.set_used_event(self.last_used)
-        self.avail.set_ring(self.avail_idx % self.size, head)
-        write_barrier()  # the ring entry before the index that publishes it (virtio 1.2, 2.7.13)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.avail.set_idx(self.avail_idx)
+        """:meth:`FakeDriver.publish <virtio_schema.fake_queue.FakeDriver.publish>`; a full ring
+        is the test's mistake here (:class:`~virtio_schema.errors.DeviceUsageError`)."""
+        head = super().publish(readable, writable, indirect=indirect)
+        if head is None:
+            raise DeviceUsageError(
+                f"no room in the ring ({self.free_descriptors} descriptors free,"
+                f" {self.in_flight} chains in flight): take the used chains back first"
+            )
         return head
 
-    @property
-    def used_idx(self) -> int:
-        return self.used_ring.idx()
-
     def used(self) -> list[UsedChain]:
-        """The used entries published since the last call, in order (their descriptors freed)."""
-        out: list[UsedChain] = []
-        end = self.used_ring.idx()
-        while self.last_used != end:
-            elem = self.used_ring.elem(self.last_used % self.size)
-            self.last_used = (self.last_used + 1) & 0xFFFF
-            chain = self._chains.pop(elem.id)
-            data = bytearray()
-            left = elem.len
-            for addr, length in chain.writable:
-                take = min(left, length)
-                data += self.ram.read(addr, take)
-                left -= take
-            self._free.extend(reversed(chain.descs))
-            out.append(UsedChain(elem.id, elem.len, bytes(data)))
-        self.avail.set_used_event(self.last_used)
+        """:meth:`FakeDriver.used <virtio_schema.fake_queue.FakeDriver.used>`, then ``used_event``
+        set to the new last used index: the next used entry is notified (virtio 1.2, 2.7.7)."""
+        out = super().used()
+        self.set_used_event(self.last_used)
         return out
 
 
