@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from virtio_schema.mem import DriverRange
 from virtio_schema.queue.errors import (
     IndirectTableTooLarge,
     InvalidIndirectLength,
@@ -173,6 +174,21 @@ class QueueBase:
             raise IndirectTableTooLarge(self.index, head, at, length)
         if addr + length > ADDR_END:
             raise UnmappedIndirectTable(self.index, head, at, addr, length)
+
+    def _indirect_table(self, head: int, at: int, addr: int, length: int) -> tuple[memoryview, int]:
+        """A view holding the indirect table ``[addr, addr+length)`` (checked) and the table's
+        offset in it, for a walk that reads it at once: the untracked region lookup when the
+        memory offers one (:data:`~virtio_schema.mem.Locate`, an eighth of the cost), else a
+        translation. Raises :class:`UnmappedIndirectTable`."""
+        locate = self._locate
+        if locate is not None:
+            found = locate(addr, length)
+            if found is not None:
+                return found
+        dr = self.driver_mem.translate(DriverRange(addr, addr + length))
+        if dr is None:
+            raise UnmappedIndirectTable(self.index, head, at, addr, length)
+        return dr.view, 0
 
     def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
         raise NotImplementedError

@@ -26,7 +26,7 @@ Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply
 
 from __future__ import annotations
 
-from virtio_schema.mem import DriverMem, DriverRange, full_barrier, read_barrier, write_barrier
+from virtio_schema.mem import DriverMem, full_barrier, read_barrier, write_barrier
 from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
@@ -42,7 +42,6 @@ from virtio_schema.queue.errors import (
     NestedIndirect,
     QueueBroken,
     ReadableAfterWritable,
-    UnmappedIndirectTable,
 )
 from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState, vring_need_event
 from virtio_schema.ring import PACKED_DESC, EventArea, PackedRing
@@ -265,14 +264,11 @@ class PackedQueue(QueueBase):
     ) -> tuple[int, int, int, int]:
         """The entries of a packed indirect table: all ``len/16`` of them, in order; only WRITE
         (and INDIRECT, which is refused) is meaningful, NEXT is ignored (virtio 1.2, 2.8.19)."""
-        dr = self.driver_mem.translate(DriverRange(addr, addr + length))
-        if dr is None:
-            raise UnmappedIndirectTable(self.index, head, slot, addr, length)
-        table = dr.view
+        table, at = self._indirect_table(head, slot, addr, length)
         unpack = self._unpack_desc
         size = self.size
         for i in range(length >> 4):
-            baddr, blen, _id, bflags = unpack(table, 16 * i)
+            baddr, blen, _id, bflags = unpack(table, at + 16 * i)
             if bflags & _INDIRECT:
                 raise NestedIndirect(self.index, head, i)
             count += 1

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from virtio_schema.mem import (
     DriverMem,
-    DriverRange,
     full_barrier,
     read_barrier,
     write_barrier,
@@ -46,7 +45,6 @@ from virtio_schema.queue.errors import (
     NestedIndirect,
     QueueBroken,
     ReadableAfterWritable,
-    UnmappedIndirectTable,
 )
 from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState
 from virtio_schema.ring import DESC, AvailRing, DescTable, UsedRing
@@ -179,6 +177,7 @@ class Queue(QueueBase):
         size = self.size
         unpack = self._unpack_desc
         table = self._desc_view
+        at = 0  # where the table being walked starts in ``table``
         limit = size  # entries of the table being walked
         descs: list[tuple[int, ...]] = []
         append = descs.append
@@ -190,14 +189,11 @@ class Queue(QueueBase):
         i = head
         try:
             while True:
-                rec = unpack(table, 16 * i)
+                rec = unpack(table, at + 16 * i)
                 addr, length, flags, nxt = rec
                 if flags & _INDIRECT:
                     self._check_indirect(head, i, addr, length, flags, in_indirect)
-                    dr = self.driver_mem.translate(DriverRange(addr, addr + length))
-                    if dr is None:
-                        raise UnmappedIndirectTable(self.index, head, i, addr, length)
-                    table = dr.view
+                    table, at = self._indirect_table(head, i, addr, length)
                     limit = length >> 4
                     in_indirect = True
                     table_at = len(descs)
