@@ -224,7 +224,7 @@ class _Walker:
         mine = type(buf) is not memoryview
         whole = memoryview(buf) if mine else cast(memoryview, buf)
         want = len(whole)
-        total = fast = 0
+        total = slow = 0  # bytes moved; of them, bytes moved by _piece (it counts _left itself)
         i, pos = self._i, self._pos
         self._moved = 0
         # the region the last lookup found, [lo, hi) in driver addresses: the buffers of a chain
@@ -235,46 +235,42 @@ class _Walker:
             while total < want and i < end:
                 rec = descs[i]
                 n = rec[1] - pos
-                if n <= 0:  # an empty buffer (or one left at its end by another method)
-                    i += 1
-                    pos = 0
-                    continue
                 if n > want - total:
                     n = want - total
-                addr = rec[0] + pos
-                if lo > addr or addr + n > hi:
-                    loc = locate(addr, n) if locate is not None else None
-                    if loc is None:  # the general path for this piece (it crosses a region)
-                        self._i, self._pos = i, pos
-                        self._left -= fast
-                        fast = 0
-                        view = self._piece(n)
-                        assert view is not None
-                        k = len(view)
-                        if into_guest:
-                            view[:] = whole[total : total + k]
-                        else:
-                            whole[total : total + k] = view
-                        total += k
-                        i, pos = self._i, self._pos
-                        continue
-                    region, off = loc
-                    lo = addr - off
-                    hi = lo + len(region)
-                off = addr - lo
-                if into_guest:
-                    region[off : off + n] = whole[total : total + n]
-                else:
-                    whole[total : total + n] = region[off : off + n]
-                total += n
-                fast += n
-                pos += n
-                if pos == rec[1]:  # step past a finished buffer now, not on the next turn
-                    i += 1
-                    pos = 0
+                if n > 0:
+                    addr = rec[0] + pos
+                    if lo > addr or addr + n > hi:
+                        loc = locate(addr, n) if locate is not None else None
+                        if loc is None:  # the general path for this piece (it crosses a region)
+                            self._i, self._pos = i, pos
+                            view = self._piece(n)
+                            assert view is not None
+                            k = len(view)
+                            if into_guest:
+                                view[:] = whole[total : total + k]
+                            else:
+                                whole[total : total + k] = view
+                            total += k
+                            slow += k
+                            i, pos = self._i, self._pos
+                            continue
+                        region, off = loc
+                        lo = addr - off
+                        hi = lo + len(region)
+                    off = addr - lo
+                    if into_guest:
+                        region[off : off + n] = whole[total : total + n]
+                    else:
+                        whole[total : total + n] = region[off : off + n]
+                    total += n
+                    pos += n
+                    if pos < rec[1]:  # buf is full: the position stays in this buffer
+                        break
+                i += 1  # the buffer is finished (or empty): step past it now
+                pos = 0
         finally:
             self._i, self._pos = i, pos
-            self._left -= fast
+            self._left -= total - slow
             self._moved = total
             if mine:
                 whole.release()  # the caller's bytearray can be resized again at once
@@ -441,8 +437,9 @@ class ReadableChain(_Walker):
     def read_record(self, layout: Layout[R]) -> R:
         """Read one record of ``layout`` (e.g. a virtio-blk request header), across buffer
         boundaries. Raises :class:`InsufficientData` if the chain has fewer bytes left."""
-        if not self.chain.usable:
-            self.chain.check_usable()
+        chain = self.chain
+        if chain._returned or chain._queue._broken is not None:
+            chain.check_usable()
         if self._left < layout.size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, layout.size, self._left)
         span = self._span(layout.size, False)

@@ -28,7 +28,7 @@ Imports: ``construct``, :mod:`virtio_schema.schema` types and :mod:`virtio_schem
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -371,7 +371,9 @@ class Layout(Generic[R]):
         self._has_bytes = any(f[1] == "bytes" for f in fields)
         self._unpack_from = self.struct.unpack_from
         self._pack = self.struct.pack
-        self._new = cast("Any", tuple.__new__)
+        # tuple.__new__(record, values): the record type's own constructor, without its per-field
+        # arguments; typed once here so that the hot path needs no cast() call
+        self._new: Callable[[type[R], tuple[Any, ...]], R] = cast("Any", tuple.__new__)
         self._check_record(names)
         self._prove()
 
@@ -420,7 +422,7 @@ class Layout(Generic[R]):
             values = self._unpack_from(buf, offset)
         except struct.error as exc:
             raise LayoutValueError(self.name, "*", offset, f"cannot read: {exc}") from None
-        return cast(R, self._new(self.record, values))
+        return self._new(self.record, values)
 
     def unpack(self, data: ReadBuffer) -> R:
         """Read a record from exactly :attr:`size` bytes."""
