@@ -351,6 +351,26 @@ def test_readinto_memoryview_fills_callers_buffer(packed: bool) -> None:
     assert backing == b"..xyzw.."
 
 
+@pytest.mark.parametrize("shape", ["strided", "2-d"])
+def test_readinto_and_write_with_byte_views_of_other_shapes(packed: bool, shape: str) -> None:
+    """Byte views that are not plain 1-D ranges (every other byte; two rows of four) are filled
+    and read in element order, whichever path the copy takes."""
+    fq = fake(packed)
+    publish(fq, [b"abc", b"defgh"], [3, 5])
+    backing = bytearray(16)
+    view = memoryview(backing)[::2] if shape == "strided" else memoryview(backing)[:8].cast("B", [2, 4])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        assert r.readinto(view) == 8
+        flat = backing[::2] if shape == "strided" else backing[:8]
+        assert flat == b"abcdefgh"
+        w = r.into_writable()
+        assert w.write(view) == 8
+        w.return_written()
+        view.release()
+    assert used_one(fq).data == b"abcdefgh"
+
+
 def test_readinto_non_byte_memoryview(packed: bool) -> None:
     fq = fake(packed)
     payload = struct.pack("<4H", 1, 2, 3, 4)

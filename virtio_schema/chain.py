@@ -364,14 +364,24 @@ class ReadableChain(_Walker):
 
     def readinto(self, buffer: WriteBuffer) -> int:
         """Copy up to ``len(buffer)`` bytes straight from guest memory into ``buffer``; returns
-        the count (0 at the end)."""
+        the count (0 at the end).
+
+        Any writable buffer works. A ``bytearray`` or a one-dimensional byte ``memoryview`` is
+        filled directly; other buffers are first viewed as bytes. (Copies into a ``bytearray``
+        of 1 KiB and more go through a view of it: CPython's slice assignment into a
+        ``bytearray`` would first copy the source into a temporary.)"""
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        if type(buffer) is bytearray:
+        out: bytearray | memoryview | None = None
+        if type(buffer) is bytearray or (
+            type(buffer) is memoryview and buffer.ndim == 1 and buffer.format == "B"
+        ):
+            out = buffer
+        if out is not None:
             # the hot path: _span's common case inlined (the call would cost as much as its
-            # checks): all of ``buffer`` from the current buffer, or the rest of the last one
-            want = len(buffer)
+            # checks): all of ``out`` from the current buffer, or the rest of the last one
+            want = len(out)
             i = self._i
             locate = self._locate
             if locate is not None and i < self._end:
@@ -384,14 +394,14 @@ class ReadableChain(_Walker):
                     loc = locate(rec[0] + pos, n)
                     if loc is not None:
                         base, off = loc
-                        if n < _VIEW_COPY_MIN:
-                            buffer[:n] = base[off : off + n]
+                        if n < _VIEW_COPY_MIN or type(out) is memoryview:
+                            out[:n] = base[off : off + n]
                         else:  # through a view that dies with the statement (_VIEW_COPY_MIN)
-                            memoryview(buffer)[:n] = base[off : off + n]
+                            memoryview(out)[:n] = base[off : off + n]
                         self._pos = pos + n
                         self._left -= n
                         return n
-            return self._copy(buffer, False)
+            return self._copy(out, False)
         # any other writable buffer: one byte view of it, released before returning (an
         # exception's traceback must not keep the caller's object exported)
         with memoryview(buffer) as view, view.cast("B") as out:
@@ -530,9 +540,16 @@ class WritableChain(_Walker):
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        if type(data) is bytes or type(data) is bytearray:
+        src: bytes | bytearray | memoryview | None = None
+        if (
+            type(data) is bytes
+            or type(data) is bytearray
+            or (type(data) is memoryview and data.ndim == 1 and data.format == "B")
+        ):
+            src = data
+        if src is not None:
             # the hot path: _span's common case inlined, as in ReadableChain.readinto
-            want = len(data)
+            want = len(src)
             i = self._i
             locate = self._locate
             if locate is not None and i < self._end:
@@ -545,16 +562,16 @@ class WritableChain(_Walker):
                     loc = locate(rec[0] + pos, n)
                     if loc is not None:
                         base, off = loc
-                        base[off : off + n] = data if n == want else data[:n]
+                        base[off : off + n] = src if n == want else src[:n]
                         self._pos = pos + n
                         self._left -= n
                         chain._written += n
                         return n
-            return self._write(data)
+            return self._write(src)
         # any other buffer: one byte view of it, released before returning (an exception's
         # traceback must not keep the caller's object exported)
-        with memoryview(data) as view, view.cast("B") as src:
-            return self._write(src)
+        with memoryview(data) as view, view.cast("B") as flat:
+            return self._write(flat)
 
     def _write(self, src: bytes | bytearray | memoryview) -> int:
         span = self._span(len(src), True)  # the common case: one copy into one buffer
