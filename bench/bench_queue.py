@@ -12,6 +12,10 @@ Scenarios (each device iteration: take a chain, read it, write it, return it):
 * ``c-copy-64k``: 64 KiB read into the caller's buffer and 64 KiB written back (copy throughput);
 * ``d-batch-256``: ``a`` in batches of 256 chains with ``BufferedNotify`` and one flush per batch.
 
+The hand-written floor copies through a ``memoryview`` of its buffer made once: a slice assignment
+into a ``bytearray`` from another buffer first copies the source into a temporary (CPython), so
+the view is the fastest pure-Python copy.
+
 For ``a`` on split rings a third reference, the API skeleton, has the library's shape (a chain
 object, a reader, a writer: the same six calls per chain) with nothing inside: no validation, no
 bookkeeping, no notification decision. It is the least any API of that shape costs in CPython.
