@@ -358,7 +358,11 @@ def test_readinto_and_write_with_byte_views_of_other_shapes(packed: bool, shape:
     fq = fake(packed)
     publish(fq, [b"abc", b"defgh"], [3, 5])
     backing = bytearray(16)
-    view = memoryview(backing)[::2] if shape == "strided" else memoryview(backing)[:8].cast("B", [2, 4])
+    view = (
+        memoryview(backing)[::2]
+        if shape == "strided"
+        else memoryview(backing)[:8].cast("B", [2, 4])
+    )
     with take(fq) as chain:
         r = ReadableChain(chain)
         assert r.readinto(view) == 8
