@@ -339,6 +339,35 @@ def test_readinto_leaves_the_callers_bytearray_resizable(packed: bool, size: int
         big.extend(b"!")
 
 
+def test_copies_that_end_exactly_at_a_buffer_end_continue_in_the_next(packed: bool) -> None:
+    """Every way of consuming a buffer to its end (readinto, read_record, write_from, write)
+    leaves the position where the next call continues in the next buffer."""
+    fq = fake(packed)
+    hdr = BlkReqHdr(schema.BlkType.IN, 0, 7)
+    publish(fq, [BLK_REQ_HDR.pack(hdr), b"abcd", b"efgh"], [4, 2, 1])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        assert r.read_record(BLK_REQ_HDR) == hdr
+        assert r.remaining() == Remaining(8, 2)
+        four = bytearray(4)
+        assert r.readinto(four) == 4
+        assert four == b"abcd"
+        assert r.remaining() == Remaining(4, 1)
+        assert r.readinto(four) == 4
+        assert four == b"efgh"
+        assert r.remaining() == Remaining(0, 0)
+        w = r.into_writable()
+        assert w.write_from(io.BytesIO(b"WXYZ").readinto, 4) == 4
+        assert w.remaining() == Remaining(3, 2)
+        assert w.write(b"12") == 2
+        assert w.remaining() == Remaining(1, 1)
+        assert w.write(b"!") == 1
+        assert w.remaining() == Remaining(0, 0)
+        assert w.write(b"?") == 0
+        w.return_written()
+    assert used_one(fq).data == b"WXYZ12!"
+
+
 def test_readinto_memoryview_fills_callers_buffer(packed: bool) -> None:
     fq = fake(packed)
     publish(fq, [b"xy", b"zw"])

@@ -206,7 +206,11 @@ class _Walker:
         loc = locate(rec[0] + pos, n)
         if loc is None:
             return None
-        self._pos = pos + n
+        if pos + n == rec[1]:  # step past a finished buffer now: the next copy starts clean
+            self._i = i + 1
+            self._pos = 0
+        else:
+            self._pos = pos + n
         self._left -= n
         return loc[0], loc[1], n
 
@@ -299,7 +303,11 @@ class _Walker:
             if loc is not None:
                 base, off = loc
                 got = op(base[off : off + k]) or 0
-                self._pos = pos + got
+                if pos + got == rec[1]:  # step past a finished buffer (see _span)
+                    self._i += 1
+                    self._pos = 0
+                else:
+                    self._pos = pos + got
                 self._left -= got
             else:  # the general path: translate (and split where a region ends)
                 view = self._piece(k)
@@ -398,7 +406,11 @@ class ReadableChain(_Walker):
                             out[:n] = base[off : off + n]
                         else:  # through a view that dies with the statement (_VIEW_COPY_MIN)
                             memoryview(out)[:n] = base[off : off + n]
-                        self._pos = pos + n
+                        if pos + n == rec[1]:  # step past a finished buffer (see _span)
+                            self._i = i + 1
+                            self._pos = 0
+                        else:
+                            self._pos = pos + n
                         self._left -= n
                         return n
             return self._copy(out, False)
@@ -563,7 +575,11 @@ class WritableChain(_Walker):
                     if loc is not None:
                         base, off = loc
                         base[off : off + n] = src if n == want else src[:n]
-                        self._pos = pos + n
+                        if pos + n == rec[1]:  # step past a finished buffer (see _span)
+                            self._i = i + 1
+                            self._pos = 0
+                        else:
+                            self._pos = pos + n
                         self._left -= n
                         chain._written += n
                         return n
