@@ -53,6 +53,34 @@ def _boot(
     return run_guest(guest.kit, initrd, device_args, timeout=GUEST_TIMEOUT)
 
 
+def _serve_and_boot(
+    guest: GuestTools,
+    tmp: Path,
+    example: str,
+    args: list[str],
+    workload: str,
+    modules: list[str],
+    device_args: list[str],
+    files: dict[str, bytes] | None = None,
+) -> tuple[GuestResult, BackendProcess]:
+    """Start the example back-end as documented (``python -m virtio_schema.examples.<example>
+    --vhost-user SOCK *args``), boot the guest with chardev ``dev0`` on its socket plus
+    ``device_args`` (which name ``chardev=dev0``), then stop the back-end. Returns the guest's
+    result and the stopped back-end (for its log)."""
+    sock = tmp / f"{example}.sock"
+    backend = BackendProcess(
+        ["-m", f"virtio_schema.examples.{example}", "--vhost-user", str(sock), *args],
+        sock,
+        tmp / "backend.log",
+    )
+    try:
+        chardev = ["-chardev", f"socket,id=dev0,path={sock}"]
+        result = _boot(guest, tmp, workload, modules, chardev + device_args, files)
+    finally:
+        backend.stop()
+    return result, backend
+
+
 def _explain(result: GuestResult, backend: BackendProcess) -> str:
     return (
         f"guest exit={result.returncode} timed_out={result.timed_out} after {result.seconds:.1f}s\n"
@@ -95,28 +123,16 @@ def test_linux_virtio_blk_reads_writes_and_reads_in_parallel(
     pattern = rng.randbytes(PATTERN_LEN)
     image = short_tmp / "disk.img"
     image.write_bytes(original)
-    sock = short_tmp / "blk.sock"
-    backend = BackendProcess(
-        ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)],
-        sock,
-        short_tmp / "backend.log",
+    result, backend = _serve_and_boot(
+        guest,
+        short_tmp,
+        "blk",
+        [str(image)],
+        BLK_WORKLOAD,
+        ["virtio_blk"],
+        ["-device", f"vhost-user-blk-pci,chardev=dev0,num-queues=1{BLK_VARIANTS[variant]}"],
+        files={"/data/pattern": pattern},
     )
-    try:
-        result = _boot(
-            guest,
-            short_tmp,
-            BLK_WORKLOAD,
-            ["virtio_blk"],
-            [
-                "-chardev",
-                f"socket,id=blk0,path={sock}",
-                "-device",
-                f"vhost-user-blk-pci,chardev=blk0,num-queues=1{BLK_VARIANTS[variant]}",
-            ],
-            files={"/data/pattern": pattern},
-        )
-    finally:
-        backend.stop()
     why = _explain(result, backend)
     assert not result.timed_out, why
     assert result.lines("E2E-DONE") == [""], why
@@ -154,27 +170,15 @@ def test_firmware_start_stop_then_linux_restart(guest: GuestTools, short_tmp: Pa
     image = short_tmp / "disk.img"
     data = random.Random(5).randbytes(DISK_MIB << 20)
     image.write_bytes(data)
-    sock = short_tmp / "blk.sock"
-    backend = BackendProcess(
-        ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image)],
-        sock,
-        short_tmp / "backend.log",
+    result, backend = _serve_and_boot(
+        guest,
+        short_tmp,
+        "blk",
+        [str(image)],
+        "sha256sum /dev/vda | sed 's/^/E2E-SHA-DISK /'\n",
+        ["virtio_blk"],
+        ["-device", "vhost-user-blk-pci,chardev=dev0"],
     )
-    try:
-        result = _boot(
-            guest,
-            short_tmp,
-            "sha256sum /dev/vda | sed 's/^/E2E-SHA-DISK /'\n",
-            ["virtio_blk"],
-            [
-                "-chardev",
-                f"socket,id=blk0,path={sock}",
-                "-device",
-                "vhost-user-blk-pci,chardev=blk0",
-            ],
-        )
-    finally:
-        backend.stop()
     why = _explain(result, backend)
     assert result.lines("E2E-SHA-DISK") == [f"{_sha(data)}  /dev/vda"], why
     log = backend.log()
@@ -186,39 +190,18 @@ def test_firmware_start_stop_then_linux_restart(guest: GuestTools, short_tmp: Pa
 def test_linux_virtio_rng_reads_the_bytes_the_device_produced(
     guest: GuestTools, short_tmp: Path
 ) -> None:
-    sock = short_tmp / "rng.sock"
     record = short_tmp / "rng.bin"
-    backend = BackendProcess(
-        [
-            "-m",
-            "virtio_schema.examples.rng",
-            "--vhost-user",
-            str(sock),
-            "--seed",
-            "1234",
-            "--record",
-            str(record),
-        ],
-        sock,
-        short_tmp / "backend.log",
+    result, backend = _serve_and_boot(
+        guest,
+        short_tmp,
+        "rng",
+        ["--seed", "1234", "--record", str(record)],
+        "cat /sys/class/misc/hw_random/rng_current | sed 's/^/E2E-RNG-CURRENT /'\n"
+        "dd if=/dev/hwrng bs=64 count=4 2>/dev/null | od -An -tx1 -v | tr -d ' \\n' | sed 's/^/E2E-HWRNG-BYTES /'\n"
+        "echo\n",
+        ["virtio_rng"],
+        ["-device", "vhost-user-rng-pci,chardev=dev0"],
     )
-    try:
-        result = _boot(
-            guest,
-            short_tmp,
-            "cat /sys/class/misc/hw_random/rng_current | sed 's/^/E2E-RNG-CURRENT /'\n"
-            "dd if=/dev/hwrng bs=64 count=4 2>/dev/null | od -An -tx1 -v | tr -d ' \\n' | sed 's/^/E2E-HWRNG-BYTES /'\n"
-            "echo\n",
-            ["virtio_rng"],
-            [
-                "-chardev",
-                f"socket,id=rng0,path={sock}",
-                "-device",
-                "vhost-user-rng-pci,chardev=rng0",
-            ],
-        )
-    finally:
-        backend.stop()
     why = _explain(result, backend)
     assert not result.timed_out, why
     current = result.lines("E2E-RNG-CURRENT")
@@ -261,39 +244,21 @@ def test_linux_virtio_net_frames_reach_the_device(
 
     ``vectors=0`` (INTx instead of MSI-X): QEMU 7.2 under TCG crashes in vhost-net's MSI-X guest
     notifier setup (``msix_set_vector_notifiers`` from ``vhost_net_start``) with any back-end."""
-    sock = short_tmp / "net.sock"
     stats = short_tmp / "stats.json"
-    backend = BackendProcess(
+    result, backend = _serve_and_boot(
+        guest,
+        short_tmp,
+        "net",
+        ["--mode", mode, "--stats", str(stats)],
+        NET_WORKLOAD,
+        ["virtio_net"],
         [
-            "-m",
-            "virtio_schema.examples.net",
-            "--vhost-user",
-            str(sock),
-            "--mode",
-            mode,
-            "--stats",
-            str(stats),
+            "-netdev",
+            "vhost-user,id=net0,chardev=dev0",
+            "-device",
+            "virtio-net-pci,netdev=net0,vectors=0",
         ],
-        sock,
-        short_tmp / "backend.log",
     )
-    try:
-        result = _boot(
-            guest,
-            short_tmp,
-            NET_WORKLOAD,
-            ["virtio_net"],
-            [
-                "-chardev",
-                f"socket,id=net0c,path={sock}",
-                "-netdev",
-                "vhost-user,id=net0,chardev=net0c",
-                "-device",
-                "virtio-net-pci,netdev=net0,vectors=0",
-            ],
-        )
-    finally:
-        backend.stop()
     why = _explain(result, backend)
     assert not result.timed_out, why
     (tx,) = result.lines("E2E-NET-TX")
