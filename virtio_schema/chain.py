@@ -416,13 +416,8 @@ class ReadableChain(_Walker):
             return self._copy(out, False)
         # any other writable buffer: one byte view of it, released before returning (an
         # exception's traceback must not keep the caller's object exported)
-        with memoryview(buffer) as view, view.cast("B") as out:
-            span = self._span(len(out), True)
-            if span is None:
-                return self._copy(out, False)
-            base, off, n = span
-            out[:n] = base[off : off + n]
-            return n
+        with memoryview(buffer) as view, view.cast("B") as flat:
+            return self._copy(flat, False)
 
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all remaining if negative); ``b""`` at the end."""
@@ -590,12 +585,7 @@ class WritableChain(_Walker):
             return self._write(flat)
 
     def _write(self, src: bytes | bytearray | memoryview) -> int:
-        span = self._span(len(src), True)  # the common case: one copy into one buffer
-        if span is not None:
-            base, off, n = span
-            base[off : off + n] = src if n == len(src) else src[:n]
-            self.chain._written += n
-            return n
+        """The general path of :meth:`write`: the bytes that landed count as written."""
         try:
             self._copy(src, True)
         finally:  # bytes that landed count, even if a later buffer turned out unmapped
