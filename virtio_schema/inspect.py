@@ -338,6 +338,10 @@ def _decode_header(mem: GuestMemory, descriptors: list[dict[str, Any]], kind: st
     return out
 
 
+def _desc_line(d: dict[str, Any]) -> str:
+    return f"[{d['index']}] addr={d['addr']:#x} len={d['len']} flags={','.join(d['flags'])}"
+
+
 def _print_text(doc: dict[str, Any]) -> None:
     where = ", ".join(f"{k} {v:#x}" for k, v in doc["addresses"].items())
     print(f"{doc['format']} ring, size {doc['size']} ({where})")
@@ -349,13 +353,9 @@ def _print_text(doc: dict[str, Any]) -> None:
     for c in doc["chains"]:
         print(f"chain avail_idx={c['avail_idx']} head={c['head']}")
         for d in c["descriptors"]:
-            print(
-                f"    [{d['index']}] addr={d['addr']:#x} len={d['len']} flags={','.join(d['flags'])}"
-            )
+            print("    " + _desc_line(d))
             for e in d.get("indirect", []):
-                print(
-                    f"        [{e['index']}] addr={e['addr']:#x} len={e['len']} flags={','.join(e['flags'])}"
-                )
+                print("        " + _desc_line(e))
         if c.get("decoded"):
             print("    header: " + " ".join(f"{k}={v}" for k, v in c["decoded"].items()))
         if c.get("error"):
