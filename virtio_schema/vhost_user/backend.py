@@ -58,7 +58,15 @@ from virtio_schema.vhost_user.messages import (
     VringStateRec,
 )
 
-__all__ = ["OFFERED_PROTOCOL_FEATURES", "Backend", "EventfdNotify", "FrontendError"]
+__all__ = [
+    "DPDK_PACKED_BASE",
+    "OFFERED_PROTOCOL_FEATURES",
+    "Backend",
+    "EventfdNotify",
+    "FrontendError",
+    "decode_vring_base",
+    "encode_vring_base",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,35 @@ OFFERED_PROTOCOL_FEATURES = int(
 _NOFD = 0x100  # SET_VRING_KICK/CALL/ERR: "no fd" (polling) flag in the u64 payload
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
                 Request.SET_VRING_ERR}  # fmt: skip
+
+
+DPDK_PACKED_BASE = 0x8000
+"""The SET_VRING_BASE number DPDK's (and SPDK's) virtio-user always sends for a packed ring: avail
+position 0 with wrap counter 1 and nothing in the used half ("no reservation"). Read as QEMU's
+layout it would say used position 0 with wrap counter 0, a ring whose every entry is in flight; it
+means a fresh ring, used = avail."""
+
+
+def decode_vring_base(num: int, *, packed: bool) -> QueueState:
+    """SET_VRING_BASE's number as a queue state. Split: the next avail index (the used index
+    follows it). Packed, QEMU's layout (``virtio_queue_packed_get_last_avail_idx``): bits 0-14 the
+    avail position, bit 15 its wrap counter, bits 16-30 the used position, bit 31 its wrap
+    counter; :data:`DPDK_PACKED_BASE` alone is read as a fresh ring."""
+    if not packed:
+        return QueueState(next_avail=num, next_used=num)
+    if num == DPDK_PACKED_BASE:
+        return QueueState(0, 0, True, True)
+    avail, used = num & 0xFFFF, num >> 16
+    return QueueState(avail & 0x7FFF, used & 0x7FFF, bool(avail >> 15), bool(used >> 15))
+
+
+def encode_vring_base(state: QueueState, *, packed: bool) -> int:
+    """GET_VRING_BASE's number for ``state``, in the layout :func:`decode_vring_base` reads."""
+    if not packed:
+        return state.next_avail
+    avail = state.next_avail | (state.avail_wrap << 15)
+    used = state.next_used | (state.used_wrap << 15)
+    return avail | (used << 16)
 
 
 class FrontendError(DriverError):
@@ -320,24 +357,10 @@ class Backend:
         return bool(self.acked_features & Feature.RING_PACKED)
 
     def _decode_base(self, num: int) -> QueueState:
-        """SET_VRING_BASE's number. Split: the next avail index. Packed (QEMU's layout,
-        ``virtio_queue_packed_set_last_avail_idx``): bits 0-14 the avail position, bit 15 its wrap
-        counter, bits 16-30 the used position, bit 31 its wrap counter. DPDK's virtio-user sends
-        only the low half (used = avail): zero high bits are read that way."""
-        if not self.packed:
-            return QueueState(next_avail=num, next_used=num)
-        avail, used = num & 0xFFFF, num >> 16
-        if used == 0:
-            used = avail
-        return QueueState(avail & 0x7FFF, used & 0x7FFF, bool(avail >> 15), bool(used >> 15))
+        return decode_vring_base(num, packed=self.packed)
 
     def _encode_base(self, state: QueueState) -> int:
-        """GET_VRING_BASE's number, in the layout :meth:`_decode_base` reads."""
-        if not self.packed:
-            return state.next_avail
-        avail = state.next_avail | (state.avail_wrap << 15)
-        used = state.next_used | (state.used_wrap << 15)
-        return avail | (used << 16)
+        return encode_vring_base(state, packed=self.packed)
 
     def _vring(self, request: int, index: int) -> _Vring:
         if not 0 <= index < len(self.vrings):
