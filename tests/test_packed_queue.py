@@ -53,7 +53,12 @@ from virtio_schema.queue import (
 from virtio_schema.ring import PackedDesc
 from virtio_schema.schema import EventFlags, Feature, PackedDescFlags
 from virtio_schema.util import NotificationCounter
-from virtio_schema.vhost_user.backend import Backend
+from virtio_schema.vhost_user.backend import (
+    DPDK_PACKED_BASE,
+    Backend,
+    decode_vring_base,
+    encode_vring_base,
+)
 from virtio_schema.vhost_user.device import VhostUserDevice
 
 NEXT = int(PackedDescFlags.NEXT)
@@ -851,7 +856,8 @@ def test_split_vring_base_is_the_next_avail_index_for_both_indices(num: int) -> 
     [
         pytest.param(0x8000_8000, QueueState(0, 0, True, True), id="qemu-initial"),
         pytest.param(0x8000, QueueState(0, 0, True, True), id="dpdk-initial-low-half-only"),
-        pytest.param(0x0005, QueueState(5, 5, False, False), id="dpdk-low-half-mid-ring"),
+        pytest.param(0x0005, QueueState(5, 0, False, False), id="qemu-used-at-a-lap-start"),
+        pytest.param(0x8007, QueueState(7, 0, True, False), id="qemu-used-a-lap-behind"),
         pytest.param(0x8003_8005, QueueState(5, 3, True, True), id="qemu-in-flight"),
         pytest.param(0x8006_0002, QueueState(2, 6, False, True), id="qemu-avail-wrapped-first"),
         pytest.param(0x7FFF_7FFF, QueueState(0x7FFF, 0x7FFF, False, False), id="qemu-largest"),
@@ -861,13 +867,29 @@ def test_packed_vring_base_packs_positions_and_wrap_counters_like_qemu(
     num: int, state: QueueState
 ) -> None:
     """QEMU (``virtio_queue_packed_get_last_avail_idx``): bits 0-14 the avail position, bit 15 its
-    wrap counter, bits 16-30 the used position, bit 31 its wrap counter. DPDK's virtio-user sends
-    only the low half: the used side is then the avail side."""
+    wrap counter, bits 16-30 the used position, bit 31 its wrap counter. DPDK's and SPDK's
+    virtio-user always send ``0x8000`` (the low half of a fresh ring, "no reservation"): that one
+    number means used = avail; a zero used half in any other number is QEMU's used position 0
+    with wrap counter 0 (chains in flight), read as it is."""
     b = backend(True)
     assert b._decode_base(num) == state
     encoded = b._encode_base(state)
-    assert encoded == (num if num >> 16 else num | num << 16)  # always the full QEMU layout
+    assert encoded == (0x8000_8000 if num == DPDK_PACKED_BASE else num)  # always QEMU's layout
     assert b._decode_base(encoded) == state
+
+
+@given(st.integers(0, 0x7FFF), st.integers(0, 0x7FFF), st.booleans(), st.booleans())
+def test_a_packed_base_survives_get_then_set(
+    avail: int, used: int, avail_wrap: bool, used_wrap: bool
+) -> None:
+    """What GET_VRING_BASE reports, SET_VRING_BASE reads back as the same state (QEMU keeps the
+    number across a stop and a start), except the one number DPDK sends for a fresh ring."""
+    state = QueueState(avail, used, avail_wrap, used_wrap)
+    num = encode_vring_base(state, packed=True)
+    if num == DPDK_PACKED_BASE:  # avail 0 of lap 1, used 0 of lap 0: a whole ring in flight
+        assert decode_vring_base(num, packed=True) == QueueState(0, 0, True, True)
+    else:
+        assert decode_vring_base(num, packed=True) == state
 
 
 @given(

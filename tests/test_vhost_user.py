@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.examples.blk import BlkDevice, VhostUserBlk
 from virtio_schema.examples.rng import RngDevice
-from virtio_schema.queue import QueueState, VirtQueue
+from virtio_schema.queue import VirtQueue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
 from virtio_schema.schema import BlkStatus, BlkType, Feature
 from virtio_schema.testing.frontend import (
@@ -48,11 +48,6 @@ from virtio_schema.testing.frontend import (
     wait_signalled,
 )
 from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
-from virtio_schema.vhost_user.backend import (
-    DPDK_PACKED_BASE,
-    decode_vring_base,
-    encode_vring_base,
-)
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -1163,37 +1158,3 @@ def test_describe_is_one_line_and_never_raises_on_garbage(
         name = f"UNKNOWN({request})"
     assert line.startswith(f"{name} flags={flags:#x}")
     assert f"size={len(payload)}" in line
-
-
-# --- SET_VRING_BASE / GET_VRING_BASE numbers ----------------------------------------------------
-
-
-@given(st.integers(0, 0x7FFF), st.integers(0, 0x7FFF), st.booleans(), st.booleans())
-def test_a_packed_base_survives_get_then_set(
-    avail: int, used: int, avail_wrap: bool, used_wrap: bool
-) -> None:
-    """What GET_VRING_BASE reports, SET_VRING_BASE reads back as the same state (QEMU stores the
-    number across a stop and a start): except the one number DPDK sends for a fresh ring."""
-    state = QueueState(avail, used, avail_wrap, used_wrap)
-    num = encode_vring_base(state, packed=True)
-    if num == DPDK_PACKED_BASE:
-        assert decode_vring_base(num, packed=True) == QueueState(0, 0, True, True)
-    else:
-        assert decode_vring_base(num, packed=True) == state
-
-
-def test_packed_base_numbers_from_real_front_ends() -> None:
-    # QEMU 7.2 starting a fresh packed ring: both positions 0, both wrap counters 1
-    assert decode_vring_base(0x8000_8000, packed=True) == QueueState(0, 0, True, True)
-    # DPDK/SPDK virtio-user, always: avail half only ("no reservation")
-    assert decode_vring_base(DPDK_PACKED_BASE, packed=True) == QueueState(0, 0, True, True)
-    # QEMU after a lap, chains in flight: used at position 0 of lap 0, avail further on. The
-    # used half is zero, and it is read as it is, not as "used = avail"
-    assert decode_vring_base(5, packed=True) == QueueState(5, 0, False, False)
-    assert decode_vring_base(0x8000 | 7, packed=True) == QueueState(7, 0, True, False)
-
-
-@given(st.integers(0, 0xFFFF))
-def test_a_split_base_is_the_next_avail_index(num: int) -> None:
-    assert decode_vring_base(num, packed=False) == QueueState(num, num)
-    assert encode_vring_base(QueueState(num, (num - 3) & 0xFFFF), packed=False) == num
