@@ -963,6 +963,18 @@ def test_malformed_chain_raises_its_error_at_construction(
 # --- properties ----------------------------------------------------------------------------------
 
 buffer_sizes = st.lists(st.integers(0, 64), min_size=1, max_size=8)
+
+
+def buffers_left(sizes: list[int], consumed: int) -> int:
+    """The reference for ``remaining().descriptors``: buffers with bytes after ``consumed``."""
+    n = end = 0
+    for size in sizes:
+        end += size
+        if size and end > consumed:
+            n += 1
+    return n
+
+
 BOTH_FORMATS = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 
 
@@ -983,14 +995,25 @@ def test_reads_in_any_sizes_concatenate_to_the_payload(
     with take(fq) as chain:
         r = ReadableChain(chain)
         while True:
-            assert r.remaining().bytes == len(payload) - len(got)
-            how = data.draw(st.sampled_from(["read", "readinto", "next"]), label="how")
+            assert r.remaining() == (len(payload) - len(got), buffers_left(sizes, len(got)))
+            how = data.draw(
+                st.sampled_from(["read", "readinto", "readinto-view", "read_to", "next"]),
+                label="how",
+            )
             size = data.draw(st.integers(1, 70), label="size")
             if how == "read":
                 piece = r.read(size)
             elif how == "readinto":
                 buf = bytearray(size)
                 piece = bytes(buf[: r.readinto(buf)])
+            elif how == "readinto-view":
+                backing = bytearray(size + 2)
+                with memoryview(backing)[1:-1] as view:
+                    piece = bytes(view[: r.readinto(view)])
+            elif how == "read_to":
+                sink = io.BytesIO()
+                assert r.read_to(sink.write, size) == len(sink.getvalue())
+                piece = sink.getvalue()
             else:
                 rng = r.next(size)
                 piece = b"" if rng is None else bytes(rng.view)
@@ -1001,6 +1024,53 @@ def test_reads_in_any_sizes_concatenate_to_the_payload(
         r.return_complete()
     assert got == payload
     assert used_one(fq).len == 0
+
+
+@BOTH_FORMATS
+@settings(max_examples=60, deadline=None)
+@given(
+    layout=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 1)), min_size=1, max_size=6),
+    writing=st.booleans(),
+    data=st.data(),
+)
+def test_copies_over_buffers_scattered_across_two_regions(
+    layout: list[tuple[int, int]], writing: bool, data: st.DataObject, packed: bool
+) -> None:
+    """Buffers of up to 3000 bytes, each in region 0 or 1 (two separate regions), copied in
+    pieces of up to 5000 bytes: the copies cross buffers and regions in every order, take the
+    view path from 1 KiB up, and every byte lands in its own buffer."""
+    mem = FakeMemory(regions=[(0x10000, 0x8000), (0x40000, 0x8000)])
+    fq = make_queue(8, memory=mem, packed=packed)
+    sizes = [n for n, _ in layout]
+    addrs = [mem.alloc(n, region=r) for n, r in layout]
+    payload = data.draw(st.binary(min_size=sum(sizes), max_size=sum(sizes)), label="payload")
+    pieces, pos = [], 0
+    for n in sizes:
+        pieces.append(payload[pos : pos + n])
+        pos += n
+    flag = WRITE if writing else 0
+    if not writing:
+        for addr, piece in zip(addrs, pieces, strict=True):
+            mem.write(addr, piece)
+    raw_chain(fq.driver, [(a, n, flag) for a, n in zip(addrs, sizes, strict=True)])
+    moved = 0
+    with take(fq) as chain:
+        walker = WritableChain(chain) if writing else ReadableChain(chain)
+        while moved < len(payload):
+            size = data.draw(st.integers(1, 5000), label="size")
+            if isinstance(walker, WritableChain):
+                n = walker.write(payload[moved : moved + size])
+            else:
+                buf = bytearray(size)
+                n = walker.readinto(buf)
+                assert buf[:n] == payload[moved : moved + n]
+            assert n == min(size, len(payload) - moved)
+            moved += n
+            assert walker.remaining() == (len(payload) - moved, buffers_left(sizes, moved))
+        if isinstance(walker, WritableChain):
+            walker.return_written()
+    if writing:
+        assert [mem.read(a, n) for a, n in zip(addrs, sizes, strict=True)] == pieces
 
 
 @BOTH_FORMATS
@@ -1017,12 +1087,19 @@ def test_driver_sees_exactly_the_bytes_written_in_order(
     publish(fq, [], sizes, indirect=indirect)
     accepted = b""
     with take(fq) as chain, WritableChain(chain) as w:
-        for chunk in chunks:
-            n = w.write(chunk)
+        for k, chunk in enumerate(chunks):
+            how = k % 3  # bytes, a byte view, a file's readinto
+            if how == 0:
+                n = w.write(chunk)
+            elif how == 1:
+                with memoryview(bytearray(chunk)) as view:
+                    n = w.write(view)
+            else:
+                n = w.write_from(io.BytesIO(chunk).readinto, len(chunk))
             assert n == min(len(chunk), sum(sizes) - len(accepted))
             accepted += chunk[:n]
+            assert w.remaining() == (sum(sizes) - len(accepted), buffers_left(sizes, len(accepted)))
         assert w.written == len(accepted)
-        assert w.remaining().bytes == sum(sizes) - len(accepted)
     used = used_one(fq)
     assert used.len == len(accepted)
     assert used.data == accepted
