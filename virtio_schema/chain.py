@@ -63,6 +63,9 @@ class Remaining(NamedTuple):
     """Buffers with bytes left (a partly consumed buffer counts)."""
 
 
+_new_remaining = tuple.__new__  # Remaining without its Python-level __new__ (remaining() is hot)
+
+
 class DataRemaining(DriverError):
     """The chain still had readable bytes where the device expected the end of them."""
 
@@ -154,12 +157,13 @@ class _Walker:
 
     def remaining(self) -> Remaining:
         """Bytes and buffers left, from the validated lengths (no guest-memory access)."""
-        descs = self._descs
         n = 0
-        for k in range(self._i, self._end):
-            if descs[k][1] > (self._pos if k == self._i else 0):
+        pos = self._pos  # consumed of the current buffer; nothing of the later ones
+        for rec in self._descs[self._i : self._end]:
+            if rec[1] > pos:
                 n += 1
-        return Remaining(self._left, n)
+            pos = 0
+        return _new_remaining(Remaining, (self._left, n))
 
     def _piece(self, limit: int) -> memoryview | None:
         """A view of up to ``limit`` (> 0) bytes at the current position, advancing past it
