@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from virtio_schema.testing.qemu import GuestTools, find_guest_tools
+
+# bench/ holds scripts, not a package: the tests that check a benchmark import its module by name
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 # The machine is shared and noisy: no per-example deadlines (speed is the benchmarks' business).
 settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
