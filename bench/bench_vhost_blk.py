@@ -83,21 +83,29 @@ class Requests:
                 ring.write_desc(i, *desc)
             self.slots.append((idx[0], hdr, data, status))
         self.by_head = {s[0]: s for s in self.slots}
+        self.sector_of: dict[int, int] = {}  # head -> the sector its request reads
         self.rng = random.Random(1)
         self.sectors = IMAGE_MIB * 2048 // 8  # 4 KiB blocks
 
     def publish(self, slot: tuple[int, int, int, int]) -> None:
         head, hdr, _data, status = slot
         sector = self.rng.randrange(self.sectors) * 8
+        self.sector_of[head] = sector
         self.ram.write(hdr, BLK_REQ_HDR.pack(BlkReqHdr(BlkType.IN, 0, sector)))
         self.ram.write(status, b"\xff")
         self.ring.push_head(head)
 
 
-def run(name: str, start: Start, depth: int, seconds: float, tmp: Path) -> float:
+def run(
+    name: str, start: Start, depth: int, seconds: float, tmp: Path, *, verify: bool = False
+) -> float:
+    """Requests/s of the back-end ``start`` launches, ``depth`` reads in flight for ``seconds``.
+    Every completion's status must be OK; with ``verify`` (tests) every 4 KiB read must also hold
+    the image's bytes at its sector (kept out of the measured runs: the check costs time)."""
     image = tmp / "disk.img"
     if not image.exists():
         image.write_bytes(random.Random(7).randbytes(IMAGE_MIB << 20))
+    contents = image.read_bytes() if verify else b""
     sock = tmp / f"{name}-{depth}.sock"
     log = tmp / f"{name}-{depth}.log"
     backend = start(sock, image, log)
@@ -144,6 +152,10 @@ def run(name: str, start: Start, depth: int, seconds: float, tmp: Path) -> float
                     slot = reqs.by_head[used.head]
                     if ram.read(slot[3], 1) != b"\0":
                         raise SystemExit(f"{name} (depth {depth}): request failed")
+                    if verify:
+                        at = reqs.sector_of[used.head] * 512
+                        if ram.read(slot[2], 4096) != contents[at : at + 4096]:
+                            raise SystemExit(f"{name} (depth {depth}): wrong data at byte {at}")
                     done += 1
                     reqs.publish(slot)
                 # used() asked to be called for the next completion (used_event); order that

@@ -1,0 +1,29 @@
+"""Scenario e's benchmark works end to end: its vhost-user front-end (the fake driver over shared
+memfd memory, real socket and eventfds) drives our example blk back-end, and the C reference
+``qemu-storage-daemon``, and every 4 KiB read comes back OK with the image's bytes. A rate is only
+checked to be positive: speed is the benchmark's business, never a test's."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import bench_vhost_blk
+import pytest
+from conftest import require_e2e
+
+
+@pytest.mark.parametrize("depth", [1, 32])
+def test_our_backend_serves_the_benchmark_front_end(short_tmp: Path, depth: int) -> None:
+    rate = bench_vhost_blk.run(
+        "ours", bench_vhost_blk.start_ours, depth, 0.5, short_tmp, verify=True
+    )
+    assert rate > 0
+
+
+@pytest.mark.parametrize("depth", [1, 32])
+def test_the_c_reference_serves_the_same_front_end(short_tmp: Path, depth: int) -> None:
+    if shutil.which("qemu-storage-daemon") is None:
+        require_e2e("qemu-storage-daemon not found (Debian package qemu-system-common)")
+    rate = bench_vhost_blk.run("qsd", bench_vhost_blk.start_qsd, depth, 0.5, short_tmp, verify=True)
+    assert rate > 0
