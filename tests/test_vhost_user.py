@@ -1052,6 +1052,19 @@ def _trace_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == TRACE_LOGGER]
 
 
+def _short_conversation(s: Session) -> int:
+    """The conversation the trace and capture tests record: GET_FEATURES, SET_PROTOCOL_FEATURES,
+    SET_MEM_TABLE (acked), SET_VRING_CALL, then an unknown request 999 that ends the connection.
+    Returns the features the back-end offered."""
+    offered = s.fe.get_features()
+    s.fe.set_protocol_features(PROTOCOL)
+    assert s.fe.use_ram(s.ram, need_reply=True) == 0
+    s.fe.set_vring_call(0, s.call_fd)
+    s.fe.send(999, b"\xde\xad\xbe\xef")
+    assert s.fe.wait_closed() == b""
+    return offered
+
+
 def test_trace_logs_every_message_in_and_out_decoded(
     tmp_path: Path, blk: BlkDevice, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1060,12 +1073,7 @@ def test_trace_logs_every_message_in_and_out_decoded(
         serving(tmp_path / "tr.sock", lambda: VhostUserBlk(blk), trace=True) as server,
         session(server.path, start=False) as s,
     ):
-        offered = s.fe.get_features()
-        s.fe.set_protocol_features(PROTOCOL)
-        assert s.fe.use_ram(s.ram, need_reply=True) == 0
-        s.fe.set_vring_call(0, s.call_fd)
-        s.fe.send(999, b"\xde\xad\xbe\xef")
-        assert s.fe.wait_closed() == b""
+        offered = _short_conversation(s)
     lines = _trace_lines(caplog)
     parsed = [re.match(r"vhost-user#\d+ (<-|->) (\S+)", line) for line in lines]
     assert all(parsed), lines
@@ -1101,12 +1109,7 @@ def test_capture_records_every_message_raw_both_ways_as_the_trace_decodes_it(
         ) as server,
         session(server.path, start=False) as s,
     ):
-        offered = s.fe.get_features()
-        s.fe.set_protocol_features(PROTOCOL)
-        assert s.fe.use_ram(s.ram, need_reply=True) == 0
-        s.fe.set_vring_call(0, s.call_fd)
-        s.fe.send(999, b"\xde\xad\xbe\xef")
-        assert s.fe.wait_closed() == b""
+        offered = _short_conversation(s)
     records = parse_capture(capture.read_text())
     assert [(r.direction, r.nfds) for r in records] == [
         ("<-", 0), ("->", 0), ("<-", 0), ("<-", 1), ("->", 0), ("<-", 1), ("<-", 0),
