@@ -95,7 +95,7 @@ def decode_vring_base(num: int, *, packed: bool) -> QueueState:
     if not packed:
         return QueueState(next_avail=num, next_used=num)
     if num == DPDK_PACKED_BASE:
-        return QueueState(0, 0, True, True)
+        return QueueState()  # a fresh ring: both positions 0, both wrap counters 1
     avail, used = num & 0xFFFF, num >> 16
     return QueueState(avail & 0x7FFF, used & 0x7FFF, bool(avail >> 15), bool(used >> 15))
 
