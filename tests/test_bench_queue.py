@@ -9,11 +9,31 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import bench_queue
 import pytest
+
+from virtio_schema.chain import ReadableChain
+from virtio_schema.errors import DriverError
+from virtio_schema.queue import (
+    AvailIndexJump,
+    BufferAddressOverflow,
+    ChainLengthOverflow,
+    ChainTooLong,
+    DescIndexOutOfRange,
+    HeadOutOfRange,
+    IndirectWithNext,
+    InvalidIndirectLength,
+    NestedIndirect,
+    QueueBroken,
+    ReadableAfterWritable,
+    UnmappedBuffer,
+    UnmappedIndirectTable,
+)
+from virtio_schema.records import BLK_REQ_HDR
 
 ROUNDS = 3
 
@@ -73,3 +93,144 @@ def test_the_script_prints_its_table_and_targets_and_writes_json(
         "memory peak flat",
     }
     assert all(isinstance(t["met"], bool) for t in doc["targets"])
+
+
+# --- the checked floor rejects what the library rejects ------------------------------------------
+#
+# The checked floor claims to make every check the library makes on these chains, so that its
+# figure is what validation alone costs. Each malformed ring below is one the library refuses; the
+# checked floor must refuse it too.
+
+_DESC = struct.Struct("<QLHH")
+_U16 = struct.Struct("<H")
+
+
+def _head(rig: bench_queue.Rig) -> int:
+    """The offset in the rig's memory of the first chain's head descriptor."""
+    head: int = _U16.unpack_from(rig.mem, rig.avail_off + 4)[0]
+    return rig.desc_off + 16 * head
+
+
+def _edit(rig: bench_queue.Rig, at: int, **fields: int) -> None:
+    """Rewrite fields (addr, len, flags, next) of the descriptor at offset ``at``."""
+    rec = dict(zip(("addr", "len", "flags", "next"), _DESC.unpack_from(rig.mem, at), strict=True))
+    rec.update(fields)
+    _DESC.pack_into(rig.mem, at, rec["addr"], rec["len"], rec["flags"], rec["next"])
+
+
+def _indirect_table(rig: bench_queue.Rig) -> int:
+    """The offset of the first chain's indirect table (scenario b)."""
+    at = _head(rig)
+    addr: int = _DESC.unpack_from(rig.mem, at)[0]
+    return addr - rig.base
+
+
+def _corrupt(rig: bench_queue.Rig, kind: str) -> None:
+    """Make the first chain (or the ring) malformed in the way ``kind`` names."""
+    at = _head(rig)
+    second = rig.desc_off + 16 * (_DESC.unpack_from(rig.mem, at)[3])
+    end = rig.base + len(rig.mem)
+    match kind:
+        case "head out of range":
+            _U16.pack_into(rig.mem, rig.avail_off + 4, rig.size)
+        case "avail index jump":
+            _U16.pack_into(rig.mem, rig.avail_off + 2, rig.size + 1)
+        case "next out of range":
+            _edit(rig, at, next=rig.size)
+        case "readable after writable":
+            _edit(rig, at, flags=NEXT | WRITE)
+            _edit(rig, second, flags=0)
+        case "unmapped buffer":
+            _edit(rig, at, addr=end)
+        case "buffer past 2**64":
+            _edit(rig, at, addr=(1 << 64) - 8)
+        case "chain loops":
+            _edit(rig, second, flags=NEXT | WRITE, next=(second - rig.desc_off) // 16)
+        case "chain longer than 4 GiB":
+            _edit(rig, at, len=0xFFFFFFFF)
+            _edit(rig, second, len=0xFFFFFFFF)
+        case "indirect with next":
+            _edit(rig, at, flags=INDIRECT | NEXT)
+        case "indirect length":
+            _edit(rig, at, len=24)
+        case "empty indirect table":
+            _edit(rig, at, len=0)
+        case "unmapped indirect table":
+            _edit(rig, at, addr=end)
+        case "nested indirect":
+            _edit(rig, _indirect_table(rig), flags=INDIRECT)
+        case "next out of range in the table":
+            _edit(rig, _indirect_table(rig), next=16)
+        case _:
+            raise AssertionError(kind)
+
+
+NEXT, WRITE, INDIRECT = 1, 2, 4
+# each malformed ring: the library's error, and the checked floor's reason
+ECHO_KINDS: dict[str, tuple[type[DriverError], str]] = {
+    "head out of range": (HeadOutOfRange, "head out of range"),
+    "avail index jump": (AvailIndexJump, "avail index jump"),
+    "next out of range": (DescIndexOutOfRange, "next out of range"),
+    "readable after writable": (ReadableAfterWritable, "readable after writable"),
+    "unmapped buffer": (UnmappedBuffer, "unmapped buffer"),
+    "buffer past 2**64": (BufferAddressOverflow, "buffer past 2"),
+    "chain loops": (ChainTooLong, "chain too long"),
+    "chain longer than 4 GiB": (ChainLengthOverflow, "chain longer than 4 GiB"),
+}
+BLK_KINDS: dict[str, tuple[type[DriverError], str]] = {
+    "head out of range": (HeadOutOfRange, "head out of range"),
+    "avail index jump": (AvailIndexJump, "avail index jump"),
+    "indirect with next": (IndirectWithNext, "indirect with next"),
+    "indirect length": (InvalidIndirectLength, "indirect table length"),
+    "empty indirect table": (InvalidIndirectLength, "indirect table length"),
+    "unmapped indirect table": (UnmappedIndirectTable, "unmapped indirect table"),
+    "nested indirect": (NestedIndirect, "nested indirect"),
+    "next out of range in the table": (DescIndexOutOfRange, "next out of range"),
+}
+REJECT_CASES = [
+    *(pytest.param(name, kind, *why, id=f"{name}-{kind}") for name in ("a-echo-64", "c-copy-64k")
+      for kind, why in ECHO_KINDS.items()),
+    *(pytest.param("b-blk-indirect", kind, *why, id=f"b-blk-indirect-{kind}")
+      for kind, why in BLK_KINDS.items()),
+]  # fmt: skip
+
+
+def _library_serves_one(rig: bench_queue.Rig, name: str) -> None:
+    """One chain of scenario ``name`` through the library, as the benchmark serves it."""
+    rig.kick(1)
+    chain = rig.queue.next_chain()
+    assert chain is not None
+    with chain:
+        r = ReadableChain(chain)
+        if name == "b-blk-indirect":
+            r.read_record(BLK_REQ_HDR)
+            w = r.into_writable()
+            w.write(bytes(14 * 512))
+            w.write(b"\0")
+        else:
+            buf = bytearray(65536 if name == "c-copy-64k" else 64)
+            r.readinto(buf)
+            r.into_writable().write(buf)
+
+
+@pytest.mark.parametrize(("name", "kind", "error", "reason"), REJECT_CASES)
+def test_the_checked_floor_rejects_what_the_library_rejects(
+    name: str, kind: str, error: type[DriverError], reason: str
+) -> None:
+    lib_rig = bench_queue.build(name)
+    _corrupt(lib_rig, kind)
+    with pytest.raises(DriverError) as raised:
+        _library_serves_one(lib_rig, name)
+    got = raised.value.cause if isinstance(raised.value, QueueBroken) else raised.value
+    assert type(got) is error
+    rig = bench_queue.build(name)
+    _corrupt(rig, kind)
+    with pytest.raises(ValueError, match=reason):
+        bench_queue.SCENARIOS[name]["checked"](rig, 1)
+
+
+def test_the_checked_floor_serves_a_well_formed_ring() -> None:
+    """The control for the cases above: unedited, every scenario's ring is served."""
+    for name in ("a-echo-64", "b-blk-indirect", "c-copy-64k"):
+        rig = bench_queue.build(name)
+        assert bench_queue.SCENARIOS[name]["checked"](rig, 1) == bench_queue.QSIZE
