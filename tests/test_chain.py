@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import array
 import io
+import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import virtio_schema.chain as chain_module
 from virtio_schema import schema
 from virtio_schema.chain import (
     DataRemaining,
@@ -1108,3 +1112,136 @@ def test_driver_sees_exactly_the_bytes_written_in_order(
         expected.append(accepted[pos : pos + n])
         pos += n
     assert used.written == tuple(expected)
+
+
+# --- vectored file I/O: read_to_fd / write_from_fd ---------------------------------------------
+
+
+@BOTH_FORMATS
+@settings(max_examples=60, deadline=None)
+@given(
+    layout=st.lists(
+        st.tuples(st.integers(0, 3000), st.sampled_from(["r0", "r1", "far", "cross"])),
+        min_size=1,
+        max_size=6,
+    ),
+    writing=st.booleans(),
+    iov_max=st.sampled_from([1, 2, 1024]),
+    offset=st.integers(0, 5000),
+    data=st.data(),
+)
+def test_fd_transfers_move_every_byte_between_its_buffer_and_its_file_offset(
+    layout: list[tuple[int, str]],
+    writing: bool,
+    iov_max: int,
+    offset: int,
+    data: st.DataObject,
+    packed: bool,
+) -> None:
+    """Buffers of up to 3000 bytes in two adjacent regions, a third one apart, and (at most
+    one) across the boundary of the adjacent two; moved to or from a file at ``offset`` in
+    pieces of up to 5000 bytes, with preadv/pwritev given at most ``iov_max`` buffers a call:
+    every byte lands at its place, the counts and ``remaining()`` follow, the file position is
+    never moved."""
+    mem = FakeMemory(regions=[(0x10000, 0x8000), (0x18000, 0x8000), (0x40000, 0x8000)])
+    fq = make_queue(8, memory=mem, packed=packed)
+    crossing = next((n for n, where in layout if where == "cross" and n >= 2), None)
+    cross_at = None if crossing is None else mem.alloc_at(0x18000 - crossing // 2, crossing)
+    addrs, sizes = [], []
+    for n, where in layout:
+        if where == "cross" and n == crossing and cross_at is not None:
+            addrs.append(cross_at)
+            cross_at = None  # one crossing buffer; any other "cross" goes to region 0
+        else:
+            addrs.append(mem.alloc(n, region={"r1": 1, "far": 2}.get(where, 0)))
+        sizes.append(n)
+    payload = data.draw(st.binary(min_size=sum(sizes), max_size=sum(sizes)), label="payload")
+    pieces, pos = [], 0
+    for n in sizes:
+        pieces.append(payload[pos : pos + n])
+        pos += n
+    if not writing:
+        for addr, piece in zip(addrs, pieces, strict=True):
+            mem.write(addr, piece)
+    raw_chain(
+        fq.driver, [(a, n, WRITE if writing else 0) for a, n in zip(addrs, sizes, strict=True)]
+    )
+    with tempfile.TemporaryFile() as f, mock.patch.object(chain_module, "_IOV_MAX", iov_max):
+        fd = f.fileno()
+        if writing:
+            os.pwrite(fd, payload, offset)
+        moved = 0
+        with take(fq) as chain:
+            walker = WritableChain(chain) if writing else ReadableChain(chain)
+            while moved < len(payload):
+                size = data.draw(st.integers(1, 5000), label="size")
+                if isinstance(walker, WritableChain):
+                    n = walker.write_from_fd(fd, offset + moved, size)
+                else:
+                    n = walker.read_to_fd(fd, offset + moved, size)
+                assert n == min(size, len(payload) - moved)
+                moved += n
+                assert walker.remaining() == (len(payload) - moved, buffers_left(sizes, moved))
+            if isinstance(walker, WritableChain):
+                assert walker.written == len(payload)
+                walker.return_written()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 0
+        if not writing:
+            assert os.pread(fd, len(payload) + 1, offset) == payload
+    if writing:
+        assert [mem.read(a, n) for a, n in zip(addrs, sizes, strict=True)] == pieces
+        assert used_one(fq).len == len(payload)
+
+
+@BOTH_FORMATS
+def test_write_from_fd_stops_at_the_end_of_the_file_and_counts_what_it_read(packed: bool) -> None:
+    fq = fake(packed)
+    publish(fq, [], [100, 100])
+    with tempfile.TemporaryFile() as f, take(fq) as chain:
+        f.write(bytes(range(150)))
+        f.flush()
+        w = WritableChain(chain)
+        assert w.write_from_fd(f.fileno(), 0) == 150  # a short read: the file ends at 150
+        assert w.written == 150
+        assert w.remaining() == (50, 1)
+        assert w.write_from_fd(f.fileno(), 150) == 0  # at the end: nothing more
+        w.write(b"\xff" * 50)
+    used = used_one(fq)
+    assert used.len == 200
+    assert used.written == (bytes(range(100)), bytes(range(100, 150)) + b"\xff" * 50)
+
+
+@BOTH_FORMATS
+def test_fd_transfers_raise_the_os_error_and_consume_nothing(packed: bool) -> None:
+    fq = fake(packed)
+    publish(fq, [b"abc"], [8])
+    with tempfile.TemporaryFile() as f, take(fq) as chain:
+        r = ReadableChain(chain)
+        bad = os.open(os.devnull, os.O_RDONLY)
+        os.close(bad)
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            r.read_to_fd(bad, 0)
+        assert r.remaining() == (3, 1)
+        w = r.into_writable(ignore_remaining=True)
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            w.write_from_fd(bad, 0)
+        assert w.remaining() == (8, 1)
+        assert w.written == 0
+        assert r.read_to_fd(f.fileno(), 10) == 3
+        assert os.pread(f.fileno(), 20, 0) == bytes(10) + b"abc"
+    assert used_one(fq).len == 0
+
+
+@BOTH_FORMATS
+def test_fd_transfers_refuse_a_returned_chain(packed: bool) -> None:
+    fq = fake(packed)
+    publish(fq, [b"abc"], [8])
+    chain = take(fq)
+    r = ReadableChain(chain)
+    w = r.into_writable(ignore_remaining=True)
+    chain.return_written(0)
+    with tempfile.TemporaryFile() as f:
+        with pytest.raises(ChainAlreadyReturned):
+            r.read_to_fd(f.fileno(), 0)
+        with pytest.raises(ChainAlreadyReturned):
+            w.write_from_fd(f.fileno(), 0)

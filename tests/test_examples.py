@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -60,6 +62,50 @@ def test_out_request_writes_the_image(image: io.FileIO, fq: SplitFakeQueue) -> N
     assert used.written == (bytes([BlkStatus.OK]),)
     image.seek(5 * 512)
     assert image.read(1024) == data
+
+
+def test_a_request_moves_all_its_segments_in_one_system_call_at_its_offset(
+    image: io.FileIO, fq: SplitFakeQueue
+) -> None:
+    """Three data buffers, one ``preadv`` / ``pwritev`` each way; the file position stays put
+    (queues on other threads may share the image)."""
+    dev = BlkDevice(image)
+    image.seek(7)
+    data = bytes(range(200, 256)) * 27 + bytes(24)  # 1536 bytes
+    fq.driver.publish([_hdr(BlkType.OUT, 3), data[:512], data[512:1024], data[1024:]], [1])
+    fq.driver.publish([_hdr(BlkType.IN, 3)], [512, 512, 512, 1], indirect=True)
+    with (
+        mock.patch("os.pwritev", wraps=os.pwritev) as pwritev,
+        mock.patch("os.preadv", wraps=os.preadv) as preadv,
+    ):
+        assert dev.serve(fq.queue) == 2
+    assert (pwritev.call_count, preadv.call_count) == (1, 1)
+    assert pwritev.call_args.args[2] == preadv.call_args.args[2] == 3 * 512
+    out, back = fq.driver.used()
+    assert out.written == (bytes([BlkStatus.OK]),)
+    assert back.written == (data[:512], data[512:1024], data[1024:], bytes([BlkStatus.OK]))
+    assert os.pread(image.fileno(), 1536, 3 * 512) == data
+    assert image.tell() == 7
+
+
+def test_an_image_error_answers_ioerr_and_the_device_goes_on(
+    tmp_path: Path, fq: SplitFakeQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image is opened write-only, so reading it fails (EBADF); the request gets IOERR and a
+    log line, the next request is served."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(SECTORS * 512))
+    with open(os.open(path, os.O_WRONLY), "wb", buffering=0) as f:  # no truncation
+        dev = BlkDevice(f)
+        fq.driver.publish([_hdr(BlkType.IN, 0)], [512, 1])
+        fq.driver.publish([_hdr(BlkType.OUT, 1), b"z" * 512], [1])
+        with caplog.at_level(logging.WARNING):
+            assert dev.serve(fq.queue) == 2
+    failed, written = fq.driver.used()
+    assert failed.written == (bytes(512), bytes([BlkStatus.IOERR]))
+    assert written.written == (bytes([BlkStatus.OK]),)
+    assert "reading the image" in caplog.text
+    assert path.read_bytes()[512:1024] == b"z" * 512
 
 
 def test_header_split_across_descriptors_is_read_as_one_record(

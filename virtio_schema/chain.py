@@ -24,6 +24,7 @@ Imports: :mod:`virtio_schema.queue`, :mod:`virtio_schema.mem`, :mod:`virtio_sche
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar, cast
@@ -52,6 +53,8 @@ _READ_CHUNK = 1 << 18  # read() allocates at most this much ahead of the bytes t
 # bytearray (CPython's bytearray_setslice); through a memoryview of the target it is one memcpy.
 # The view costs about as much as the extra copy of 1 KiB, so small reads keep the bytearray.
 _VIEW_COPY_MIN = 1024
+# Most buffers one preadv/pwritev is given (Linux's UIO_MAXIOV); longer chains go in batches.
+_IOV_MAX = 1024
 
 
 class Remaining(NamedTuple):
@@ -325,6 +328,89 @@ class _Walker:
                 break
         return done
 
+    def _vectored(self, fd: int, offset: int, n: int, into_guest: bool) -> int:
+        """Move up to ``n`` bytes between the buffers and the file ``fd`` at ``offset`` with one
+        ``os.preadv`` (into guest memory) or ``os.pwritev`` per ``_IOV_MAX`` buffers; the
+        position moves by what the kernel reports. Stops at a short transfer."""
+        self._moved = 0
+        chain = self.chain
+        if chain._returned or chain._queue._broken is not None:
+            chain.check_usable()
+        io = os.preadv if into_guest else os.pwritev
+        done = 0
+        while done < n:
+            views, ranges = self._gather(n - done)
+            if not views:
+                break
+            try:
+                want = sum(len(v) for v in views)
+                got = io(fd, views, offset + done)
+            finally:  # the views die here: nothing keeps guest memory exported
+                for v in views:
+                    v.release()
+                for dr in ranges:
+                    dr.release()
+            self._skip(got)
+            done += got
+            self._moved = done  # (counted if a later batch fails)
+            if got < want:
+                break
+        return done
+
+    def _gather(self, n: int) -> tuple[list[memoryview], list[DeviceRange]]:
+        """Views of the next ``n`` bytes (fewer at the end): one per buffer, or per region of a
+        buffer that crosses memory regions; at most ``_IOV_MAX``. Also the tracked ranges the
+        general path translated, to release with the views. The position does not move."""
+        views: list[memoryview] = []
+        ranges: list[DeviceRange] = []
+        descs = self._descs
+        locate = self._locate
+        i, pos = self._i, self._pos
+        try:
+            while n > 0 and i < self._end and len(views) < _IOV_MAX:
+                rec = descs[i]
+                k = min(rec[1] - pos, n)
+                if k > 0:
+                    addr = rec[0] + pos
+                    loc = locate(addr, k) if locate is not None else None
+                    if loc is not None:
+                        base, off = loc
+                        views.append(base[off : off + k])
+                    else:  # the general path: the part of it in one region
+                        dr = _translate_prefix(self._mem, self.chain, addr, k)
+                        ranges.append(dr)
+                        k = len(dr.view)
+                        views.append(dr.view[:])
+                    n -= k
+                    pos += k
+                if pos >= rec[1]:
+                    i += 1
+                    pos = 0
+        except BaseException:  # an unmapped buffer: release what was gathered, then raise
+            for v in views:
+                v.release()
+            for dr in ranges:
+                dr.release()
+            raise
+        return views, ranges
+
+    def _skip(self, n: int) -> None:
+        """Move the position on by ``n`` bytes (what a vectored call moved), stepping past a
+        buffer it finished, as every copy does."""
+        descs = self._descs
+        i, pos = self._i, self._pos
+        self._left -= n
+        while n > 0:
+            k = descs[i][1] - pos
+            if n < k:
+                pos += n
+                break
+            n -= k
+            i += 1
+            pos = 0
+        self._i, self._pos = i, pos
+        self._cur = None
+
     def next(self, limit: int | None = None) -> DeviceRange | None:
         """The next device range: the rest of the current buffer (or of the part of it in one
         memory region), cut to ``limit`` bytes if given; ``None`` at the end. Zero-length buffers
@@ -476,6 +562,14 @@ class ReadableChain(_Walker):
         written; stops early if ``write`` takes fewer than offered."""
         return self._transfer(self._left if n is None else min(n, self._left), write)
 
+    def read_to_fd(self, fd: int, offset: int, n: int | None = None) -> int:
+        """Zero-copy out, vectored: write up to ``n`` readable bytes (default: all) into the file
+        ``fd`` at ``offset`` (a disk image), straight from guest memory: one ``os.pwritev`` for up
+        to 1024 buffers. The file position is neither used nor moved, so queues served by
+        different threads can share the file. Returns the bytes written, stopping at a short
+        write; an ``OSError`` propagates (the bytes of earlier batches stay consumed)."""
+        return self._vectored(fd, offset, self._left if n is None else min(n, self._left), False)
+
     def return_complete(self) -> None:
         """Return the chain (0 bytes written). Raises :class:`DataRemaining` afterwards if
         readable bytes were left unread (the chain is returned either way)."""
@@ -604,6 +698,19 @@ class WritableChain(_Walker):
         written; stops early at a short read (end of file)."""
         got = self._transfer(self._left if n is None else min(n, self._left), readinto)
         self.chain._written += got
+        return got
+
+    def write_from_fd(self, fd: int, offset: int, n: int | None = None) -> int:
+        """Zero-copy in, vectored: read up to ``n`` bytes (default: all the writable space) from
+        the file ``fd`` at ``offset`` (a disk image) straight into guest memory: one
+        ``os.preadv`` for up to 1024 buffers. The file position is neither used nor moved. The
+        bytes read count as written; stops early at a short read (end of file). An ``OSError``
+        propagates (the bytes of earlier batches stay written and counted)."""
+        try:
+            self._vectored(fd, offset, self._left if n is None else min(n, self._left), True)
+        finally:
+            got = self._moved
+            self.chain._written += got
         return got
 
     def write_all(self, data: ReadBuffer) -> None:

@@ -3,8 +3,10 @@
 Read it as documentation of how a device is written on this library: a request is a chain whose
 readable part is the 16-byte header (read with :meth:`~virtio_schema.chain.ReadableChain.read_record`)
 followed, for OUT, by the data; its writable part is, for IN and GET_ID, the data, and always ends
-with one status byte. Data moves between the image and guest memory without intermediate copies:
-``readinto`` / ``write`` on the file with the device ranges the chain hands out.
+with one status byte. Data moves between the image and guest memory without intermediate copies and
+in one system call per request: :meth:`~virtio_schema.chain.WritableChain.write_from_fd` and
+:meth:`~virtio_schema.chain.ReadableChain.read_to_fd` hand the chain's buffers to ``os.preadv`` /
+``os.pwritev`` at the request's offset (the file position is never used).
 
 The device never trusts the driver: a malformed chain, a request past the end of the disk or a
 writable part too small for the status byte is logged, and the chain is returned (with length 0 when
@@ -45,8 +47,9 @@ SEG_MAX = 126
 
 
 class BlkDevice:
-    """A virtio-blk device serving requests from ``image`` (a file opened ``r+b``, unbuffered
-    preferred, or ``rb`` with ``read_only``).
+    """A virtio-blk device serving requests from ``image`` (a file opened ``r+b``, or ``rb`` with
+    ``read_only``). Data goes straight to and from its file descriptor (positional, vectored
+    I/O), never through the file object's Python-level buffer.
 
     ``handle(chain)`` serves one request and returns the chain; ``serve(queue)`` drains a queue.
     """
@@ -59,6 +62,7 @@ class BlkDevice:
         serial: bytes = b"virtio-schema",
     ) -> None:
         self.image = image
+        self._fd = image.fileno()
         self.read_only = read_only
         self.serial = serial[:BLK_ID_BYTES].ljust(BLK_ID_BYTES, b"\0")
         size = os.fstat(image.fileno()).st_size
@@ -141,10 +145,12 @@ class BlkDevice:
         length = writer.remaining().bytes - 1  # the last writable byte is the status
         if length < 0 or not self._in_range(sector, length):
             return BlkStatus.IOERR
-        self.image.seek(sector * BLK_SECTOR_SIZE)
-        if writer.write_from(self.image.readinto, length) != length:  # straight into the guest
+        try:  # straight into the guest's buffers, one preadv
+            got = writer.write_from_fd(self._fd, sector * BLK_SECTOR_SIZE, length)
+        except OSError as exc:
+            log.warning("virtio-blk: reading the image: %s", exc)
             return BlkStatus.IOERR
-        return BlkStatus.OK
+        return BlkStatus.OK if got == length else BlkStatus.IOERR
 
     def _write(self, reader: ReadableChain, sector: int) -> BlkStatus:
         length = reader.remaining().bytes
@@ -152,10 +158,12 @@ class BlkDevice:
             return BlkStatus.IOERR
         if not self._in_range(sector, length):
             return BlkStatus.IOERR
-        self.image.seek(sector * BLK_SECTOR_SIZE)
-        if reader.read_to(self.image.write) != length:  # straight from the guest
+        try:  # straight from the guest's buffers, one pwritev
+            put = reader.read_to_fd(self._fd, sector * BLK_SECTOR_SIZE, length)
+        except OSError as exc:
+            log.warning("virtio-blk: writing the image: %s", exc)
             return BlkStatus.IOERR
-        return BlkStatus.OK
+        return BlkStatus.OK if put == length else BlkStatus.IOERR
 
     def _flush(self) -> BlkStatus:
         self.image.flush()
