@@ -337,19 +337,38 @@ class _Walker:
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
         io = os.preadv if into_guest else os.pwritev
+        i = self._i
+        locate = self._locate
+        if locate is not None and i < self._end:  # the common case: all n in the next buffer
+            rec = self._descs[i]
+            pos = self._pos
+            if 0 < n <= rec[1] - pos:
+                loc = locate(rec[0] + pos, n)
+                if loc is not None:
+                    base, off = loc
+                    with base[off : off + n] as view:
+                        got = io(fd, [view], offset)
+                    if pos + got == rec[1]:  # step past a finished buffer (see _span)
+                        self._i = i + 1
+                        self._pos = 0
+                    else:
+                        self._pos = pos + got
+                    self._left -= got
+                    self._moved = got
+                    return got
         done = 0
         while done < n:
-            views, ranges = self._gather(n - done)
-            if not views:
+            views, ranges, want = self._gather(n - done)
+            if not want:
                 break
             try:
-                want = sum(len(v) for v in views)
                 got = io(fd, views, offset + done)
             finally:  # the views die here: nothing keeps guest memory exported
                 for v in views:
                     v.release()
-                for dr in ranges:
-                    dr.release()
+                if ranges:
+                    for dr in ranges:
+                        dr.release()
             self._skip(got)
             done += got
             self._moved = done  # (counted if a later batch fails)
@@ -357,15 +376,17 @@ class _Walker:
                 break
         return done
 
-    def _gather(self, n: int) -> tuple[list[memoryview], list[DeviceRange]]:
+    def _gather(self, n: int) -> tuple[list[memoryview], list[DeviceRange], int]:
         """Views of the next ``n`` bytes (fewer at the end): one per buffer, or per region of a
         buffer that crosses memory regions; at most ``_IOV_MAX``. Also the tracked ranges the
-        general path translated, to release with the views. The position does not move."""
+        general path translated, to release with the views, and the bytes the views hold. The
+        position does not move."""
         views: list[memoryview] = []
         ranges: list[DeviceRange] = []
         descs = self._descs
         locate = self._locate
         i, pos = self._i, self._pos
+        total = 0
         try:
             while n > 0 and i < self._end and len(views) < _IOV_MAX:
                 rec = descs[i]
@@ -383,6 +404,7 @@ class _Walker:
                         views.append(dr.view[:])
                     n -= k
                     pos += k
+                    total += k
                 if pos >= rec[1]:
                     i += 1
                     pos = 0
@@ -392,7 +414,7 @@ class _Walker:
             for dr in ranges:
                 dr.release()
             raise
-        return views, ranges
+        return views, ranges, total
 
     def _skip(self, n: int) -> None:
         """Move the position on by ``n`` bytes (what a vectored call moved), stepping past a
