@@ -1245,3 +1245,18 @@ def test_fd_transfers_refuse_a_returned_chain(packed: bool) -> None:
             r.read_to_fd(f.fileno(), 0)
         with pytest.raises(ChainAlreadyReturned):
             w.write_from_fd(f.fileno(), 0)
+
+
+@pytest.mark.parametrize("offset", [-1, -4096, 1 << 63, (1 << 63) - 4])
+def test_fd_transfers_refuse_an_offset_outside_a_file(offset: int) -> None:
+    """-1 would mean "the file position" to Linux's preadv2: refused, with nothing consumed."""
+    fq = fake(False)
+    publish(fq, [b"abcdefgh"], [8])
+    with tempfile.TemporaryFile() as f, take(fq) as chain:
+        r = ReadableChain(chain)
+        with pytest.raises(DeviceUsageError, match="file offset"):
+            r.read_to_fd(f.fileno(), offset)
+        w = r.into_writable(ignore_remaining=True)
+        with pytest.raises(DeviceUsageError, match="file offset"):
+            w.write_from_fd(f.fileno(), offset)
+        assert (r.remaining(), w.remaining(), w.written) == ((8, 1), (8, 1), 0)

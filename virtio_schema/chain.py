@@ -55,6 +55,7 @@ _READ_CHUNK = 1 << 18  # read() allocates at most this much ahead of the bytes t
 _VIEW_COPY_MIN = 1024
 # Most buffers one preadv/pwritev is given (Linux's UIO_MAXIOV); longer chains go in batches.
 _IOV_MAX = 1024
+_OFF_MAX = (1 << 63) - 1  # the largest file offset (off_t)
 
 
 class Remaining(NamedTuple):
@@ -336,6 +337,8 @@ class _Walker:
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
+        if not 0 <= offset <= _OFF_MAX - n:  # (Linux reads offset -1 as "the file position")
+            raise DeviceUsageError(f"file offset {offset} (+{n} bytes) outside 0..2**63-1")
         io = os.preadv if into_guest else os.pwritev
         i = self._i
         locate = self._locate
