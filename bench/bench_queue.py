@@ -699,6 +699,167 @@ def floor_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
     return n
 
 
+def _checked_packed_walk(
+    mem: memoryview, base: int, ring: int, pos: int, size: int
+) -> tuple[list[tuple[int, int, int, int]], int, int, int, int]:
+    """The packed chain at slot ``pos`` (its first descriptor is available): the records
+    (readable ones first), the number of readable ones, the writable bytes, the buffer id and
+    the slots used; ``ValueError`` for anything the library rejects. Like the library, a bad
+    descriptor does not stop the walk: the ring-level faults (no end, a bad buffer id) win."""
+    unpack = _D.unpack_from
+    descs: list[tuple[int, int, int, int]] = []
+    n_readable = rlen = wlen = count = slots = 0
+    error: ValueError | None = None
+    while True:
+        rec = unpack(mem, ring + 16 * pos)
+        addr, length, buf_id, flags = rec
+        slots += 1
+        try:
+            if flags & 4:  # INDIRECT (negotiated by the rig): alone in its chain
+                if flags & 1 or slots > 1:
+                    raise ValueError("indirect with next")
+                if not length or length & 15 or length >> 4 > 65535:
+                    raise ValueError("indirect table length")
+                table = addr - base
+                if table < 0 or table + length > len(mem):
+                    raise ValueError("unmapped indirect table")
+                for i in range(length >> 4):  # every entry, NEXT ignored
+                    entry = unpack(mem, table + 16 * i)
+                    baddr, blen, _bid, bflags = entry
+                    if bflags & 4:
+                        raise ValueError("nested indirect")
+                    count += 1
+                    if count > size:
+                        raise ValueError("chain too long")
+                    if baddr + blen > 1 << 64:
+                        raise ValueError("buffer past 2**64")
+                    if bflags & 2:
+                        wlen += blen
+                    else:
+                        if len(descs) > n_readable:
+                            raise ValueError("readable after writable")
+                        rlen += blen
+                        n_readable += 1
+                    descs.append(entry)
+            else:
+                count += 1
+                if count > size:
+                    raise ValueError("chain too long")
+                if addr + length > 1 << 64:
+                    raise ValueError("buffer past 2**64")
+                if flags & 2:
+                    wlen += length
+                else:
+                    if len(descs) > n_readable:
+                        raise ValueError("readable after writable")
+                    rlen += length
+                    n_readable += 1
+                descs.append(rec)
+        except ValueError as exc:
+            error = error or exc
+        if not flags & 1:
+            break
+        if slots >= size:
+            raise ValueError("chain never ends")
+        pos += 1
+        if pos == size:
+            pos = 0
+    if buf_id >= size:
+        raise ValueError("buffer id out of range")
+    if error is not None:
+        raise error
+    if rlen + wlen > 0xFFFFFFFF:
+        raise ValueError("chain longer than 4 GiB")
+    return descs, n_readable, wlen, buf_id, slots
+
+
+def checked_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
+    """The packed checked floor: echo and copy (a readable and a writable buffer) or blk (one
+    indirect table), with the checks of :func:`_checked_packed_walk`, every buffer inside guest
+    memory, and the notification decision from the driver event area after the fence."""
+    mem, base, ring = rig.mem, rig.base, rig.desc_off
+    end = len(mem)
+    unpack_d, unpack_h, pack_lid, pack_h = (
+        _D.unpack_from,
+        _H.unpack_from,
+        _LEN_ID.pack_into,
+        _H.pack_into,
+    )
+    acquire, release = _FENCE.acquire, _FENCE.release
+    notifier = rig.queue.notifier
+    drv = rig.avail_off  # the driver event area: off_wrap, then flags
+    size = rig.size
+    buf = memoryview(bytearray(65536 if kind == "copy" else 64))
+    data = memoryview(bytes(14 * 512))
+    pos = used = n = 0
+    wrap = uwrap = True
+    for _ in range(rounds):
+        rig.kick(QSIZE)
+        while True:
+            fl = unpack_h(mem, ring + 16 * pos + 14)[0]
+            if bool(fl & 0x80) != wrap or bool(fl & 0x8000) == wrap:
+                break
+            descs, n_readable, wlen, buf_id, slots = _checked_packed_walk(
+                mem, base, ring, pos, size
+            )
+            addr, ln = descs[0][0], descs[0][1]
+            off = addr - base
+            if kind == "blk":
+                if n_readable != 1 or ln < 16 or off < 0 or off + 16 > end:
+                    raise ValueError("no request header")
+                unpack_d(mem, off)  # the header, as a record
+                total = len(data)
+                done = 0
+                k = 1
+                for addr, ln, _id, _fl in descs[1:-1]:
+                    m = ln if ln < total - done else total - done
+                    off = addr - base
+                    if off < 0 or off + m > end:
+                        raise ValueError("unmapped buffer")
+                    mem[off : off + m] = data[done : done + m]
+                    done += m
+                    k += 1
+                addr, ln = descs[k][0], descs[k][1]
+                off = addr - base
+                if k != len(descs) - 1 or done != total or not ln or off < 0 or off >= end:
+                    raise ValueError("not a blk read chain")
+                mem[off] = 0
+                written = total + 1
+            else:
+                if n_readable != 1 or len(descs) != 2:
+                    raise ValueError("not an echo chain")
+                if ln > len(buf):
+                    raise ValueError("readable bytes left over")
+                if off < 0 or off + ln > end:
+                    raise ValueError("unmapped buffer")
+                buf[:ln] = mem[off : off + ln]
+                addr, wln = descs[1][0], descs[1][1]
+                written = ln if ln < wln else wln
+                off = addr - base
+                if off < 0 or off + written > end:
+                    raise ValueError("unmapped buffer")
+                mem[off : off + written] = buf[:written]
+            if written > wlen:
+                raise ValueError("written past the writable space")
+            u = ring + 16 * used
+            pack_lid(mem, u + 8, written, buf_id)
+            pack_h(mem, u + 14, (0x8080 if uwrap else 0) | (0x0002 if written else 0))
+            used += slots
+            pos += slots
+            if pos >= size:
+                pos -= size
+                wrap = not wrap
+            if used >= size:
+                used -= size
+                uwrap = not uwrap
+            acquire()  # the used descriptor before the driver event area (store->load)
+            release()
+            if unpack_h(mem, drv + 2)[0] != 1:  # not DISABLE: notify
+                notifier.notify()
+            n += 1
+    return n
+
+
 def naive_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
     """The packed loop with every descriptor parsed and every used descriptor built by Construct."""
     mem, base, desc = rig.mem, rig.base, rig.desc_off
@@ -869,16 +1030,19 @@ PACKED: dict[str, dict[str, Callable[[Rig, int], int]]] = {
     "a-echo-64": {
         "library": lib_echo,
         "floor": floor_packed,
+        "checked": checked_packed,
         "construct": naive_packed,
     },
     "b-blk-indirect": {
         "library": lib_blk,
         "floor": lambda rig, rounds: floor_packed(rig, rounds, kind="blk"),
+        "checked": lambda rig, rounds: checked_packed(rig, rounds, kind="blk"),
         "construct": lambda rig, rounds: naive_packed(rig, rounds, kind="blk"),
     },
     "c-copy-64k": {
         "library": lib_copy,
         "floor": lambda rig, rounds: floor_packed(rig, rounds, kind="copy"),
+        "checked": lambda rig, rounds: checked_packed(rig, rounds, kind="copy"),
         "construct": naive_packed,
     },
     "d-batch-256": {

@@ -21,7 +21,9 @@ from virtio_schema.errors import DriverError
 from virtio_schema.queue import (
     AvailIndexJump,
     BufferAddressOverflow,
+    BufferIdOutOfRange,
     ChainLengthOverflow,
+    ChainNeverEnds,
     ChainTooLong,
     DescIndexOutOfRange,
     HeadOutOfRange,
@@ -165,6 +167,60 @@ def _corrupt(rig: bench_queue.Rig, kind: str) -> None:
             raise AssertionError(kind)
 
 
+def _edit_packed(rig: bench_queue.Rig, slot: int, **fields: int) -> None:
+    """Rewrite fields (addr, len, id, flags) of ring slot ``slot`` in both lap images the packed
+    rig re-arms the ring from (``flags`` gives the chain bits: each lap keeps its AVAIL/USED)."""
+    images = []
+    for image in rig.laps:
+        img = bytearray(image)
+        names = ("addr", "len", "id", "flags")
+        rec = dict(zip(names, _DESC.unpack_from(img, 16 * slot), strict=True))
+        wrap_bits = rec["flags"] & 0x8080
+        rec.update(fields)
+        rec["flags"] |= wrap_bits
+        _DESC.pack_into(img, 16 * slot, rec["addr"], rec["len"], rec["id"], rec["flags"])
+        images.append(bytes(img))
+    rig.laps = (images[0], images[1])
+
+
+def _corrupt_packed(rig: bench_queue.Rig, kind: str) -> None:
+    """Make the packed ring's first chain (slot 0; echo: slots 0 and 1) malformed."""
+    end = rig.base + len(rig.mem)
+    match kind:
+        case "readable after writable":
+            _edit_packed(rig, 0, flags=NEXT | WRITE)
+            _edit_packed(rig, 1, flags=0)
+        case "unmapped buffer":
+            _edit_packed(rig, 0, addr=end)
+        case "buffer past 2**64":
+            _edit_packed(rig, 0, addr=(1 << 64) - 8)
+        case "chain longer than 4 GiB":
+            _edit_packed(rig, 0, len=0xFFFFFFFF)
+            _edit_packed(rig, 1, len=0xFFFFFFFF)
+        case "buffer id out of range (echo)":
+            _edit_packed(rig, 1, id=rig.size)
+        case "buffer id out of range (blk)":
+            _edit_packed(rig, 0, id=rig.size)
+        case "chain never ends":
+            for slot in range(rig.size):
+                flags = _DESC.unpack_from(rig.laps[0], 16 * slot)[3]
+                _edit_packed(rig, slot, flags=(flags & 0x7F7F) | NEXT)
+        case "indirect with next":
+            _edit_packed(rig, 0, flags=INDIRECT | NEXT)
+        case "indirect length":
+            _edit_packed(rig, 0, len=24)
+        case "empty indirect table":
+            _edit_packed(rig, 0, len=0)
+        case "unmapped indirect table":
+            _edit_packed(rig, 0, addr=end)
+        case "nested indirect":  # a packed table's entries hold (addr, len, id, flags)
+            table = _DESC.unpack_from(rig.laps[0], 0)[0] - rig.base
+            addr, length, buf_id, _flags = _DESC.unpack_from(rig.mem, table)
+            _DESC.pack_into(rig.mem, table, addr, length, buf_id, INDIRECT)
+        case _:
+            raise AssertionError(kind)
+
+
 NEXT, WRITE, INDIRECT = 1, 2, 4
 # each malformed ring: the library's error, and the checked floor's reason
 ECHO_KINDS: dict[str, tuple[type[DriverError], str]] = {
@@ -187,11 +243,31 @@ BLK_KINDS: dict[str, tuple[type[DriverError], str]] = {
     "nested indirect": (NestedIndirect, "nested indirect"),
     "next out of range in the table": (DescIndexOutOfRange, "next out of range"),
 }
+PACKED_ECHO_KINDS: dict[str, tuple[type[DriverError], str]] = {
+    "readable after writable": (ReadableAfterWritable, "readable after writable"),
+    "unmapped buffer": (UnmappedBuffer, "unmapped buffer"),
+    "buffer past 2**64": (BufferAddressOverflow, "buffer past 2"),
+    "chain longer than 4 GiB": (ChainLengthOverflow, "chain longer than 4 GiB"),
+    "buffer id out of range (echo)": (BufferIdOutOfRange, "buffer id out of range"),
+    "chain never ends": (ChainNeverEnds, "chain never ends"),
+}
+PACKED_BLK_KINDS: dict[str, tuple[type[DriverError], str]] = {
+    "indirect with next": (IndirectWithNext, "indirect with next"),
+    "indirect length": (InvalidIndirectLength, "indirect table length"),
+    "empty indirect table": (InvalidIndirectLength, "indirect table length"),
+    "unmapped indirect table": (UnmappedIndirectTable, "unmapped indirect table"),
+    "nested indirect": (NestedIndirect, "nested indirect"),
+    "buffer id out of range (blk)": (BufferIdOutOfRange, "buffer id out of range"),
+}
 REJECT_CASES = [
-    *(pytest.param(name, kind, *why, id=f"{name}-{kind}") for name in ("a-echo-64", "c-copy-64k")
-      for kind, why in ECHO_KINDS.items()),
-    *(pytest.param("b-blk-indirect", kind, *why, id=f"b-blk-indirect-{kind}")
+    *(pytest.param(False, name, kind, *why, id=f"split-{name}-{kind}")
+      for name in ("a-echo-64", "c-copy-64k") for kind, why in ECHO_KINDS.items()),
+    *(pytest.param(False, "b-blk-indirect", kind, *why, id=f"split-b-blk-indirect-{kind}")
       for kind, why in BLK_KINDS.items()),
+    *(pytest.param(True, name, kind, *why, id=f"packed-{name}-{kind}")
+      for name in ("a-echo-64", "c-copy-64k") for kind, why in PACKED_ECHO_KINDS.items()),
+    *(pytest.param(True, "b-blk-indirect", kind, *why, id=f"packed-b-blk-indirect-{kind}")
+      for kind, why in PACKED_BLK_KINDS.items()),
 ]  # fmt: skip
 
 
@@ -213,24 +289,26 @@ def _library_serves_one(rig: bench_queue.Rig, name: str) -> None:
             r.into_writable().write(buf)
 
 
-@pytest.mark.parametrize(("name", "kind", "error", "reason"), REJECT_CASES)
+@pytest.mark.parametrize(("packed", "name", "kind", "error", "reason"), REJECT_CASES)
 def test_the_checked_floor_rejects_what_the_library_rejects(
-    name: str, kind: str, error: type[DriverError], reason: str
+    packed: bool, name: str, kind: str, error: type[DriverError], reason: str
 ) -> None:
-    lib_rig = bench_queue.build(name)
-    _corrupt(lib_rig, kind)
+    corrupt = _corrupt_packed if packed else _corrupt
+    lib_rig = bench_queue.build(name, packed=packed)
+    corrupt(lib_rig, kind)
     with pytest.raises(DriverError) as raised:
         _library_serves_one(lib_rig, name)
     got = raised.value.cause if isinstance(raised.value, QueueBroken) else raised.value
     assert type(got) is error
-    rig = bench_queue.build(name)
-    _corrupt(rig, kind)
+    rig = bench_queue.build(name, packed=packed)
+    corrupt(rig, kind)
     with pytest.raises(ValueError, match=reason):
-        bench_queue.SCENARIOS[name]["checked"](rig, 1)
+        _table(packed)[name]["checked"](rig, 1)
 
 
-def test_the_checked_floor_serves_a_well_formed_ring() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_the_checked_floor_serves_a_well_formed_ring(packed: bool) -> None:
     """The control for the cases above: unedited, every scenario's ring is served."""
     for name in ("a-echo-64", "b-blk-indirect", "c-copy-64k"):
-        rig = bench_queue.build(name)
-        assert bench_queue.SCENARIOS[name]["checked"](rig, 1) == bench_queue.QSIZE
+        rig = bench_queue.build(name, packed=packed)
+        assert _table(packed)[name]["checked"](rig, 1) == bench_queue.QSIZE
