@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from virtio_schema.mem import DriverRange
@@ -41,6 +42,69 @@ ADDR_END = 1 << 64
 """One past the last driver address: ``addr + len`` must not pass it."""
 MAX_INDIRECT_ENTRIES = 65535
 """Most entries an indirect table may have."""
+
+
+# --- indirect tables in one snapshot ---------------------------------------------------------------
+#
+# Linux (and DPDK) build an indirect table as exactly the chain it describes: entry k links to k + 1,
+# readable entries first. Such a table is read in one copy and validated with a few byte-string
+# operations instead of entry by entry. Anything else (a table longer than 256 entries, an unknown
+# flag bit, another order, an address in the top half of the 64-bit space) returns None, and the
+# queue's general walk reads the table entry by entry, with its precise errors. The outcome is the
+# same either way: tests/test_queue_fast_table.py walks random tables both ways.
+
+_FAST_TABLE_MAX = 256  # entries (the next fields' high bytes are then zero)
+_SEQ_NEXT = bytes(range(1, _FAST_TABLE_MAX))  # the next fields' low bytes: 1, 2, ...
+_ZEROS = bytes(_FAST_TABLE_MAX)
+_KEEP_NEXT_WRITE_INDIRECT = bytes(b & 7 for b in range(256))  # what the split walk reads
+_KEEP_WRITE_INDIRECT = bytes(b & 6 for b in range(256))  # what the packed walk reads (no NEXT)
+_ONES = b"\x01" * _FAST_TABLE_MAX  # NEXT, readable
+_THREES = b"\x03" * _FAST_TABLE_MAX  # NEXT | WRITE
+_TWOS = b"\x02" * _FAST_TABLE_MAX  # WRITE
+_LENGTHS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}  # n -> unpacks n entries' len fields
+_unpack_records = struct.Struct("<QLHH").iter_unpack  # both formats: addr, len, then two u16
+
+
+def sequential_table(
+    view: memoryview, at: int, n: int, *, split: bool
+) -> tuple[list[tuple[int, ...]], int, int, int] | None:
+    """The ``n``-entry indirect table at ``view[at:]`` if it is one chain in table order:
+    ``(records, readable entries, readable bytes, writable bytes)``, else ``None``.
+
+    Split (``split=True``): every entry but the last has NEXT and ``next`` = its index + 1, the
+    last has no NEXT. Packed: NEXT is ignored (every entry is in the chain). Both: readable
+    entries before writable ones, no INDIRECT flag, every address below 2**63 (so no buffer
+    reaches 2**64). Only the flag bits the walks read are looked at (NEXT, WRITE, INDIRECT)."""
+    if n > _FAST_TABLE_MAX:
+        return None
+    snap = view[at : at + 16 * n].tobytes()
+    if split:
+        flags = snap[12::16].translate(_KEEP_NEXT_WRITE_INDIRECT)
+        readable = flags.count(1)
+        last = flags[-1]
+        if last == 0:  # a readable last entry: all are readable
+            expected = _ONES[: n - 1] + b"\x00"
+            readable = n
+        else:
+            expected = _ONES[:readable] + _THREES[: n - 1 - readable] + b"\x02"
+        if (
+            flags != expected
+            or snap[14::16][:-1] != _SEQ_NEXT[: n - 1]
+            or snap[15::16][:-1] != _ZEROS[: n - 1]
+        ):
+            return None
+    else:
+        flags = snap[14::16].translate(_KEEP_WRITE_INDIRECT)
+        readable = flags.count(0)
+        if flags != _ZEROS[:readable] + _TWOS[: n - readable]:
+            return None
+    if not snap[7::16].isascii():  # an address's top byte at 0x80 or more
+        return None
+    lengths = _LENGTHS.get(n)
+    if lengths is None:
+        lengths = _LENGTHS[n] = struct.Struct("<" + "8xL4x" * n).unpack
+    lens = lengths(snap)
+    return list(_unpack_records(snap)), readable, sum(lens[:readable]), sum(lens[readable:])
 
 
 class QueueBase:

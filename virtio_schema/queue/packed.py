@@ -27,7 +27,7 @@ Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply
 from __future__ import annotations
 
 from virtio_schema.mem import DriverMem, full_barrier, read_barrier, write_barrier
-from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase
+from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase, sequential_table
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     BufferAddressOverflow,
@@ -265,9 +265,16 @@ class PackedQueue(QueueBase):
         """The entries of a packed indirect table: all ``len/16`` of them, in order; only WRITE
         (and INDIRECT, which is refused) is meaningful, NEXT is ignored (virtio 1.2, 2.8.19)."""
         table, at = self._indirect_table(head, slot, addr, length)
-        unpack = self._unpack_desc
         size = self.size
-        for i in range(length >> 4):
+        n = length >> 4
+        if count + n <= size:  # the common table in one snapshot (base.sequential_table)
+            whole = sequential_table(table, at, n, split=False)
+            if whole is not None and (not whole[1] or len(descs) == n_readable):
+                records, readable, r, w = whole
+                descs += records
+                return n_readable + readable, rlen + r, wlen + w, count + n
+        unpack = self._unpack_desc
+        for i in range(n):
             baddr, blen, _id, bflags = unpack(table, at + 16 * i)
             if bflags & _INDIRECT:
                 raise NestedIndirect(self.index, head, i)

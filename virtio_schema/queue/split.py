@@ -30,7 +30,7 @@ from virtio_schema.mem import (
     read_barrier,
     write_barrier,
 )
-from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase
+from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase, sequential_table
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     AvailIndexJump,
@@ -198,6 +198,18 @@ class Queue(QueueBase):
                     in_indirect = True
                     table_at = len(descs)
                     i = 0
+                    # the common table in one snapshot (base.sequential_table), where the walk
+                    # below would reach the same outcome: the chain length stays within the
+                    # queue size, and no readable entry follows a writable descriptor
+                    if count + limit <= size:
+                        whole = sequential_table(table, at, limit, split=True)
+                        if whole is not None and (not whole[1] or len(descs) == n_readable):
+                            records, readable, r, w = whole
+                            descs += records
+                            n_readable += readable
+                            rlen += r
+                            wlen += w
+                            break
                     continue
                 count += 1  # at most size: the check before following NEXT below keeps it there
                 if addr + length > ADDR_END:
