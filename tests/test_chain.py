@@ -372,6 +372,31 @@ def test_copies_that_end_exactly_at_a_buffer_end_continue_in_the_next(packed: bo
     assert used_one(fq).data == b"WXYZ12!"
 
 
+def test_a_copy_over_several_buffers_that_ends_at_a_buffer_end_steps_past_it(
+    packed: bool,
+) -> None:
+    """(White box.) The position after a copy: past a buffer the copy finished, inside one it
+    did not, so the next copy starts where the fast paths take it."""
+    fq = fake(packed)
+    publish(fq, [b"abcd", b"efgh", b"ij"], [4, 4, 4, 2])
+    with take(fq) as chain:
+        r = ReadableChain(chain)
+        eight = bytearray(8)
+        assert r.readinto(eight) == 8
+        assert (r._i, r._pos) == (2, 0)
+        assert r.readinto(bytearray(1)) == 1
+        assert (r._i, r._pos) == (2, 1)
+        w = r.into_writable(ignore_remaining=True)
+        assert w.write(b"abcdefgh") == 8  # ends at the second buffer's end
+        assert (w._i, w._pos) == (5, 0)
+        assert w.write(b"ij") == 2
+        assert (w._i, w._pos) == (5, 2)
+        assert w.write(b"klmn") == 4  # the rest of one buffer, then all of the last
+        assert (w._i, w._pos) == (7, 0)
+        w.return_written()
+    assert used_one(fq).data == b"abcdefghijklmn"
+
+
 def test_readinto_memoryview_fills_callers_buffer(packed: bool) -> None:
     fq = fake(packed)
     publish(fq, [b"xy", b"zw"])

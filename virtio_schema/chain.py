@@ -229,29 +229,35 @@ class _Walker:
         ``buf`` is worked through one memoryview: its slices are views (slicing ``bytes`` would
         copy each piece) and copying into one is a single memcpy (see ``_VIEW_COPY_MIN``). A
         region found by ``locate`` is remembered (its view covers the whole region, see
-        :data:`~virtio_schema.mem.Locate`), so the next buffers in it cost no lookup."""
+        :data:`~virtio_schema.mem.Locate`), so the next buffers in it cost no lookup.
+
+        The outer loop takes one piece at a time: the first (it may start inside a buffer), the
+        last (``buf`` ends in it), and any that needs a lookup. Between them, the inner loop
+        takes the whole buffers that lie in the known region, one turn each: it is the cost of
+        every multi-buffer copy (a blk request's data), so it does nothing else."""
         descs = self._descs
         locate = self._locate
         end = self._end
         mine = type(buf) is not memoryview
         whole = memoryview(buf) if mine else cast(memoryview, buf)
-        want = len(whole)
+        room = len(whole)  # bytes of buf not yet moved
         total = slow = 0  # bytes moved; of them, bytes moved by _piece (it counts _left itself)
         i, pos = self._i, self._pos
         self._moved = 0
-        # the region the last lookup found, [lo, hi) in driver addresses: the buffers of a chain
-        # mostly lie in one region, so the next ones are checked against it without a call
+        # the region the last lookup found, driver addresses [lo, lo + span): the buffers of a
+        # chain mostly lie in one region, so the next ones are checked against it without a call
         region = whole
-        lo = hi = 0
+        lo = span = 0
         try:
-            while total < want and i < end:
+            while room and i < end:
                 rec = descs[i]
                 n = rec[1] - pos
-                if n > want - total:
-                    n = want - total
                 if n > 0:
+                    if n > room:
+                        n = room
                     addr = rec[0] + pos
-                    if lo > addr or addr + n > hi:
+                    off = addr - lo
+                    if off < 0 or off + n > span:
                         loc = locate(addr, n) if locate is not None else None
                         if loc is None:  # the general path for this piece (it crosses a region)
                             self._i, self._pos = i, pos
@@ -264,22 +270,49 @@ class _Walker:
                                 whole[total : total + k] = view
                             total += k
                             slow += k
+                            room -= k
                             i, pos = self._i, self._pos
                             continue
                         region, off = loc
                         lo = addr - off
-                        hi = lo + len(region)
-                    off = addr - lo
+                        span = len(region)
                     if into_guest:
                         region[off : off + n] = whole[total : total + n]
                     else:
                         whole[total : total + n] = region[off : off + n]
                     total += n
+                    room -= n
                     pos += n
                     if pos < rec[1]:  # buf is full: the position stays in this buffer
                         break
                 i += 1  # the buffer is finished (or empty): step past it now
                 pos = 0
+                if not room:
+                    break
+                for i in range(i, end):  # noqa: B020 - i is the position, kept after the loop
+                    rec = descs[i]
+                    n = rec[1]
+                    off = rec[0] - lo
+                    if n >= room:  # buf ends in this buffer: the last piece
+                        if off < 0 or off + room > span:
+                            break  # outside the known region: the outer loop looks it up
+                        n = room
+                    elif off < 0 or off + n > span:
+                        break
+                    if into_guest:
+                        region[off : off + n] = whole[total : total + n]
+                    else:
+                        whole[total : total + n] = region[off : off + n]
+                    total += n
+                    room -= n
+                    if not room:  # the last piece: step past its buffer if it is finished
+                        if n == rec[1]:
+                            i += 1
+                        else:
+                            pos = n
+                        break
+                else:
+                    i = end
         finally:
             self._i, self._pos = i, pos
             self._left -= total - slow
