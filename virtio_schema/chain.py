@@ -224,7 +224,8 @@ class _Walker:
 
     def _copy(self, buf: bytes | bytearray | memoryview, into_guest: bool) -> int:
         """Copy between ``buf`` and the buffers from the current position, as far as both go.
-        ``self._moved`` holds the count even if a buffer turns out unmapped midway.
+        ``self._moved`` holds the count even if a buffer turns out unmapped midway; into guest
+        memory, the bytes that landed count as written (on the chain) then too.
 
         ``buf`` is worked through one memoryview: its slices are views (slicing ``bytes`` would
         copy each piece) and copying into one is a single memcpy (see ``_VIEW_COPY_MIN``). A
@@ -317,6 +318,8 @@ class _Walker:
             self._i, self._pos = i, pos
             self._left -= total - slow
             self._moved = total
+            if into_guest and total:  # bytes that landed count, even if a later buffer failed
+                self.chain._written += total
             if mine:
                 whole.release()  # the caller's bytearray can be resized again at once
         return total
@@ -605,12 +608,26 @@ class ReadableChain(_Walker):
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        if self._left < layout.size:
-            raise InsufficientData(self.chain.queue_index, self.chain.head, layout.size, self._left)
-        span = self._span(layout.size, False)
-        if span is not None:  # the record sits in one buffer: unpack it where it is
-            return layout.unpack_from(span[0], span[1])
-        buf = bytearray(layout.size)
+        size = layout.size
+        if self._left < size:
+            raise InsufficientData(self.chain.queue_index, self.chain.head, size, self._left)
+        # the record sits in one buffer (_span's common case, inlined): unpack it where it is
+        i = self._i
+        locate = self._locate
+        if locate is not None and i < self._end:
+            rec = self._descs[i]
+            pos = self._pos
+            if rec[1] - pos >= size:
+                loc = locate(rec[0] + pos, size)
+                if loc is not None:
+                    if pos + size == rec[1]:  # step past a finished buffer (see _span)
+                        self._i = i + 1
+                        self._pos = 0
+                    else:
+                        self._pos = pos + size
+                    self._left -= size
+                    return layout.unpack_from(loc[0], loc[1])
+        buf = bytearray(size)
         self.readinto(buf)
         return layout.unpack_from(buf)
 
@@ -734,21 +751,11 @@ class WritableChain(_Walker):
                         self._left -= n
                         chain._written += n
                         return n
-            return self._write(src)
+            return self._copy(src, True)
         # any other buffer: one byte view of it, released before returning (an exception's
         # traceback must not keep the caller's object exported)
         with memoryview(data) as view, view.cast("B") as flat:
-            return self._write(flat)
-
-    def _write(self, src: bytes | bytearray | memoryview) -> int:
-        """The general path of :meth:`write`: the bytes that landed count as written."""
-        try:
-            self._copy(src, True)
-        finally:  # bytes that landed count, even if a later buffer turned out unmapped
-            total = self._moved
-            if total:
-                self.chain._written += total
-        return total
+            return self._copy(flat, True)
 
     def write_from(self, readinto: Callable[[memoryview], int | None], n: int | None = None) -> int:
         """Zero-copy in: let ``readinto`` (e.g. a file's) fill up to ``n`` writable bytes
