@@ -104,7 +104,8 @@ def sequential_table(
     if lengths is None:
         lengths = _LENGTHS[n] = struct.Struct("<" + "8xL4x" * n).unpack
     lens = lengths(snap)
-    return list(_unpack_records(snap)), readable, sum(lens[:readable]), sum(lens[readable:])
+    head = sum(lens[:readable])
+    return list(_unpack_records(snap)), readable, head, sum(lens) - head
 
 
 class QueueBase:
