@@ -16,14 +16,13 @@ The hand-written floor copies through a ``memoryview`` of its buffer made once: 
 into a ``bytearray`` from another buffer first copies the source into a temporary (CPython), so
 the view is the fastest pure-Python copy.
 
-Two more references split what the library costs over the floor into its two parts, on split
-rings:
+Two more references split what the library costs over the floor into its two parts:
 
-* the *checked floor* (a, b, c): the floor plus every check the library makes on these chains and
-  its notification decision with the store->load fence, fused into the loop with no API (one call
-  per chain, for the walk). It is the least a device that validates like the library costs in
-  CPython, whatever its API;
-* the *API skeleton* (a): the library's shape (a chain object, a reader, a writer: the same six
+* the *checked floor* (a, b, c, both formats): the floor plus every check the library makes on
+  these chains and its notification decision with the store->load fence, fused into the loop with
+  no API (one call per chain, for the walk, entry by entry). It is what a hand-written device that
+  validates like the library costs in CPython, whatever its API;
+* the *API skeleton* (a, split): the library's shape (a chain object, a reader, a writer: the same six
   calls per chain) with nothing inside: no validation, no bookkeeping, no notification decision.
   It is the least any API of that shape costs in CPython.
 
