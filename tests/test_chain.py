@@ -372,6 +372,24 @@ def test_copies_that_end_exactly_at_a_buffer_end_continue_in_the_next(packed: bo
     assert used_one(fq).data == b"WXYZ12!"
 
 
+def test_empty_buffers_before_the_first_lookup_are_skipped_whatever_their_address(
+    packed: bool,
+) -> None:
+    """Empty writable buffers (one at address 0) before the data: nothing is copied for them,
+    and writing from read-only ``bytes`` works (found by the racing-driver test: the copy
+    loop once tried an empty copy into its source before it had looked up any region)."""
+    fq = fake(packed)
+    mem = fq.memory
+    data_at = mem.alloc(8)
+    raw_chain(fq.driver, [(mem.alloc(4), 0, WRITE), (0, 0, WRITE), (data_at, 8, WRITE)])
+    with take(fq) as chain:
+        w = WritableChain(chain)
+        assert w.write(b"abcdefgh") == 8
+        w.return_written()
+    assert mem.read(data_at, 8) == b"abcdefgh"
+    assert used_one(fq).len == 8
+
+
 def test_a_copy_over_several_buffers_that_ends_at_a_buffer_end_steps_past_it(
     packed: bool,
 ) -> None:

@@ -246,9 +246,11 @@ class _Walker:
         i, pos = self._i, self._pos
         self._moved = 0
         # the region the last lookup found, driver addresses [lo, lo + span): the buffers of a
-        # chain mostly lie in one region, so the next ones are checked against it without a call
+        # chain mostly lie in one region, so the next ones are checked against it without a call.
+        # Until the first lookup no range fits (span -1), not even an empty one at address 0
         region = whole
-        lo = span = 0
+        lo = 0
+        span = -1
         try:
             while room and i < end:
                 rec = descs[i]
