@@ -20,7 +20,7 @@ Two more references split what the library costs over the floor into its two par
 
 * the *checked floor* (a, b, c, both formats): the floor plus every check the library makes on
   these chains and its notification decision with the store->load fence, fused into the loop with
-  no API (one call per chain, for the walk, entry by entry). It is what a hand-written device that
+  no API (two calls per chain: the walk, entry by entry, and the request). It is what a hand-written device that
   validates like the library costs in CPython, whatever its API;
 * the *API skeleton* (a, split): the library's shape (a chain object, a reader, a writer: the same six
   calls per chain) with nothing inside: no validation, no bookkeeping, no notification decision.
@@ -380,10 +380,11 @@ def skeleton_echo(rig: Rig, rounds: int) -> int:
 # (the avail index and head, each descriptor's flags, lengths and next index, the chain length, the
 # indirect table's rules, readable-before-writable, each buffer inside guest memory, the bytes
 # written within the writable space) and the used-buffer notification decision with its
-# store->load fence, but no chain object, no reader or writer, no bookkeeping: one function call
-# per chain, for the walk. Split ring, scenarios a and b. A malformed chain raises ``ValueError``
-# (tests/test_bench_queue.py feeds it some). Like the library, it reads each descriptor once and
-# keeps the records: a chain is validated whole before any of its buffers is touched.
+# store->load fence, but no chain object, no reader or writer, no bookkeeping: two function calls
+# per chain, the walk (entry by entry) and the request. Both formats, scenarios a, b and c. A
+# malformed chain raises ``ValueError`` (tests/test_bench_queue.py feeds it some). Like the
+# library, it reads each descriptor once and keeps the records: a chain is validated whole before
+# any of its buffers is touched.
 
 _FENCE = threading.Lock()
 
@@ -436,46 +437,91 @@ def _checked_walk(
     return descs, n_readable, wlen
 
 
-def checked_echo(rig: Rig, rounds: int, *, size: int = 64) -> int:
-    """Scenario a (and c with ``size=65536``): read the readable buffer into a ``size``-byte
-    buffer, write that back into the writable one."""
-    mem, base = rig.mem, rig.base
+_BLK_HDR = struct.Struct("<LLQ")  # type, reserved, sector
+
+
+def _checked_request(
+    mem: memoryview,
+    base: int,
+    descs: list[tuple[int, int, int, int]],
+    n_readable: int,
+    wlen: int,
+    buf: memoryview,
+    data: memoryview | None,
+) -> int:
+    """The device's work on a walked chain, both formats; returns the used length. Echo and copy
+    (``data`` is None): the readable buffer into ``buf``, then back into the writable one. Blk:
+    the 16-byte header read as a record, ``data`` across the data buffers, a status byte. Every
+    buffer inside guest memory, the used length within the writable space."""
     end = len(mem)
+    addr, ln = descs[0][0], descs[0][1]
+    off = addr - base
+    if data is None:
+        if n_readable != 1 or len(descs) != 2:
+            raise ValueError("not an echo chain")
+        if ln > len(buf):
+            raise ValueError("readable bytes left over")  # into_writable()'s check
+        if off < 0 or off + ln > end:
+            raise ValueError("unmapped buffer")
+        buf[:ln] = mem[off : off + ln]
+        addr, wln = descs[1][0], descs[1][1]
+        written = ln if ln < wln else wln
+        off = addr - base
+        if off < 0 or off + written > end:
+            raise ValueError("unmapped buffer")
+        mem[off : off + written] = buf[:written]
+    else:
+        if n_readable != 1 or ln < 16 or off < 0 or off + 16 > end:
+            raise ValueError("no request header")
+        _BLK_HDR.unpack_from(mem, off)
+        total = len(data)
+        done = 0
+        k = 1
+        for addr, ln, _x, _y in descs[1:-1]:  # the data, as far as it goes
+            m = ln if ln < total - done else total - done
+            off = addr - base
+            if off < 0 or off + m > end:
+                raise ValueError("unmapped buffer")
+            mem[off : off + m] = data[done : done + m]
+            done += m
+            k += 1
+        addr, ln = descs[k][0], descs[k][1]
+        off = addr - base
+        if k != len(descs) - 1 or done != total or not ln or off < 0 or off >= end:
+            raise ValueError("not a blk read chain")
+        mem[off] = 0  # the status byte
+        written = total + 1
+    if written > wlen:
+        raise ValueError("written past the writable space")
+    return written
+
+
+def checked_split(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
+    """The split checked floor: echo (a), copy (c) or blk (b), with the checks of
+    :func:`_checked_walk` and :func:`_checked_request`, and the notification decision from
+    ``avail.flags`` after the fence."""
+    mem, base = rig.mem, rig.base
     desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
     unpack_h, pack_u, pack_h = _H.unpack_from, _U.pack_into, _H.pack_into
     acquire, release = _FENCE.acquire, _FENCE.release
     notifier = rig.queue.notifier
-    buf = memoryview(bytearray(size))
+    buf = memoryview(bytearray(65536 if kind == "copy" else 64))
+    data = memoryview(bytes(14 * 512)) if kind == "blk" else None
     last = used = n = 0
-    qsize = rig.size
-    mask = qsize - 1
+    size = rig.size
+    mask = size - 1
     for _ in range(rounds):
         rig.kick(QSIZE)
         while (idx := unpack_h(mem, av + 2)[0]) != last:
-            if ((idx - last) & 0xFFFF) > qsize:
+            if ((idx - last) & 0xFFFF) > size:
                 raise ValueError("avail index jump")
             head = unpack_h(mem, av + 4 + 2 * (last & mask))[0]
-            if head >= qsize:
+            if head >= size:
                 raise ValueError("head out of range")
             last = (last + 1) & 0xFFFF
-            descs, n_readable, wlen = _checked_walk(mem, base, desc, head, qsize)
-            if n_readable != 1 or len(descs) != 2:
-                raise ValueError("not an echo chain")
-            addr, ln = descs[0][0], descs[0][1]
-            off = addr - base
-            if ln > size:
-                raise ValueError("readable bytes left over")  # into_writable()'s check
-            k = ln
-            if off < 0 or off + k > end:
-                raise ValueError("unmapped buffer")
-            buf[:k] = mem[off : off + k]
-            addr, ln = descs[1][0], descs[1][1]
-            off = addr - base
-            k = k if k < ln else ln
-            if off < 0 or off + k > end or k > wlen:
-                raise ValueError("unmapped buffer")
-            mem[off : off + k] = buf[:k]
-            pack_u(mem, us + 4 + 8 * (used & mask), head, k)
+            descs, n_readable, wlen = _checked_walk(mem, base, desc, head, size)
+            written = _checked_request(mem, base, descs, n_readable, wlen, buf, data)
+            pack_u(mem, us + 4 + 8 * (used & mask), head, written)
             used = (used + 1) & 0xFFFF
             pack_h(mem, us + 2, used)
             acquire()  # used.idx before avail.flags (store->load)
@@ -521,63 +567,6 @@ def floor_blk(rig: Rig, rounds: int) -> int:
             pack_u(mem, us + 4 + 8 * (used & mask), head, written)
             used = (used + 1) & 0xFFFF
             pack_h(mem, us + 2, used)
-            n += 1
-    return n
-
-
-def checked_blk(rig: Rig, rounds: int) -> int:
-    mem, base = rig.mem, rig.base
-    end = len(mem)
-    desc, av, us = rig.desc_off, rig.avail_off, rig.used_off
-    unpack_h, pack_u, pack_h = _H.unpack_from, _U.pack_into, _H.pack_into
-    hdr_unpack = struct.Struct("<LLQ").unpack_from
-    acquire, release = _FENCE.acquire, _FENCE.release
-    notifier = rig.queue.notifier
-    data = memoryview(bytes(14 * 512))
-    total = len(data)
-    last = used = n = 0
-    size = rig.size
-    mask = size - 1
-    for _ in range(rounds):
-        rig.kick(QSIZE)
-        while (idx := unpack_h(mem, av + 2)[0]) != last:
-            if ((idx - last) & 0xFFFF) > size:
-                raise ValueError("avail index jump")
-            head = unpack_h(mem, av + 4 + 2 * (last & mask))[0]
-            if head >= size:
-                raise ValueError("head out of range")
-            last = (last + 1) & 0xFFFF
-            descs, n_readable, wlen = _checked_walk(mem, base, desc, head, size)
-            addr, ln = descs[0][0], descs[0][1]
-            off = addr - base
-            if n_readable != 1 or ln < 16 or off < 0 or off + 16 > end:
-                raise ValueError("no request header")
-            hdr_unpack(mem, off)
-            pos = 0
-            k = 1
-            for addr, ln, _fl, _nx in descs[1:-1]:  # the data, as far as it goes
-                m = ln if ln < total - pos else total - pos
-                off = addr - base
-                if off < 0 or off + m > end:
-                    raise ValueError("unmapped buffer")
-                mem[off : off + m] = data[pos : pos + m]
-                pos += m
-                k += 1
-            addr, ln = descs[k][0], descs[k][1]
-            off = addr - base
-            if k != len(descs) - 1 or pos != total or not ln or off < 0 or off >= end:
-                raise ValueError("not a blk read chain")
-            mem[off] = 0  # the status byte
-            written = total + 1
-            if written > wlen:
-                raise ValueError("written past the writable space")
-            pack_u(mem, us + 4 + 8 * (used & mask), head, written)
-            used = (used + 1) & 0xFFFF
-            pack_h(mem, us + 2, used)
-            acquire()  # used.idx before avail.flags (store->load)
-            release()
-            if not unpack_h(mem, av)[0] & 1:  # NO_INTERRUPT clear: notify
-                notifier.notify()
             n += 1
     return n
 
@@ -774,22 +763,17 @@ def _checked_packed_walk(
 
 def checked_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
     """The packed checked floor: echo and copy (a readable and a writable buffer) or blk (one
-    indirect table), with the checks of :func:`_checked_packed_walk`, every buffer inside guest
-    memory, and the notification decision from the driver event area after the fence."""
+    indirect table), with the checks of :func:`_checked_packed_walk` and
+    :func:`_checked_request`, and the notification decision from the driver event area after the
+    fence."""
     mem, base, ring = rig.mem, rig.base, rig.desc_off
-    end = len(mem)
-    unpack_d, unpack_h, pack_lid, pack_h = (
-        _D.unpack_from,
-        _H.unpack_from,
-        _LEN_ID.pack_into,
-        _H.pack_into,
-    )
+    unpack_h, pack_lid, pack_h = _H.unpack_from, _LEN_ID.pack_into, _H.pack_into
     acquire, release = _FENCE.acquire, _FENCE.release
     notifier = rig.queue.notifier
     drv = rig.avail_off  # the driver event area: off_wrap, then flags
     size = rig.size
     buf = memoryview(bytearray(65536 if kind == "copy" else 64))
-    data = memoryview(bytes(14 * 512))
+    data = memoryview(bytes(14 * 512)) if kind == "blk" else None
     pos = used = n = 0
     wrap = uwrap = True
     for _ in range(rounds):
@@ -801,45 +785,7 @@ def checked_packed(rig: Rig, rounds: int, *, kind: str = "echo") -> int:
             descs, n_readable, wlen, buf_id, slots = _checked_packed_walk(
                 mem, base, ring, pos, size
             )
-            addr, ln = descs[0][0], descs[0][1]
-            off = addr - base
-            if kind == "blk":
-                if n_readable != 1 or ln < 16 or off < 0 or off + 16 > end:
-                    raise ValueError("no request header")
-                unpack_d(mem, off)  # the header, as a record
-                total = len(data)
-                done = 0
-                k = 1
-                for addr, ln, _id, _fl in descs[1:-1]:
-                    m = ln if ln < total - done else total - done
-                    off = addr - base
-                    if off < 0 or off + m > end:
-                        raise ValueError("unmapped buffer")
-                    mem[off : off + m] = data[done : done + m]
-                    done += m
-                    k += 1
-                addr, ln = descs[k][0], descs[k][1]
-                off = addr - base
-                if k != len(descs) - 1 or done != total or not ln or off < 0 or off >= end:
-                    raise ValueError("not a blk read chain")
-                mem[off] = 0
-                written = total + 1
-            else:
-                if n_readable != 1 or len(descs) != 2:
-                    raise ValueError("not an echo chain")
-                if ln > len(buf):
-                    raise ValueError("readable bytes left over")
-                if off < 0 or off + ln > end:
-                    raise ValueError("unmapped buffer")
-                buf[:ln] = mem[off : off + ln]
-                addr, wln = descs[1][0], descs[1][1]
-                written = ln if ln < wln else wln
-                off = addr - base
-                if off < 0 or off + written > end:
-                    raise ValueError("unmapped buffer")
-                mem[off : off + written] = buf[:written]
-            if written > wlen:
-                raise ValueError("written past the writable space")
+            written = _checked_request(mem, base, descs, n_readable, wlen, buf, data)
             u = ring + 16 * used
             pack_lid(mem, u + 8, written, buf_id)
             pack_h(mem, u + 14, (0x8080 if uwrap else 0) | (0x0002 if written else 0))
@@ -1004,19 +950,19 @@ SCENARIOS: dict[str, dict[str, Callable[[Rig, int], int]]] = {
         "library": lib_echo,
         "floor": floor_echo,
         "skeleton": skeleton_echo,
-        "checked": checked_echo,
+        "checked": checked_split,
         "construct": naive_echo,
     },
     "b-blk-indirect": {
         "library": lib_blk,
         "floor": floor_blk,
-        "checked": checked_blk,
+        "checked": lambda rig, rounds: checked_split(rig, rounds, kind="blk"),
         "construct": naive_blk,
     },
     "c-copy-64k": {
         "library": lib_copy,
         "floor": floor_copy,
-        "checked": lambda rig, rounds: checked_echo(rig, rounds, size=65536),
+        "checked": lambda rig, rounds: checked_split(rig, rounds, kind="copy"),
         "construct": naive_copy,
     },
     "d-batch-256": {
