@@ -613,22 +613,9 @@ class ReadableChain(_Walker):
         size = layout.size
         if self._left < size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, size, self._left)
-        # the record sits in one buffer (_span's common case, inlined): unpack it where it is
-        i = self._i
-        locate = self._locate
-        if locate is not None and i < self._end:
-            rec = self._descs[i]
-            pos = self._pos
-            if rec[1] - pos >= size:
-                loc = locate(rec[0] + pos, size)
-                if loc is not None:
-                    if pos + size == rec[1]:  # step past a finished buffer (see _span)
-                        self._i = i + 1
-                        self._pos = 0
-                    else:
-                        self._pos = pos + size
-                    self._left -= size
-                    return layout.unpack_from(loc[0], loc[1])
+        span = self._span(size, False)
+        if span is not None:  # the record sits in one buffer: unpack it where it is
+            return layout.unpack_from(span[0], span[1])
         buf = bytearray(size)
         self.readinto(buf)
         return layout.unpack_from(buf)
