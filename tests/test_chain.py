@@ -133,6 +133,15 @@ def used_one(fq: FakeQueue[Q, D]) -> UsedChain:
     return used
 
 
+def cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    """``data`` cut into consecutive pieces of ``sizes`` (the bytes each buffer holds)."""
+    pieces, at = [], 0
+    for n in sizes:
+        pieces.append(data[at : at + n])
+        at += n
+    return pieces
+
+
 def raw_chain(driver: Driver, descs: list[tuple[int, int, int]]) -> int:
     """Publish ``(addr, len, flags)`` descriptors as one chain (NEXT added between them); returns
     what the used entry will name. Split: fresh descriptors linked in order, the head pushed.
@@ -828,10 +837,7 @@ def test_one_copy_over_buffers_alternating_between_regions(packed: bool, writing
     flag = WRITE if writing else 0
     raw_chain(fq.driver, [(a, n, flag) for a, n in zip(addrs, lengths, strict=True)])
     data = bytes(range(65, 65 + sum(lengths)))
-    pieces, at = [], 0
-    for n in lengths:
-        pieces.append(data[at : at + n])
-        at += n
+    pieces = cut(data, lengths)
     if not writing:
         for a, piece in zip(addrs, pieces, strict=True):
             mem.write(a, piece)
@@ -1032,10 +1038,7 @@ def test_reads_in_any_sizes_concatenate_to_the_payload(
     sizes: list[int], indirect: bool, data: st.DataObject, packed: bool
 ) -> None:
     payload = data.draw(st.binary(min_size=sum(sizes), max_size=sum(sizes)), label="payload")
-    parts, pos = [], 0
-    for n in sizes:
-        parts.append(payload[pos : pos + n])
-        pos += n
+    parts = cut(payload, sizes)
     fq = fake(packed, indirect=indirect)
     publish(fq, parts, indirect=indirect)
     got = b""
@@ -1091,10 +1094,7 @@ def test_copies_over_buffers_scattered_across_two_regions(
     sizes = [n for n, _ in layout]
     addrs = [mem.alloc(n, region=r) for n, r in layout]
     payload = data.draw(st.binary(min_size=sum(sizes), max_size=sum(sizes)), label="payload")
-    pieces, pos = [], 0
-    for n in sizes:
-        pieces.append(payload[pos : pos + n])
-        pos += n
+    pieces = cut(payload, sizes)
     flag = WRITE if writing else 0
     if not writing:
         for addr, piece in zip(addrs, pieces, strict=True):
@@ -1150,11 +1150,7 @@ def test_driver_sees_exactly_the_bytes_written_in_order(
     used = used_one(fq)
     assert used.len == len(accepted)
     assert used.data == accepted
-    expected, pos = [], 0
-    for n in sizes:
-        expected.append(accepted[pos : pos + n])
-        pos += n
-    assert used.written == tuple(expected)
+    assert used.written == tuple(cut(accepted, sizes))
 
 
 # --- vectored file I/O: read_to_fd / write_from_fd ---------------------------------------------
@@ -1199,10 +1195,7 @@ def test_fd_transfers_move_every_byte_between_its_buffer_and_its_file_offset(
             addrs.append(mem.alloc(n, region={"r1": 1, "far": 2}.get(where, 0)))
         sizes.append(n)
     payload = data.draw(st.binary(min_size=sum(sizes), max_size=sum(sizes)), label="payload")
-    pieces, pos = [], 0
-    for n in sizes:
-        pieces.append(payload[pos : pos + n])
-        pos += n
+    pieces = cut(payload, sizes)
     if not writing:
         for addr, piece in zip(addrs, pieces, strict=True):
             mem.write(addr, piece)
