@@ -167,7 +167,7 @@ class BlkDevice:
 
     def _flush(self) -> BlkStatus:
         self.image.flush()
-        os.fsync(self.image.fileno())
+        os.fsync(self._fd)
         return BlkStatus.OK
 
     def _get_id(self, writer: WritableChain) -> BlkStatus:
