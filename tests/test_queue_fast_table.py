@@ -153,7 +153,9 @@ def _outcome(packed: bool, table: list[Entry], before: int | None, qsize: int = 
         chain.head,
         type(chain.error),
         str(chain.error),
-        chain._descs,
+        list(chain._addrs),
+        list(chain._lens),
+        chain.descriptors() if chain.error is None else None,  # indices and flags as well
         chain._n_readable,
         chain.readable_len,
         chain.writable_len,

@@ -130,13 +130,14 @@ class _Walker:
     """
 
     __slots__ = (
+        "_addrs",
         "_cur",
         "_cur_addr",
         "_cur_dr",
-        "_descs",
         "_end",
         "_i",
         "_left",
+        "_lens",
         "_locate",
         "_mem",
         "_moved",
@@ -149,7 +150,8 @@ class _Walker:
         self.chain = chain
         self._mem = queue.driver_mem
         self._locate = queue._locate
-        self._descs = chain._descs  # raw records: addr at [0], len at [1]
+        self._addrs = chain._addrs  # the buffers' driver addresses and lengths, validated
+        self._lens = chain._lens
         self._i = start  # index of the current buffer
         self._end = end
         self._pos = 0  # bytes consumed of the current buffer
@@ -163,8 +165,8 @@ class _Walker:
         """Bytes and buffers left, from the validated lengths (no guest-memory access)."""
         n = 0
         pos = self._pos  # consumed of the current buffer; nothing of the later ones
-        for rec in self._descs[self._i : self._end]:
-            if rec[1] > pos:
+        for length in self._lens[self._i : self._end]:
+            if length > pos:
                 n += 1
             pos = 0
         return _new_remaining(Remaining, (self._left, n))
@@ -172,16 +174,15 @@ class _Walker:
     def _piece(self, limit: int) -> memoryview | None:
         """A view of up to ``limit`` (> 0) bytes at the current position, advancing past it
         (the general path: translate, split across regions)."""
-        descs = self._descs
+        lens = self._lens
         while self._i < self._end:
-            d = descs[self._i]
-            length = d[1]
+            length = lens[self._i]
             if self._pos >= length:
                 self._i += 1
                 self._pos = 0
                 self._cur = None
                 continue
-            addr = d[0] + self._pos
+            addr = self._addrs[self._i] + self._pos
             cur = self._cur
             if cur is None or not self._cur_addr <= addr < self._cur_addr + len(cur):
                 dr = _translate_prefix(self._mem, self.chain, addr, length - self._pos)
@@ -204,17 +205,17 @@ class _Walker:
         i = self._i
         if locate is None or want <= 0 or i >= self._end:
             return None
-        rec = self._descs[i]
+        length = self._lens[i]
         pos = self._pos
-        n = rec[1] - pos
+        n = length - pos
         if n >= want:
             n = want
         elif not (to_end and n > 0 and i + 1 == self._end):
             return None
-        loc = locate(rec[0] + pos, n)
+        loc = locate(self._addrs[i] + pos, n)
         if loc is None:
             return None
-        if pos + n == rec[1]:  # step past a finished buffer now: the next copy starts clean
+        if pos + n == length:  # step past a finished buffer now: the next copy starts clean
             self._i = i + 1
             self._pos = 0
         else:
@@ -236,7 +237,7 @@ class _Walker:
         last (``buf`` ends in it), and any that needs a lookup. Between them, the inner loop
         takes the whole buffers that lie in the known region, one turn each: it is the cost of
         every multi-buffer copy (a blk request's data), so it does nothing else."""
-        descs = self._descs
+        addrs, lens = self._addrs, self._lens
         locate = self._locate
         end = self._end
         mine = type(buf) is not memoryview
@@ -253,12 +254,12 @@ class _Walker:
         span = -1
         try:
             while room and i < end:
-                rec = descs[i]
-                n = rec[1] - pos
+                length = lens[i]
+                n = length - pos
                 if n > 0:
                     if n > room:
                         n = room
-                    addr = rec[0] + pos
+                    addr = addrs[i] + pos
                     off = addr - lo
                     if off < 0 or off + n > span:
                         loc = locate(addr, n) if locate is not None else None
@@ -286,36 +287,26 @@ class _Walker:
                     total += n
                     room -= n
                     pos += n
-                    if pos < rec[1]:  # buf is full: the position stays in this buffer
+                    if pos < length:  # buf is full: the position stays in this buffer
                         break
                 i += 1  # the buffer is finished (or empty): step past it now
                 pos = 0
                 if not room:
                     break
-                for i in range(i, end):  # noqa: B020 - i is the position, kept after the loop
-                    rec = descs[i]
-                    n = rec[1]
-                    off = rec[0] - lo
-                    if n >= room:  # buf ends in this buffer: the last piece
-                        if off < 0 or off + room > span:
-                            break  # outside the known region: the outer loop looks it up
-                        n = room
-                    elif off < 0 or off + n > span:
+                # the whole buffers in the known region before the one buf ends in: nothing else
+                # per turn (the outer loop takes the last piece, and any buffer outside)
+                for addr, n in zip(addrs[i:end], lens[i:end], strict=True):
+                    off = addr - lo
+                    if n >= room or off < 0 or off + n > span:
                         break
+                    t = total + n
                     if into_guest:
-                        region[off : off + n] = whole[total : total + n]
+                        region[off : off + n] = whole[total:t]
                     else:
-                        whole[total : total + n] = region[off : off + n]
-                    total += n
+                        whole[total:t] = region[off : off + n]
+                    total = t
                     room -= n
-                    if not room:  # the last piece: step past its buffer if it is finished
-                        if n == rec[1]:
-                            i += 1
-                        else:
-                            pos = n
-                        break
-                else:
-                    i = end
+                    i += 1
         finally:
             self._i, self._pos = i, pos
             self._left -= total - slow
@@ -333,23 +324,23 @@ class _Walker:
         chain = self.chain
         if chain._returned or chain._queue._broken is not None:
             chain.check_usable()
-        descs = self._descs
+        addrs, lens = self._addrs, self._lens
         locate = self._locate
         done = 0
         while done < n and self._i < self._end:
-            rec = descs[self._i]
+            length = lens[self._i]
             pos = self._pos
-            if pos >= rec[1]:
+            if pos >= length:
                 self._i += 1
                 self._pos = 0
                 self._cur = None
                 continue
-            k = min(rec[1] - pos, n - done)
-            loc = locate(rec[0] + pos, k) if locate is not None else None
+            k = min(length - pos, n - done)
+            loc = locate(addrs[self._i] + pos, k) if locate is not None else None
             if loc is not None:
                 base, off = loc
                 got = op(base[off : off + k]) or 0
-                if pos + got == rec[1]:  # step past a finished buffer (see _span)
+                if pos + got == length:  # step past a finished buffer (see _span)
                     self._i += 1
                     self._pos = 0
                 else:
@@ -381,15 +372,15 @@ class _Walker:
         i = self._i
         locate = self._locate
         if locate is not None and i < self._end:  # the common case: all n in the next buffer
-            rec = self._descs[i]
+            length = self._lens[i]
             pos = self._pos
-            if 0 < n <= rec[1] - pos:
-                loc = locate(rec[0] + pos, n)
+            if 0 < n <= length - pos:
+                loc = locate(self._addrs[i] + pos, n)
                 if loc is not None:
                     base, off = loc
                     with base[off : off + n] as view:
                         got = io(fd, [view], offset)
-                    if pos + got == rec[1]:  # step past a finished buffer (see _span)
+                    if pos + got == length:  # step past a finished buffer (see _span)
                         self._i = i + 1
                         self._pos = 0
                     else:
@@ -424,16 +415,16 @@ class _Walker:
         position does not move."""
         views: list[memoryview] = []
         ranges: list[DeviceRange] = []
-        descs = self._descs
+        addrs, lens = self._addrs, self._lens
         locate = self._locate
         i, pos = self._i, self._pos
         total = 0
         try:
             while n > 0 and i < self._end and len(views) < _IOV_MAX:
-                rec = descs[i]
-                k = min(rec[1] - pos, n)
+                length = lens[i]
+                k = min(length - pos, n)
                 if k > 0:
-                    addr = rec[0] + pos
+                    addr = addrs[i] + pos
                     loc = locate(addr, k) if locate is not None else None
                     if loc is not None:
                         base, off = loc
@@ -446,7 +437,7 @@ class _Walker:
                     n -= k
                     pos += k
                     total += k
-                if pos >= rec[1]:
+                if pos >= length:
                     i += 1
                     pos = 0
         except BaseException:  # an unmapped buffer: release what was gathered, then raise
@@ -460,11 +451,11 @@ class _Walker:
     def _skip(self, n: int) -> None:
         """Move the position on by ``n`` bytes (what a vectored call moved), stepping past a
         buffer it finished, as every copy does."""
-        descs = self._descs
+        lens = self._lens
         i, pos = self._i, self._pos
         self._left -= n
         while n > 0:
-            k = descs[i][1] - pos
+            k = lens[i] - pos
             if n < k:
                 pos += n
                 break
@@ -488,7 +479,7 @@ class _Walker:
         if view is None:  # pragma: no cover - _left > 0 means a piece exists
             return None
         n = len(view)
-        addr = self._descs[self._i][0] + self._pos - n
+        addr = self._addrs[self._i] + self._pos - n
         view.release()
         return self._cur_dr.sub(addr - self._cur_addr, n)
 
@@ -512,7 +503,8 @@ class ReadableChain(_Walker):
         self.chain = chain
         self._mem = queue.driver_mem
         self._locate = queue._locate
-        self._descs = chain._descs
+        self._addrs = chain._addrs
+        self._lens = chain._lens
         self._i = 0
         self._end = chain._n_readable
         self._pos = 0
@@ -546,20 +538,20 @@ class ReadableChain(_Walker):
             i = self._i
             locate = self._locate
             if locate is not None and i < self._end:
-                rec = self._descs[i]
+                length = self._lens[i]
                 pos = self._pos
-                n = rec[1] - pos
+                n = length - pos
                 if 0 < want <= n or (0 < n < want and i + 1 == self._end):
                     if n > want:
                         n = want
-                    loc = locate(rec[0] + pos, n)
+                    loc = locate(self._addrs[i] + pos, n)
                     if loc is not None:
                         base, off = loc
                         if n < _VIEW_COPY_MIN or type(out) is memoryview:
                             out[:n] = base[off : off + n]
                         else:  # through a view that dies with the statement (_VIEW_COPY_MIN)
                             memoryview(out)[:n] = base[off : off + n]
-                        if pos + n == rec[1]:  # step past a finished buffer (see _span)
+                        if pos + n == length:  # step past a finished buffer (see _span)
                             self._i = i + 1
                             self._pos = 0
                         else:
@@ -654,9 +646,10 @@ class ReadableChain(_Walker):
         w.chain = chain
         w._mem = self._mem
         w._locate = self._locate
-        w._descs = descs = self._descs
+        w._addrs = addrs = self._addrs
+        w._lens = self._lens
         w._i = chain._n_readable
-        w._end = len(descs)
+        w._end = len(addrs)
         w._pos = 0
         w._left = chain.writable_len
         w._moved = 0
@@ -690,7 +683,7 @@ class WritableChain(_Walker):
             raise chain.error
         if chain._returned:
             raise ChainAlreadyReturned(chain.queue_index, chain.head)
-        super().__init__(chain, chain._n_readable, len(chain._descs), chain.writable_len)
+        super().__init__(chain, chain._n_readable, len(chain._addrs), chain.writable_len)
 
     def writable(self) -> bool:
         return True
@@ -722,17 +715,17 @@ class WritableChain(_Walker):
             i = self._i
             locate = self._locate
             if locate is not None and i < self._end:
-                rec = self._descs[i]
+                length = self._lens[i]
                 pos = self._pos
-                n = rec[1] - pos
+                n = length - pos
                 if 0 < want <= n or (0 < n < want and i + 1 == self._end):
                     if n > want:
                         n = want
-                    loc = locate(rec[0] + pos, n)
+                    loc = locate(self._addrs[i] + pos, n)
                     if loc is not None:
                         base, off = loc
                         base[off : off + n] = src if n == want else src[:n]
-                        if pos + n == rec[1]:  # step past a finished buffer (see _span)
+                        if pos + n == length:  # step past a finished buffer (see _span)
                             self._i = i + 1
                             self._pos = 0
                         else:

@@ -61,15 +61,17 @@ _KEEP_WRITE_INDIRECT = bytes(b & 6 for b in range(256))  # what the packed walk 
 _ONES = b"\x01" * _FAST_TABLE_MAX  # NEXT, readable
 _THREES = b"\x03" * _FAST_TABLE_MAX  # NEXT | WRITE
 _TWOS = b"\x02" * _FAST_TABLE_MAX  # WRITE
-_LENGTHS: dict[int, Callable[[bytes], tuple[int, ...]]] = {}  # n -> unpacks n entries' len fields
-_unpack_records = struct.Struct("<QLHH").iter_unpack  # both formats: addr, len, then two u16
+# n -> the unpackers of n entries' addr fields and len fields: two flat tuples, no object per entry
+_FIELDS: dict[
+    int, tuple[Callable[[bytes], tuple[int, ...]], Callable[[bytes], tuple[int, ...]]]
+] = {}
 
 
 def sequential_table(
     view: memoryview, at: int, n: int, *, split: bool
-) -> tuple[list[tuple[int, ...]], int, int, int] | None:
+) -> tuple[tuple[int, ...], tuple[int, ...], int, int, int] | None:
     """The ``n``-entry indirect table at ``view[at:]`` if it is one chain in table order:
-    ``(records, readable entries, readable bytes, writable bytes)``, else ``None``.
+    ``(addresses, lengths, readable entries, readable bytes, writable bytes)``, else ``None``.
 
     Split (``split=True``): every entry but the last has NEXT and ``next`` = its index + 1, the
     last has no NEXT. Packed: NEXT is ignored (every entry is in the chain). Both: readable
@@ -100,12 +102,15 @@ def sequential_table(
             return None
     if not snap[7::16].isascii():  # an address's top byte at 0x80 or more
         return None
-    lengths = _LENGTHS.get(n)
-    if lengths is None:
-        lengths = _LENGTHS[n] = struct.Struct("<" + "8xL4x" * n).unpack
-    lens = lengths(snap)
+    fields = _FIELDS.get(n)
+    if fields is None:
+        fields = _FIELDS[n] = (
+            struct.Struct("<" + "Q8x" * n).unpack,
+            struct.Struct("<" + "8xL4x" * n).unpack,
+        )
+    lens = fields[1](snap)
     head = sum(lens[:readable])
-    return list(_unpack_records(snap)), readable, head, sum(lens) - head
+    return fields[0](snap), lens, readable, head, sum(lens) - head
 
 
 class QueueBase:

@@ -89,15 +89,17 @@ class DescChain:
 
     __slots__ = (
         "__weakref__",
-        "_descs",
+        "_addrs",
         "_first",
         "_gen",
+        "_lens",
         "_n_readable",
         "_queue",
         "_returned",
         "_slots",
         "_table_at",
         "_tid",
+        "_where",
         "_written",
         "error",
         "head",
@@ -118,7 +120,8 @@ class DescChain:
         self,
         queue: _ChainOwner,
         head: int,
-        descs: list[tuple[int, ...]],
+        addrs: list[int],
+        lens: list[int],
         n_readable: int,
         readable_len: int,
         writable_len: int,
@@ -126,13 +129,19 @@ class DescChain:
         slots: int = 1,
         first: int = -1,
         table_at: int = -1,
+        where: list[int] | None = None,
     ) -> None:
-        # descs: the raw records as read (addr and len first), readable ones first; the public
-        # ChainDescriptor view is rebuilt on demand by the queue's _describe
+        # addrs, lens: the buffers as read, readable ones first, as two flat lists (the walkers
+        # index them; a table read in one snapshot extends them with two tuples, no record
+        # object per buffer). The public ChainDescriptor view is rebuilt on demand by the
+        # queue's _describe, from where (descriptor indices, if the format keeps them) and
+        # table_at (where an indirect table's entries start)
         self._queue = queue
         self._gen = queue._generation
         self.head = head
-        self._descs = descs
+        self._addrs = addrs
+        self._lens = lens
+        self._where = where
         self._first = head if first < 0 else first
         self._table_at = table_at
         self._n_readable = n_readable
@@ -201,7 +210,7 @@ class DescChain:
 
     def __len__(self) -> int:
         """Number of buffers (0 for a malformed chain)."""
-        return 0 if self.error is not None else len(self._descs)
+        return 0 if self.error is not None else len(self._addrs)
 
     # --- giving it back ------------------------------------------------------------------------
 
@@ -271,6 +280,6 @@ class DescChain:
         state = "returned" if self._returned else "held"
         bad = f", error={self.error}" if self.error is not None else ""
         return (
-            f"DescChain(queue={self._queue.index}, head={self.head}, {len(self._descs)} buffers,"
+            f"DescChain(queue={self._queue.index}, head={self.head}, {len(self._addrs)} buffers,"
             f" r={self.readable_len}, w={self.writable_len}, {state}{bad})"
         )

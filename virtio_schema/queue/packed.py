@@ -169,15 +169,14 @@ class PackedQueue(QueueBase):
         unpack = self._unpack_desc
         ring = self._ring_view
         pos = start = self._next_avail
-        descs: list[tuple[int, ...]] = []
-        append = descs.append
+        addrs: list[int] = []
+        lens: list[int] = []
         error: ChainError | None = None
         n_readable = rlen = wlen = count = slots = 0
         buf_id = 0
         indirect = False
         while True:
-            rec = unpack(ring, 16 * pos)
-            addr, length, buf_id, flags = rec
+            addr, length, buf_id, flags = unpack(ring, 16 * pos)
             slots += 1
             if error is None:
                 try:
@@ -185,7 +184,7 @@ class PackedQueue(QueueBase):
                         self._check_indirect(start, pos, addr, length, flags, slots)
                         indirect = True
                         n_readable, rlen, wlen, count = self._walk_indirect(
-                            start, pos, addr, length, descs, n_readable, rlen, wlen, count
+                            start, pos, addr, length, addrs, lens, n_readable, rlen, wlen, count
                         )
                     else:
                         count += 1
@@ -196,11 +195,12 @@ class PackedQueue(QueueBase):
                         if flags & _WRITE:
                             wlen += length
                         else:
-                            if len(descs) > n_readable:
+                            if len(addrs) > n_readable:
                                 raise ReadableAfterWritable(self.index, start, pos)
                             rlen += length
                             n_readable += 1
-                        append(rec)
+                        addrs.append(addr)
+                        lens.append(length)
                 except ChainError as exc:
                     error = exc  # keep walking: the chain's end and buffer id are still needed
             if not flags & _NEXT:
@@ -222,20 +222,20 @@ class PackedQueue(QueueBase):
         if self._event_idx and self._notify_enabled:
             self._write_device_event()
         if error is not None:
-            return DescChain(self, buf_id, [], 0, 0, 0, error, slots)
+            return DescChain(self, buf_id, [], [], 0, 0, 0, error, slots)
         table_at = 0 if indirect else -1
-        return DescChain(self, buf_id, descs, n_readable, rlen, wlen, None, slots, start, table_at)
+        return DescChain(
+            self, buf_id, addrs, lens, n_readable, rlen, wlen, None, slots, start, table_at
+        )
 
     def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
-        """The public view of a chain's records (slot positions; table indices if indirect)."""
+        """The public view of a chain's buffers (slot positions; table indices if indirect)."""
         out = []
         n_readable = chain._n_readable
         indirect = chain._table_at >= 0
-        for k, rec in enumerate(chain._descs):
+        for k, (addr, length) in enumerate(zip(chain._addrs, chain._lens, strict=True)):
             index = k if indirect else (chain._first + k) % self.size
-            out.append(
-                _new_desc(ChainDescriptor, (rec[0], rec[1], k >= n_readable, index, indirect))
-            )
+            out.append(_new_desc(ChainDescriptor, (addr, length, k >= n_readable, index, indirect)))
         return tuple(out)
 
     def _check_indirect(
@@ -256,7 +256,8 @@ class PackedQueue(QueueBase):
         slot: int,
         addr: int,
         length: int,
-        descs: list[tuple[int, ...]],
+        addrs: list[int],
+        lens: list[int],
         n_readable: int,
         rlen: int,
         wlen: int,
@@ -269,9 +270,10 @@ class PackedQueue(QueueBase):
         n = length >> 4
         if count + n <= size:  # the common table in one snapshot (base.sequential_table)
             whole = sequential_table(table, at, n, split=False)
-            if whole is not None and (not whole[1] or len(descs) == n_readable):
-                records, readable, r, w = whole
-                descs += records
+            if whole is not None and (not whole[2] or len(addrs) == n_readable):
+                a, lengths, readable, r, w = whole
+                addrs += a
+                lens += lengths
                 return n_readable + readable, rlen + r, wlen + w, count + n
         unpack = self._unpack_desc
         for i in range(n):
@@ -286,11 +288,12 @@ class PackedQueue(QueueBase):
             if bflags & _WRITE:
                 wlen += blen
             else:
-                if len(descs) > n_readable:
+                if len(addrs) > n_readable:
                     raise ReadableAfterWritable(self.index, head, i)
                 rlen += blen
                 n_readable += 1
-            descs.append((baddr, blen, _id, bflags))
+            addrs.append(baddr)
+            lens.append(blen)
         return n_readable, rlen, wlen, count
 
     # --- returning chains ----------------------------------------------------------------------

@@ -179,8 +179,9 @@ class Queue(QueueBase):
         table = self._desc_view
         at = 0  # where the table being walked starts in ``table``
         limit = size  # entries of the table being walked
-        descs: list[tuple[int, ...]] = []
-        append = descs.append
+        addrs: list[int] = []
+        lens: list[int] = []
+        where: list[int] = []  # descriptor indices (a snapshot table's are implied: 0, 1, ...)
         n_readable = 0
         rlen = wlen = 0
         count = 0  # buffers read so far, against the chain length limit (the queue size)
@@ -189,23 +190,23 @@ class Queue(QueueBase):
         i = head
         try:
             while True:
-                rec = unpack(table, at + 16 * i)
-                addr, length, flags, nxt = rec
+                addr, length, flags, nxt = unpack(table, at + 16 * i)
                 if flags & _INDIRECT:
                     self._check_indirect(head, i, addr, length, flags, in_indirect)
                     table, at = self._indirect_table(head, i, addr, length)
                     limit = length >> 4
                     in_indirect = True
-                    table_at = len(descs)
+                    table_at = len(addrs)
                     i = 0
                     # the common table in one snapshot (base.sequential_table), where the walk
                     # below would reach the same outcome: the chain length stays within the
                     # queue size, and no readable entry follows a writable descriptor
                     if count + limit <= size:
                         whole = sequential_table(table, at, limit, split=True)
-                        if whole is not None and (not whole[1] or len(descs) == n_readable):
-                            records, readable, r, w = whole
-                            descs += records
+                        if whole is not None and (not whole[2] or len(addrs) == n_readable):
+                            a, n, readable, r, w = whole
+                            addrs += a
+                            lens += n
                             n_readable += readable
                             rlen += r
                             wlen += w
@@ -217,11 +218,13 @@ class Queue(QueueBase):
                 if flags & _WRITE:
                     wlen += length
                 else:
-                    if len(descs) > n_readable:
+                    if len(addrs) > n_readable:
                         raise ReadableAfterWritable(self.index, head, i)
                     rlen += length
                     n_readable += 1
-                append(rec)
+                addrs.append(addr)
+                lens.append(length)
+                where.append(i)
                 if not flags & _NEXT:
                     break
                 if count >= size:  # the next one would be one too many: do not even read it
@@ -232,24 +235,30 @@ class Queue(QueueBase):
             if rlen + wlen > MAX_TOTAL_LEN:
                 raise ChainLengthOverflow(self.index, head, rlen + wlen)
         except ChainError as error:
-            return DescChain(self, head, [], 0, 0, 0, error)
-        return DescChain(self, head, descs, n_readable, rlen, wlen, None, 1, head, table_at)
+            return DescChain(self, head, [], [], 0, 0, 0, error)
+        return DescChain(
+            self, head, addrs, lens, n_readable, rlen, wlen, None, 1, head, table_at, where
+        )
 
     def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
-        """The public view of a chain's records (indices follow ``next`` from the head, and
-        restart at 0 in an indirect table)."""
-        out = []
-        i = chain._first
+        """The public view of a chain's buffers (indices follow ``next`` from the head, and
+        restart at 0 in an indirect table; a table read in one snapshot is in table order)."""
+        where = chain._where or []
         table_at = chain._table_at
         n_readable = chain._n_readable
-        for k, (addr, length, _flags, nxt) in enumerate(chain._descs):
-            if k == table_at:
-                i = 0
-            out.append(
-                _new_desc(ChainDescriptor, (addr, length, k >= n_readable, i, 0 <= table_at <= k))
+        return tuple(
+            _new_desc(
+                ChainDescriptor,
+                (
+                    addr,
+                    length,
+                    k >= n_readable,
+                    where[k] if k < len(where) else k - table_at,
+                    0 <= table_at <= k,
+                ),
             )
-            i = nxt
-        return tuple(out)
+            for k, (addr, length) in enumerate(zip(chain._addrs, chain._lens, strict=True))
+        )
 
     def _check_indirect(
         self, head: int, i: int, addr: int, length: int, flags: int, in_indirect: bool
