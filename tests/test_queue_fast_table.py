@@ -15,7 +15,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import virtio_schema.queue.packed as packed_module
@@ -167,6 +167,9 @@ def _outcome(packed: bool, table: list[Entry], before: int | None, qsize: int = 
     return fields
 
 
+# a blk-like table: a readable header, two writable data buffers, a writable status byte
+_SHAPE: list[Entry] = [("ok", 16, 0, "seq"), ("ok", 512, WRITE, "seq"), ("ok", 512, WRITE, "seq"),
+                       ("ok", 1, WRITE, "seq")]  # fmt: skip
 BOTH = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 
 
@@ -179,6 +182,14 @@ BOTH = pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
     before=st.sampled_from([None, None, 0, WRITE]),
     qsize=st.sampled_from([4, 8, QSIZE]),
 )
+# the shapes the snapshot must refuse one by one, each off the fast shape in one place: a next
+# field right in its low byte only, a readable entry after a writable one (in the middle, last),
+# NEXT on the last entry, a writable entry before the table
+@example(drawn=_SHAPE, bend=True, change=(1, 3, "seq+256"), before=None, qsize=QSIZE)
+@example(drawn=_SHAPE, bend=True, change=(2, 2, NEXT), before=None, qsize=QSIZE)
+@example(drawn=_SHAPE, bend=True, change=(3, 2, 0), before=None, qsize=QSIZE)
+@example(drawn=_SHAPE, bend=True, change=(3, 2, NEXT | WRITE), before=None, qsize=QSIZE)
+@example(drawn=_SHAPE, bend=True, change=(0, 2, NEXT | WRITE), before=WRITE, qsize=QSIZE)
 def test_a_table_walks_the_same_with_and_without_the_snapshot(
     drawn: list[Entry],
     bend: bool,

@@ -295,8 +295,9 @@ class _Walker:
                     break
                 # the whole buffers in the known region before the one buf ends in: nothing else
                 # per turn (the outer loop takes the last piece, and any buffer outside)
-                for addr, n in zip(addrs[i:end], lens[i:end], strict=True):
-                    off = addr - lo
+                for i in range(i, end):  # noqa: B020 - i is the position, kept after the loop
+                    n = lens[i]
+                    off = addrs[i] - lo
                     if n >= room or off < 0 or off + n > span:
                         break
                     t = total + n
@@ -306,7 +307,8 @@ class _Walker:
                         whole[total:t] = region[off : off + n]
                     total = t
                     room -= n
-                    i += 1
+                else:
+                    i = end
         finally:
             self._i, self._pos = i, pos
             self._left -= total - slow

@@ -54,17 +54,25 @@ MAX_INDIRECT_ENTRIES = 65535
 # same either way: tests/test_queue_fast_table.py walks random tables both ways.
 
 _FAST_TABLE_MAX = 256  # entries (the next fields' high bytes are then zero)
-_SEQ_NEXT = bytes(range(1, _FAST_TABLE_MAX))  # the next fields' low bytes: 1, 2, ...
-_ZEROS = bytes(_FAST_TABLE_MAX)
 _KEEP_NEXT_WRITE_INDIRECT = bytes(b & 7 for b in range(256))  # what the split walk reads
 _KEEP_WRITE_INDIRECT = bytes(b & 6 for b in range(256))  # what the packed walk reads (no NEXT)
-_ONES = b"\x01" * _FAST_TABLE_MAX  # NEXT, readable
-_THREES = b"\x03" * _FAST_TABLE_MAX  # NEXT | WRITE
+_ZEROS = bytes(_FAST_TABLE_MAX)
 _TWOS = b"\x02" * _FAST_TABLE_MAX  # WRITE
-# n -> the unpackers of n entries' addr fields and len fields: two flat tuples, no object per entry
-_FIELDS: dict[
-    int, tuple[Callable[[bytes], tuple[int, ...]], Callable[[bytes], tuple[int, ...]]]
-] = {}
+_Unpack = Callable[[bytes], tuple[int, ...]]
+# n -> what checking and reading an n-entry table needs: the unpackers of the addr fields and of
+# the len fields (flat tuples, no object per entry), and the next fields' low and high bytes of
+# entries 0 .. n-2 in the split shape (1, 2, ..., n-1 and zeros)
+_FIELDS: dict[int, tuple[_Unpack, _Unpack, bytes, bytes]] = {}
+
+
+def _fields(n: int) -> tuple[_Unpack, _Unpack, bytes, bytes]:
+    fields = _FIELDS[n] = (
+        struct.Struct("<" + "Q8x" * n).unpack,
+        struct.Struct("<" + "8xL4x" * n).unpack,
+        bytes(range(1, n)),
+        bytes(n - 1),
+    )
+    return fields
 
 
 def sequential_table(
@@ -80,20 +88,26 @@ def sequential_table(
     if n > _FAST_TABLE_MAX:
         return None
     snap = view[at : at + 16 * n].tobytes()
+    fields = _FIELDS.get(n) or _fields(n)
     if split:
+        # the flags' low bytes, kept to the bits the split walk reads: 1 (NEXT) for readable
+        # entries, then 3 (NEXT | WRITE) for writable ones, and no NEXT on the last entry
         flags = snap[12::16].translate(_KEEP_NEXT_WRITE_INDIRECT)
         readable = flags.count(1)
         last = flags[-1]
         if last == 0:  # a readable last entry: all are readable
-            expected = _ONES[: n - 1] + b"\x00"
+            if readable != n - 1:
+                return None
             readable = n
-        else:
-            expected = _ONES[:readable] + _THREES[: n - 1 - readable] + b"\x02"
-        if (
-            flags != expected
-            or snap[14::16][:-1] != _SEQ_NEXT[: n - 1]
-            or snap[15::16][:-1] != _ZEROS[: n - 1]
+        elif (  # a writable last entry, after readable ones and then writable ones
+            last != 2
+            or flags.count(3) != n - 1 - readable
+            or (readable != n - 1 and flags.find(3) != readable)
         ):
+            return None
+        # every entry but the last links to the next one: next = k + 1 (bytes 14 and 15)
+        end = 16 * n - 16
+        if snap[14:end:16] != fields[2] or snap[15:end:16] != fields[3]:
             return None
     else:
         flags = snap[14::16].translate(_KEEP_WRITE_INDIRECT)
@@ -102,14 +116,8 @@ def sequential_table(
             return None
     if not snap[7::16].isascii():  # an address's top byte at 0x80 or more
         return None
-    fields = _FIELDS.get(n)
-    if fields is None:
-        fields = _FIELDS[n] = (
-            struct.Struct("<" + "Q8x" * n).unpack,
-            struct.Struct("<" + "8xL4x" * n).unpack,
-        )
     lens = fields[1](snap)
-    head = sum(lens[:readable])
+    head = lens[0] if readable == 1 else sum(lens[:readable])
     return fields[0](snap), lens, readable, head, sum(lens) - head
 
 
