@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from virtio_schema.mem import DriverMem, Locate
     from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 
-__all__ = ["ADDR_END", "MAX_INDIRECT_ENTRIES", "MAX_TOTAL_LEN", "QueueBase"]
+__all__ = ["ADDR_END", "MAX_INDIRECT_ENTRIES", "MAX_TABLE_LEN", "MAX_TOTAL_LEN", "QueueBase"]
 
 MAX_TOTAL_LEN = (1 << 32) - 1
 """Largest total length of a chain's buffers (the used length is a u32)."""
@@ -42,6 +42,8 @@ ADDR_END = 1 << 64
 """One past the last driver address: ``addr + len`` must not pass it."""
 MAX_INDIRECT_ENTRIES = 65535
 """Most entries an indirect table may have."""
+MAX_TABLE_LEN = 16 * MAX_INDIRECT_ENTRIES
+"""Largest length of an indirect descriptor (bytes)."""
 
 
 # --- indirect tables in one snapshot ---------------------------------------------------------------

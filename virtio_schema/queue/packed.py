@@ -27,7 +27,13 @@ Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply
 from __future__ import annotations
 
 from virtio_schema.mem import DriverMem, full_barrier, read_barrier, write_barrier
-from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase, sequential_table
+from virtio_schema.queue.base import (
+    ADDR_END,
+    MAX_TABLE_LEN,
+    MAX_TOTAL_LEN,
+    QueueBase,
+    sequential_table,
+)
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     BufferAddressOverflow,
@@ -181,7 +187,16 @@ class PackedQueue(QueueBase):
             if error is None:
                 try:
                     if flags & _INDIRECT:
-                        self._check_indirect(start, pos, addr, length, flags, slots)
+                        # the rules (virtio 1.2, 2.8.19) in one test; the call names the broken one
+                        if (
+                            slots > 1
+                            or flags & _NEXT
+                            or not self._indirect
+                            or length & 15
+                            or not 0 < length <= MAX_TABLE_LEN
+                            or addr + length > ADDR_END
+                        ):
+                            self._check_indirect(start, pos, addr, length, flags, slots)
                         indirect = True
                         n_readable, rlen, wlen, count = self._walk_indirect(
                             start, pos, addr, length, addrs, lens, n_readable, rlen, wlen, count
@@ -265,7 +280,9 @@ class PackedQueue(QueueBase):
     ) -> tuple[int, int, int, int]:
         """The entries of a packed indirect table: all ``len/16`` of them, in order; only WRITE
         (and INDIRECT, which is refused) is meaningful, NEXT is ignored (virtio 1.2, 2.8.19)."""
-        table, at = self._indirect_table(head, slot, addr, length)
+        locate = self._locate
+        found = locate(addr, length) if locate is not None else None
+        table, at = found or self._indirect_table(head, slot, addr, length)
         size = self.size
         n = length >> 4
         if count + n <= size:  # the common table in one snapshot (base.sequential_table)

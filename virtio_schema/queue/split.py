@@ -30,7 +30,13 @@ from virtio_schema.mem import (
     read_barrier,
     write_barrier,
 )
-from virtio_schema.queue.base import ADDR_END, MAX_TOTAL_LEN, QueueBase, sequential_table
+from virtio_schema.queue.base import (
+    ADDR_END,
+    MAX_TABLE_LEN,
+    MAX_TOTAL_LEN,
+    QueueBase,
+    sequential_table,
+)
 from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
 from virtio_schema.queue.errors import (
     AvailIndexJump,
@@ -177,6 +183,7 @@ class Queue(QueueBase):
         size = self.size
         unpack = self._unpack_desc
         table = self._desc_view
+        locate = self._locate
         at = 0  # where the table being walked starts in ``table``
         limit = size  # entries of the table being walked
         addrs: list[int] = []
@@ -192,8 +199,18 @@ class Queue(QueueBase):
             while True:
                 addr, length, flags, nxt = unpack(table, at + 16 * i)
                 if flags & _INDIRECT:
-                    self._check_indirect(head, i, addr, length, flags, in_indirect)
-                    table, at = self._indirect_table(head, i, addr, length)
+                    # the rules of virtio 1.2, 2.7.5.3 in one test; the call names the broken one
+                    if (
+                        in_indirect
+                        or flags & _NEXT
+                        or not self._indirect
+                        or length & 15
+                        or not 0 < length <= MAX_TABLE_LEN
+                        or addr + length > ADDR_END
+                    ):
+                        self._check_indirect(head, i, addr, length, flags, in_indirect)
+                    found = locate(addr, length) if locate is not None else None
+                    table, at = found or self._indirect_table(head, i, addr, length)
                     limit = length >> 4
                     in_indirect = True
                     table_at = len(addrs)
