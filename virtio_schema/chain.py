@@ -608,8 +608,10 @@ class ReadableChain(_Walker):
         if self._left < size:
             raise InsufficientData(self.chain.queue_index, self.chain.head, size, self._left)
         span = self._span(size, False)
-        if span is not None:  # the record sits in one buffer: unpack it where it is
-            return layout.unpack_from(span[0], span[1])
+        if span is not None:  # the record sits in one buffer: unpack it where it is (the span
+            # lies inside the region's view, so the struct call cannot fail: unpack_from's checks
+            # and the call around them are skipped)
+            return layout._new(layout.record, layout._unpack_from(span[0], span[1]))
         buf = bytearray(size)
         self.readinto(buf)
         return layout.unpack_from(buf)
