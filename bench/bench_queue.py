@@ -30,7 +30,9 @@ The driver side costs the same for every implementation and almost nothing: desc
 available ring are laid out once, and each round the "driver" only moves ``avail.idx`` forward by a
 batch (the device returns every chain, so the same heads are valid again).
 
-Every figure is the median of ``--repeats`` runs; the table gives ns per chain, MB/s of payload, and
+Every figure is the median of ``--repeats`` runs, the implementations of a scenario taking turns
+within each repeat (so the ratios compare runs made at the same time), on memory whose pages are
+already mapped; the table gives ns per chain, MB/s of payload, and
 the ratios to the hand-written floor (library / floor, lower is better) and to the Construct
 version (Construct / library, higher is better). A memory check runs scenario ``a`` for a long time
 under ``tracemalloc`` and reports the peak before and after (a flat peak means no per-chain growth).
@@ -999,18 +1001,34 @@ PACKED: dict[str, dict[str, Callable[[Rig, int], int]]] = {
 ROUNDS = {"a-echo-64": 40, "b-blk-indirect": 12, "c-copy-64k": 4, "d-batch-256": 40}
 
 
-def measure(scenario: str, impl: str, rounds: int, repeats: int, packed: bool = False) -> float:
-    """Median seconds per chain over ``repeats`` runs (a fresh rig each run)."""
-    fn = (PACKED if packed else SCENARIOS)[scenario][impl]
-    times = []
+def _prefault(rig: Rig) -> None:
+    """Touch every page of the rig's memory (each byte written with its own value): the pages the
+    device writes first would otherwise fault in inside the timed loop, kernel time that has
+    nothing to do with the implementation and that moves from run to run."""
+    mem = rig.mem
+    for at in range(0, len(mem), 4096):
+        mem[at] = mem[at]
+
+
+def measure_all(
+    scenario: str, impls: list[str], rounds: int, repeats: int, packed: bool = False
+) -> dict[str, float]:
+    """Median seconds per chain of each implementation over ``repeats`` runs (a fresh rig each
+    run). The implementations take turns within each repeat, so a slow spell of this shared
+    machine falls on all of them alike and the ratios compare runs made at the same time."""
+    table = (PACKED if packed else SCENARIOS)[scenario]
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(repeats):
-        fn(build(scenario, packed=packed), 1)  # warm up (and check it works) on its own rig
-        rig = build(scenario, packed=packed)  # the references keep their ring position locally
-        gc.collect()
-        t0 = time.perf_counter()
-        n = fn(rig, rounds)
-        times.append((time.perf_counter() - t0) / n)
-    return statistics.median(times)
+        for impl in impls:
+            fn = table[impl]
+            fn(build(scenario, packed=packed), 1)  # warm up (and check it works) on its own rig
+            rig = build(scenario, packed=packed)  # the references keep their ring position locally
+            _prefault(rig)
+            gc.collect()
+            t0 = time.perf_counter()
+            n = fn(rig, rounds)
+            times[impl].append((time.perf_counter() - t0) / n)
+    return {impl: statistics.median(t) for impl, t in times.items()}
 
 
 def memory_check(rounds: int) -> dict[str, float]:
@@ -1053,7 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
             impls = [
                 i for i in ("floor", "checked", "skeleton", "library", "construct") if i in table
             ]
-            per = {impl: measure(name, impl, rounds, repeats, packed) for impl in impls}
+            per = measure_all(name, impls, rounds, repeats, packed)
             payload = PAYLOAD[name]
             key = f"{ring}/{name}"
             results[key] = {f"{k}_ns": v * 1e9 for k, v in per.items()}
