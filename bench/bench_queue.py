@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import construct
@@ -1011,7 +1011,7 @@ def _prefault(rig: Rig) -> None:
 
 
 def measure_all(
-    scenario: str, impls: list[str], rounds: int, repeats: int, packed: bool = False
+    scenario: str, impls: Sequence[str], rounds: int, repeats: int, packed: bool = False
 ) -> dict[str, float]:
     """Median seconds per chain of each implementation over ``repeats`` runs (a fresh rig each
     run). The implementations take turns within each repeat, so a slow spell of this shared
