@@ -43,6 +43,7 @@ from virtio_schema.fake_queue import (
     UsedChain,
     make_queue,
 )
+from virtio_schema.mem import DeviceRange, DriverRange
 from virtio_schema.queue import (
     AvailIndexJump,
     BufferAddressOverflow,
@@ -348,6 +349,47 @@ def test_indirect_chain_descriptors_come_from_the_table(packed: bool) -> None:
     fq.memory.write(descs[2].addr, b"resp")
     chain.return_written(4)
     assert fq.driver.used() == [UsedChain(head, 4, (b"resp",))]
+
+
+class TranslateOnly:
+    """A :class:`~virtio_schema.mem.DriverMem` with ``translate`` and nothing else: no ``locate``
+    fast path, as a transport's own memory may be."""
+
+    def __init__(self, inner: FakeMemory) -> None:
+        self.inner = inner
+
+    def translate(self, driver_range: DriverRange) -> DeviceRange | None:
+        return self.inner.translate(driver_range)
+
+
+def test_indirect_tables_are_translated_when_the_memory_has_no_locate(packed: bool) -> None:
+    """The walks look an indirect table up with ``locate`` when the memory offers it; without it
+    the table is translated, with the same chain as the outcome, and a table outside memory is
+    still refused."""
+    fq = make_queue(size=8, features=F_INDIRECT, packed=packed)
+    d = fq.driver
+    queue = create_queue(
+        d.queue_memory(), 8, TranslateOnly(fq.memory), features=fq.queue.features,
+        notify=fq.notifier,
+    )  # fmt: skip
+    head = d.publish([b"hdr", b"body"], [8], indirect=True)
+    assert head is not None
+    chain = queue.next_chain()
+    assert chain is not None
+    assert chain.error is None
+    assert [(x.len, x.writable, x.desc_index) for x in chain.descriptors()] == [
+        (3, False, 0),
+        (4, False, 1),
+        (8, True, 2),
+    ]
+    assert fq.memory.read(chain.descriptors()[1].addr, 4) == b"body"
+    chain.return_written(0)
+    _indirect_head(d, 0x1000, 32)  # a table where no memory is
+    bad = queue.next_chain()
+    assert bad is not None
+    assert isinstance(bad.error, UnmappedIndirectTable)
+    assert "0x1000" in str(bad.error)
+    bad.return_written(0)
 
 
 def test_split_direct_descriptors_followed_by_one_indirect_descriptor_accepted() -> None:

@@ -257,14 +257,10 @@ class QueueBase:
 
     def _indirect_table(self, head: int, at: int, addr: int, length: int) -> tuple[memoryview, int]:
         """A view holding the indirect table ``[addr, addr+length)`` (checked) and the table's
-        offset in it, for a walk that reads it at once: the untracked region lookup when the
-        memory offers one (:data:`~virtio_schema.mem.Locate`, an eighth of the cost), else a
-        translation. Raises :class:`UnmappedIndirectTable`."""
-        locate = self._locate
-        if locate is not None:
-            found = locate(addr, length)
-            if found is not None:
-                return found
+        offset in it, for a walk that reads it at once, by translation. The walks try the
+        untracked region lookup first, inline (:data:`~virtio_schema.mem.Locate`, an eighth of
+        the cost); this is their path when the memory offers none or it found no single region.
+        Raises :class:`UnmappedIndirectTable`."""
         dr = self.driver_mem.translate(DriverRange(addr, addr + length))
         if dr is None:
             raise UnmappedIndirectTable(self.index, head, at, addr, length)
