@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, Protocol, final
 
@@ -120,8 +120,8 @@ class DescChain:
         self,
         queue: _ChainOwner,
         head: int,
-        addrs: list[int],
-        lens: list[int],
+        addrs: Sequence[int],
+        lens: Sequence[int],
         n_readable: int,
         readable_len: int,
         writable_len: int,

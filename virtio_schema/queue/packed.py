@@ -26,7 +26,7 @@ Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply
 
 from __future__ import annotations
 
-from virtio_schema.mem import DriverMem, full_barrier, read_barrier, write_barrier
+from virtio_schema.mem import STRONG_ORDER, DriverMem, full_barrier, read_barrier, write_barrier
 from virtio_schema.queue.base import (
     ADDR_END,
     MAX_TABLE_LEN,
@@ -162,9 +162,12 @@ class PackedQueue(QueueBase):
             self._return_orphans()
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
-        if not self._available(self._next_avail):
+        flags = self._ring_w16[8 * self._next_avail + self._flags_w]  # _available, inlined
+        wrap = self._avail_wrap
+        if bool(flags & _AVAIL) != wrap or bool(flags & _USED) == wrap:
             return None
-        read_barrier()  # the AVAIL flag before the descriptor contents (virtio 1.2, 2.8.21)
+        if not STRONG_ORDER:
+            read_barrier()  # the AVAIL flag before the descriptor contents (virtio 1.2, 2.8.21)
         chain = self._walk()
         if self._in_order:
             self._outstanding.append(chain.head)
@@ -175,56 +178,80 @@ class PackedQueue(QueueBase):
         unpack = self._unpack_desc
         ring = self._ring_view
         pos = start = self._next_avail
-        addrs: list[int] = []
-        lens: list[int] = []
+        addr, length, buf_id, flags = unpack(ring, 16 * pos)
         error: ChainError | None = None
-        n_readable = rlen = wlen = count = slots = 0
-        buf_id = 0
         indirect = False
-        while True:
-            addr, length, buf_id, flags = unpack(ring, 16 * pos)
-            slots += 1
-            if error is None:
-                try:
-                    if flags & _INDIRECT:
-                        # the rules (virtio 1.2, 2.8.19) in one test; the call names the broken one
-                        if (
-                            slots > 1
-                            or flags & _NEXT
-                            or not self._indirect
-                            or length & 15
-                            or not 0 < length <= MAX_TABLE_LEN
-                            or addr + length > ADDR_END
-                        ):
-                            self._check_indirect(start, pos, addr, length, flags, slots)
-                        indirect = True
-                        n_readable, rlen, wlen, count = self._walk_indirect(
-                            start, pos, addr, length, addrs, lens, n_readable, rlen, wlen, count
-                        )
-                    else:
-                        count += 1
-                        if count > size:
-                            raise ChainTooLong(self.index, start, size)
-                        if addr + length > ADDR_END:
-                            raise BufferAddressOverflow(self.index, start, pos, addr, length)
-                        if flags & _WRITE:
-                            wlen += length
+        whole = None
+        if (
+            flags & (_INDIRECT | _NEXT) == _INDIRECT
+            and not length & 15
+            and 0 < length <= 16 * size
+            and addr + length <= ADDR_END
+            and self._indirect
+            and self._locate is not None
+        ):
+            # the chain Linux and DPDK send with INDIRECT_DESC, one indirect descriptor, whose
+            # table is one sequence (base.sequential_table): read in one snapshot, no loop. Any
+            # other table, and every error, is left to the general walk below
+            found = self._locate(addr, length)
+            if found is not None:
+                whole = sequential_table(found[0], found[1], length >> 4, split=False)
+        addrs: list[int] | tuple[int, ...]
+        lens: list[int] | tuple[int, ...]
+        if whole is not None:
+            addrs, lens, n_readable, rlen, wlen = whole
+            slots = 1
+            indirect = True
+        else:
+            addrs = []
+            lens = []
+            n_readable = rlen = wlen = count = slots = 0
+            while True:
+                slots += 1
+                if error is None:
+                    try:
+                        if flags & _INDIRECT:
+                            # the rules (virtio 1.2, 2.8.19) in one test; the call names the
+                            # broken one
+                            if (
+                                slots > 1
+                                or flags & _NEXT
+                                or not self._indirect
+                                or length & 15
+                                or not 0 < length <= MAX_TABLE_LEN
+                                or addr + length > ADDR_END
+                            ):
+                                self._check_indirect(start, pos, addr, length, flags, slots)
+                            indirect = True
+                            n_readable, rlen, wlen, count = self._walk_indirect(
+                                start, pos, addr, length, addrs, lens, n_readable, rlen, wlen,
+                                count,
+                            )  # fmt: skip
                         else:
-                            if len(addrs) > n_readable:
-                                raise ReadableAfterWritable(self.index, start, pos)
-                            rlen += length
-                            n_readable += 1
-                        addrs.append(addr)
-                        lens.append(length)
-                except ChainError as exc:
-                    error = exc  # keep walking: the chain's end and buffer id are still needed
-            if not flags & _NEXT:
-                break
-            if slots >= size:
-                raise self._break(ChainNeverEnds(self.index, start, size))
-            pos += 1
-            if pos == size:
-                pos = 0
+                            count += 1
+                            if count > size:
+                                raise ChainTooLong(self.index, start, size)
+                            if addr + length > ADDR_END:
+                                raise BufferAddressOverflow(self.index, start, pos, addr, length)
+                            if flags & _WRITE:
+                                wlen += length
+                            else:
+                                if len(addrs) > n_readable:
+                                    raise ReadableAfterWritable(self.index, start, pos)
+                                rlen += length
+                                n_readable += 1
+                            addrs.append(addr)
+                            lens.append(length)
+                    except ChainError as exc:
+                        error = exc  # keep walking: the chain's end and buffer id are still needed
+                if not flags & _NEXT:
+                    break
+                if slots >= size:
+                    raise self._break(ChainNeverEnds(self.index, start, size))
+                pos += 1
+                if pos == size:
+                    pos = 0
+                addr, length, buf_id, flags = unpack(ring, 16 * pos)
         if buf_id >= size:
             raise self._break(BufferIdOutOfRange(self.index, start, buf_id, size))
         if error is None and rlen + wlen > MAX_TOTAL_LEN:
@@ -325,20 +352,17 @@ class PackedQueue(QueueBase):
             for k, (head, written, slots) in enumerate(items):
                 run_slots += slots
                 if written or k == len(items) - 1:
-                    self._write_used(head, written, run_slots)
+                    self._publish_used(head, written, run_slots, False)
                     run_slots = 0
         else:
             for head, written, slots in items:
-                self._write_used(head, written, slots)
+                self._publish_used(head, written, slots, False)
         if self._should_notify(self._next_used):
             self.notifier.notify()
 
-    def _publish_used(self, head: int, written: int, slots: int = 1) -> None:
-        self._write_used(head, written, slots)
-        if self._should_notify(self._next_used):
-            self.notifier.notify()
-
-    def _write_used(self, head: int, written: int, slots: int) -> None:
+    def _publish_used(self, head: int, written: int, slots: int = 1, decide: bool = True) -> None:
+        """Write one used descriptor at the used position and advance it by ``slots``; then,
+        unless ``decide`` is false (a batch decides once), notify if the driver asks for it."""
         w16 = self._ring_w16
         pos = self._next_used
         w16[8 * pos + self._id_w] = head
@@ -346,13 +370,16 @@ class PackedQueue(QueueBase):
         flags = (_AVAIL | _USED) if self._used_wrap else 0
         if written:
             flags |= _WRITE
-        write_barrier()  # id and len before the flags that publish them (virtio 1.2, 2.8.21)
+        if not STRONG_ORDER:
+            write_barrier()  # id and len before the flags that publish them (virtio 1.2, 2.8.21)
         w16[8 * pos + self._flags_w] = flags
         pos += slots
         if pos >= self.size:
             pos -= self.size
             self._used_wrap = not self._used_wrap
         self._next_used = pos
+        if decide and self._should_notify(pos):
+            self.notifier.notify()
 
     def _should_notify(self, new_used: int) -> bool:
         """The used-buffer notification decision from the driver event area (virtio 1.2,

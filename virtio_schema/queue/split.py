@@ -25,6 +25,7 @@ another thread are handed back through a thread-safe side list.
 from __future__ import annotations
 
 from virtio_schema.mem import (
+    STRONG_ORDER,
     DriverMem,
     full_barrier,
     read_barrier,
@@ -164,7 +165,8 @@ class Queue(QueueBase):
         size = self.size
         if ((avail_idx - next_avail) & 0xFFFF) > size:
             raise self._break(AvailIndexJump(self.index, avail_idx, next_avail, size))
-        read_barrier()  # avail.idx before the ring entry it publishes (virtio 1.2, 2.7.13)
+        if not STRONG_ORDER:
+            read_barrier()  # avail.idx before the ring entry it publishes (virtio 1.2, 2.7.13)
         slot = next_avail & (size - 1)
         head = self._avail_words[self._ring_w + slot]
         if head >= size:
@@ -328,7 +330,8 @@ class Queue(QueueBase):
         at = self._used_elem_w + 2 * (next_used & (self.size - 1))
         elems[at] = head
         elems[at + 1] = written
-        write_barrier()  # the element before the index that publishes it (virtio 1.2, 2.7.14)
+        if not STRONG_ORDER:
+            write_barrier()  # the element before the index that publishes it (virtio 1.2, 2.7.14)
         self._next_used = next_used = (next_used + 1) & 0xFFFF
         self._used_words[self._used_idx_w] = next_used
         if self._should_notify(next_used):
