@@ -1,0 +1,111 @@
+"""The memory-ordering points of both queue formats, on a CPU that needs them.
+
+On x86-64 (:data:`~virtio_schema.mem.STRONG_ORDER`) the queues skip the calls to the read and
+write barriers, which do nothing there; on a weakly ordered CPU they must happen at the points the
+specification names. These tests make the queue modules believe they run on such a CPU and record
+what the driver's side of memory holds at each barrier:
+
+* the read barrier comes after the queue saw a chain published, before it read the chain (and only
+  then: no chain, no barrier);
+* the write barrier comes after the used entry (split) or used descriptor's id and length (packed)
+  and before the store that publishes it (``used.idx``, the descriptor's flags);
+* the full barrier comes after that store, before the notification decision reads the driver's
+  side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+import virtio_schema.queue.packed as packed_mod
+import virtio_schema.queue.split as split_mod
+from virtio_schema.fake_queue import make_queue
+from virtio_schema.schema import PackedDescFlags
+
+Event = tuple[str, object]
+
+
+def _weak_cpu(
+    monkeypatch: pytest.MonkeyPatch, module: object, seen: Callable[[], object]
+) -> list[Event]:
+    """Patch ``module`` (a queue format) as on a weakly ordered CPU; each barrier call appends
+    its name and what ``seen()`` returns at that moment."""
+    events: list[Event] = []
+    monkeypatch.setattr(module, "STRONG_ORDER", False)
+    for name in ("read_barrier", "write_barrier", "full_barrier"):
+        monkeypatch.setattr(module, name, lambda name=name: events.append((name, seen())))
+    return events
+
+
+def test_split_barriers_on_a_weakly_ordered_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    fq = make_queue(8)
+    d, q = fq.driver, fq.queue
+
+    def seen() -> tuple[int, int, int]:
+        # used.idx, and the first used element (id, len), as the driver would read them
+        elem = d.used_ring.elem(0)
+        return d.used_idx, elem.id, elem.len
+
+    events = _weak_cpu(monkeypatch, split_mod, seen)
+    assert q.next_chain() is None
+    assert events == []  # nothing published: no read barrier either
+    d.used_ring.set_elem(0, 0xFFFF, 0xFFFF)  # poison the slot the device will fill
+    head = d.publish([b"request"], [16])
+    assert head is not None
+    chain = q.next_chain()
+    assert chain is not None
+    assert [name for name, _ in events] == ["read_barrier"]
+    chain.return_written(5)
+    assert events[1:] == [
+        ("write_barrier", (0, head, 5)),  # the element written, used.idx not yet
+        ("full_barrier", (1, head, 5)),  # used.idx published before the decision reads
+    ]
+    assert [(u.head, u.len) for u in d.used()] == [(head, 5)]
+
+
+def test_packed_barriers_on_a_weakly_ordered_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    fq = make_queue(8, packed=True)
+    d, q = fq.driver, fq.queue
+    used_flags = int(PackedDescFlags.AVAIL | PackedDescFlags.USED)
+
+    def seen() -> tuple[bool, int, int]:
+        # is slot 0 marked used yet, and its id and len, as the driver would read them
+        desc = d.ring.get(0)
+        return d.ring.flags(0) & used_flags == used_flags, desc.id, desc.len
+
+    events = _weak_cpu(monkeypatch, packed_mod, seen)
+    assert q.next_chain() is None
+    assert events == []
+    buf_id = d.publish([b"request"], [16])
+    assert buf_id is not None
+    chain = q.next_chain()
+    assert chain is not None
+    assert [name for name, _ in events] == ["read_barrier"]
+    chain.return_written(5)
+    assert events[1:] == [
+        ("write_barrier", (False, buf_id, 5)),  # id and len written, flags not yet
+        ("full_barrier", (True, buf_id, 5)),  # the flags published before the decision reads
+    ]
+    assert [(u.head, u.len) for u in d.used()] == [(buf_id, 5)]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_batched_returns_take_the_write_barrier_once(
+    monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    fq = make_queue(8, packed=packed)
+    events = _weak_cpu(monkeypatch, packed_mod if packed else split_mod, lambda: None)
+    for _ in range(3):
+        assert fq.driver.publish([b"x"], [4]) is not None
+    with fq.queue.batch():
+        while (chain := fq.queue.next_chain()) is not None:
+            chain.return_written(1)
+    names = [name for name, _ in events]
+    assert names.count("read_barrier") == 3
+    # split: one barrier before used.idx; packed: one per used descriptor (each has its flags)
+    assert names.count("write_barrier") == (3 if packed else 1)
+    assert names[-1] == "full_barrier"
+    assert names.count("full_barrier") == 1
+    assert len(fq.driver.used()) == 3
