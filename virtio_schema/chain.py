@@ -233,16 +233,17 @@ class _Walker:
         region found by ``locate`` is remembered (its view covers the whole region, see
         :data:`~virtio_schema.mem.Locate`), so the next buffers in it cost no lookup.
 
-        The outer loop takes one piece at a time: the first (it may start inside a buffer), the
-        last (``buf`` ends in it), and any that needs a lookup. Between them, the inner loop
-        takes the whole buffers that lie in the known region, one turn each: it is the cost of
-        every multi-buffer copy (a blk request's data), so it does nothing else."""
+        The outer loop takes one piece at a time: the first (it may start inside a buffer), a
+        last one that ``buf`` ends inside, and any that needs a lookup. Between them, the inner
+        loop takes the whole buffers that lie in the known region and fit in ``buf``, one turn
+        each: it is the cost of every multi-buffer copy (a blk request's data), so it does
+        nothing else."""
         addrs, lens = self._addrs, self._lens
         locate = self._locate
         end = self._end
         mine = type(buf) is not memoryview
         whole = memoryview(buf) if mine else cast(memoryview, buf)
-        room = len(whole)  # bytes of buf not yet moved
+        stop = len(whole)  # the bytes of buf; those not yet moved are stop - total
         total = slow = 0  # bytes moved; of them, bytes moved by _piece (it counts _left itself)
         i, pos = self._i, self._pos
         self._moved = 0
@@ -253,12 +254,12 @@ class _Walker:
         lo = 0
         span = -1
         try:
-            while room and i < end:
+            while total < stop and i < end:
                 length = lens[i]
                 n = length - pos
                 if n > 0:
-                    if n > room:
-                        n = room
+                    if n > stop - total:
+                        n = stop - total
                     addr = addrs[i] + pos
                     off = addr - lo
                     if off < 0 or off + n > span:
@@ -274,7 +275,6 @@ class _Walker:
                                 whole[total : total + k] = view
                             total += k
                             slow += k
-                            room -= k
                             i, pos = self._i, self._pos
                             continue
                         region, off = loc
@@ -285,28 +285,26 @@ class _Walker:
                     else:
                         whole[total : total + n] = region[off : off + n]
                     total += n
-                    room -= n
                     pos += n
                     if pos < length:  # buf is full: the position stays in this buffer
                         break
                 i += 1  # the buffer is finished (or empty): step past it now
                 pos = 0
-                if not room:
+                if total == stop:
                     break
-                # the whole buffers in the known region before the one buf ends in: nothing else
-                # per turn (the outer loop takes the last piece, and any buffer outside)
+                # the whole buffers in the known region that buf has room for: nothing else per
+                # turn (the outer loop takes a last, partial piece, and any buffer outside)
                 for i in range(i, end):  # noqa: B020 - i is the position, kept after the loop
                     n = lens[i]
                     off = addrs[i] - lo
-                    if n >= room or off < 0 or off + n > span:
-                        break
                     t = total + n
+                    if t > stop or off < 0 or off + n > span:
+                        break
                     if into_guest:
                         region[off : off + n] = whole[total:t]
                     else:
                         whole[total:t] = region[off : off + n]
                     total = t
-                    room -= n
                 else:
                     i = end
         finally:
