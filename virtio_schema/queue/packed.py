@@ -90,7 +90,6 @@ class PackedQueue(QueueBase):
         self.driver_event = EventArea(memory.avail, "driver event area")
         self.device_event = EventArea(memory.used, "device event area")
         super().__init__(size, driver_mem, features, notify, index)
-        self._indirect = bool(features & Feature.INDIRECT_DESC)
         self._event_idx = bool(features & Feature.EVENT_IDX)
         self._ring_view = self.ring.view
         ring, drv, dev = self.ring, self.driver_event, self.device_event
@@ -181,21 +180,9 @@ class PackedQueue(QueueBase):
         addr, length, buf_id, flags = unpack(ring, 16 * pos)
         error: ChainError | None = None
         indirect = False
-        whole = None
-        if (
-            flags & (_INDIRECT | _NEXT) == _INDIRECT
-            and not length & 15
-            and 0 < length <= 16 * size
-            and addr + length <= ADDR_END
-            and self._indirect
-            and self._locate is not None
-        ):
-            # the chain Linux and DPDK send with INDIRECT_DESC, one indirect descriptor, whose
-            # table is one sequence (base.sequential_table): read in one snapshot, no loop. Any
-            # other table, and every error, is left to the general walk below
-            found = self._locate(addr, length)
-            if found is not None:
-                whole = sequential_table(found[0], found[1], length >> 4, split=False)
+        # one indirect descriptor, a sequential table (QueueBase._lone_table); else the general
+        # walk, which names any error
+        whole = self._lone_table(addr, length, flags, False)
         addrs: list[int] | tuple[int, ...]
         lens: list[int] | tuple[int, ...]
         if whole is not None:
@@ -312,7 +299,8 @@ class PackedQueue(QueueBase):
         table, at = found or self._indirect_table(head, slot, addr, length)
         size = self.size
         n = length >> 4
-        if count + n <= size:  # the common table in one snapshot (base.sequential_table)
+        # the common table in one snapshot (base.sequential_table), unless _lone_table tried it
+        if count + n <= size and locate is None:
             whole = sequential_table(table, at, n, split=False)
             if whole is not None and (not whole[2] or len(addrs) == n_readable):
                 a, lengths, readable, r, w = whole

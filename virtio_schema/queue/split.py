@@ -93,7 +93,6 @@ class Queue(QueueBase):
         self.avail_ring = AvailRing(memory.avail, size)
         self.used_ring = UsedRing(memory.used, size)
         super().__init__(size, driver_mem, features, notify, index)
-        self._indirect = bool(features & Feature.INDIRECT_DESC)
         self._event_idx = bool(features & Feature.EVENT_IDX)
         # bound once: the hot path calls these directly
         self._desc_view = self.desc_table.view
@@ -185,6 +184,13 @@ class Queue(QueueBase):
         size = self.size
         unpack = self._unpack_desc
         table = self._desc_view
+        addr, length, flags, nxt = unpack(table, 16 * head)
+        whole = self._lone_table(addr, length, flags, True)
+        if whole is not None:  # one indirect descriptor, a sequential table
+            a, n, readable, r, w = whole
+            return DescChain(self, head, a, n, readable, r, w, None, 1, head, 0)
+        # the general walk, from the head as read: each descriptor is read once, at the end of
+        # the turn before the one that judges it
         locate = self._locate
         at = 0  # where the table being walked starts in ``table``
         limit = size  # entries of the table being walked
@@ -199,7 +205,6 @@ class Queue(QueueBase):
         i = head
         try:
             while True:
-                addr, length, flags, nxt = unpack(table, at + 16 * i)
                 if flags & _INDIRECT:
                     # the rules of virtio 1.2, 2.7.5.3 in one test; the call names the broken one
                     if (
@@ -219,8 +224,9 @@ class Queue(QueueBase):
                     i = 0
                     # the common table in one snapshot (base.sequential_table), where the walk
                     # below would reach the same outcome: the chain length stays within the
-                    # queue size, and no readable entry follows a writable descriptor
-                    if count + limit <= size:
+                    # queue size, and no readable entry follows a writable descriptor. (The
+                    # head's own table was tried by _lone_table already, if it could locate it)
+                    if count + limit <= size and (count or locate is None):
                         whole = sequential_table(table, at, limit, split=True)
                         if whole is not None and (not whole[2] or len(addrs) == n_readable):
                             a, n, readable, r, w = whole
@@ -230,6 +236,7 @@ class Queue(QueueBase):
                             rlen += r
                             wlen += w
                             break
+                    addr, length, flags, nxt = unpack(table, at)
                     continue
                 count += 1  # at most size: the check before following NEXT below keeps it there
                 if addr + length > ADDR_END:
@@ -251,6 +258,7 @@ class Queue(QueueBase):
                 if nxt >= limit:
                     raise DescIndexOutOfRange(self.index, head, i, nxt, limit)
                 i = nxt
+                addr, length, flags, nxt = unpack(table, at + 16 * i)
             if rlen + wlen > MAX_TOTAL_LEN:
                 raise ChainLengthOverflow(self.index, head, rlen + wlen)
         except ChainError as error:
