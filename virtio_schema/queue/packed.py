@@ -182,7 +182,9 @@ class PackedQueue(QueueBase):
         indirect = False
         # one indirect descriptor, a sequential table (QueueBase._lone_table); else the general
         # walk, which names any error
-        whole = self._lone_table(addr, length, flags, False)
+        whole = None
+        if flags & (_INDIRECT | _NEXT) == _INDIRECT:
+            whole = self._lone_table(addr, length, flags, False)
         addrs: list[int] | tuple[int, ...]
         lens: list[int] | tuple[int, ...]
         if whole is not None:

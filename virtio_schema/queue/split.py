@@ -185,8 +185,10 @@ class Queue(QueueBase):
         unpack = self._unpack_desc
         table = self._desc_view
         addr, length, flags, nxt = unpack(table, 16 * head)
-        whole = self._lone_table(addr, length, flags, True)
-        if whole is not None:  # one indirect descriptor, a sequential table
+        whole = None
+        if flags & (_INDIRECT | _NEXT) == _INDIRECT:  # one indirect descriptor
+            whole = self._lone_table(addr, length, flags, True)
+        if whole is not None:  # ... and a sequential table
             a, n, readable, r, w = whole
             return DescChain(self, head, a, n, readable, r, w, None, 1, head, 0)
         # the general walk, from the head as read: each descriptor is read once, at the end of
