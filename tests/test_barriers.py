@@ -10,7 +10,7 @@ what the driver's side of memory holds at each barrier:
 * the write barrier comes after the used entry (split) or used descriptor's id and length (packed)
   and before the store that publishes it (``used.idx``, the descriptor's flags);
 * the full barrier comes after that store, before the notification decision reads the driver's
-  side.
+  side; on packed rings that read is one load of the whole driver event area.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import virtio_schema.queue.packed as packed_mod
 import virtio_schema.queue.split as split_mod
 from virtio_schema.fake_queue import make_queue
-from virtio_schema.schema import PackedDescFlags
+from virtio_schema.schema import EventFlags, Feature, PackedDescFlags
 
 Event = tuple[str, object]
 
@@ -109,3 +109,32 @@ def test_batched_returns_take_the_write_barrier_once(
     assert names[-1] == "full_barrier"
     assert names.count("full_barrier") == 1
     assert len(fq.driver.used()) == 3
+
+
+def test_packed_decision_reads_the_driver_event_area_in_one_load_after_the_fence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With EVENT_IDX the decision needs the area's flags and offset from the same moment: it
+    reads the 4-byte area once, as one word, and only after the full barrier."""
+    fq = make_queue(8, packed=True, features=int(Feature.EVENT_IDX))
+    d, q = fq.driver, fq.queue
+    events = _weak_cpu(monkeypatch, packed_mod, lambda: None)
+    words = q._drv_event
+
+    class Recording:
+        def __getitem__(self, k: int) -> int:
+            events.append(("area read", k))
+            return words[k]
+
+    monkeypatch.setattr(q, "_drv_event", Recording())
+    d.set_driver_event(0x8000 | 2, int(EventFlags.DESC))  # notify once slot 2 is used
+    for _ in range(2):
+        assert d.publish([b"x"], [4]) is not None
+    for k in range(2):
+        chain = q.next_chain()
+        assert chain is not None
+        events.clear()
+        chain.return_written(1)
+        assert [name for name, _ in events] == ["write_barrier", "full_barrier", "area read"]
+        assert events[-1] == ("area read", 0)
+        assert fq.notifier.count == k + 1  # the first decision after a start, then the event

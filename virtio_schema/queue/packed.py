@@ -104,9 +104,11 @@ class PackedQueue(QueueBase):
         self._dev_words = dev.range.le16()
         self._dev_off_wrap_w = dev.off_wrap_offset >> 1
         self._dev_flags_w = dev.flags_offset >> 1
-        self._drv_words = drv.range.le16()
-        self._drv_off_wrap_w = drv.off_wrap_offset >> 1
-        self._drv_flags_w = drv.flags_offset >> 1
+        # the notification decision reads the driver's area whole, as one 32-bit word: its
+        # flags and offset are then from the same moment (Linux reads the device's area so)
+        self._drv_event = drv.range.le32()
+        self._drv_off_wrap_shift = 8 * drv.off_wrap_offset
+        self._drv_flags_shift = 8 * drv.flags_offset
         self._unpack_desc = PACKED_DESC.struct.unpack_from
         self._start(state or QueueState())
 
@@ -375,9 +377,8 @@ class PackedQueue(QueueBase):
         """The used-buffer notification decision from the driver event area (virtio 1.2,
         2.8.10; the same arithmetic as QEMU's ``virtio_packed_should_notify``)."""
         full_barrier()  # the used descriptor before reading the driver's event area
-        drv = self._drv_words
-        off_wrap = drv[self._drv_off_wrap_w]
-        flags = drv[self._drv_flags_w]
+        event = self._drv_event[0]  # off_wrap and flags in one load
+        flags = (event >> self._drv_flags_shift) & 0xFFFF
         old = self._signalled_used
         valid = self._signalled_valid
         self._signalled_used = new_used
@@ -388,6 +389,7 @@ class PackedQueue(QueueBase):
             return True  # ENABLE; DESC without EVENT_IDX or an unknown value: notify, to be safe
         if not valid:
             return True  # the first decision after a start always notifies (as QEMU)
+        off_wrap = (event >> self._drv_off_wrap_shift) & 0xFFFF
         off = off_wrap & 0x7FFF
         if bool(off_wrap >> 15) != self._used_wrap:
             off -= self.size
