@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADDRESS_SPACE_END",
+    "STRONG_ORDER",
     "DeviceRange",
     "DriverMem",
     "DriverRange",
