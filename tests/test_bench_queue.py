@@ -6,9 +6,11 @@ machine); only that the comparison is honest and that the script runs.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
+import mmap
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -312,3 +314,17 @@ def test_the_checked_floor_serves_a_well_formed_ring(packed: bool) -> None:
     for name in ("a-echo-64", "b-blk-indirect", "c-copy-64k"):
         rig = bench_queue.build(name, packed=packed)
         assert _table(packed)[name]["checked"](rig, 1) == bench_queue.QSIZE
+
+
+@pytest.mark.parametrize("n", [1, 4096, 65536, 65537])
+def test_page_buffer_is_zeroed_writable_and_page_aligned(n: int) -> None:
+    """c's implementations copy through it: its start on a page boundary is the point."""
+    view = bench_queue.page_buffer(n)
+    assert len(view) == n
+    assert not view.readonly
+    assert view.tobytes() == bytes(n)
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        assert ctypes.addressof(anchor) % mmap.PAGESIZE == 0
+    finally:
+        del anchor
