@@ -530,8 +530,7 @@ class GuestMemory:
 # release before what follows the acquire, and the full barrier does it twice to order store->load.
 
 _FENCE_LOCK = threading.Lock()
-_TSO = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
-STRONG_ORDER = _TSO
+STRONG_ORDER = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
 """The CPU keeps load->load and store->store order (x86-64): :func:`read_barrier` and
 :func:`write_barrier` do nothing, and the queues' hot paths skip the call (``if not
 STRONG_ORDER: write_barrier()``: a Python call costs ten times the test)."""
@@ -546,7 +545,7 @@ def _lock_fence() -> None:
 
 
 # Each helper is defined once for this CPU, at import: the hot path pays one call and no test.
-if _TSO:
+if STRONG_ORDER:
 
     def read_barrier() -> None:
         """Order earlier loads from guest memory before later ones (after reading ``avail.idx``,

@@ -28,7 +28,7 @@ from virtio_schema.queue.errors import (
     UnmappedIndirectTable,
 )
 from virtio_schema.queue.state import DriverNotify, QueueState
-from virtio_schema.schema import DescFlags, Feature
+from virtio_schema.schema import Feature
 
 if TYPE_CHECKING:
     from virtio_schema.mem import DriverMem, Locate
@@ -55,9 +55,6 @@ MAX_TABLE_LEN = 16 * MAX_INDIRECT_ENTRIES
 # queue's general walk reads the table entry by entry, with its precise errors. The outcome is the
 # same either way: tests/test_queue_fast_table.py walks random tables both ways.
 
-# the NEXT and INDIRECT bits, the same in both formats' descriptor flags
-_NEXT = int(DescFlags.NEXT)
-_INDIRECT = int(DescFlags.INDIRECT)
 _FAST_TABLE_MAX = 256  # entries (the next fields' high bytes are then zero)
 _KEEP_NEXT_WRITE_INDIRECT = bytes(b & 7 for b in range(256))  # what the split walk reads
 _KEEP_WRITE_INDIRECT = bytes(b & 6 for b in range(256))  # what the packed walk reads (no NEXT)
@@ -260,16 +257,15 @@ class QueueBase:
             raise UnmappedIndirectTable(self.index, head, at, addr, length)
 
     def _lone_table(
-        self, addr: int, length: int, flags: int, split: bool
+        self, addr: int, length: int, split: bool
     ) -> tuple[tuple[int, ...], tuple[int, ...], int, int, int] | None:
         """The chain Linux and DPDK send with INDIRECT_DESC, a head that is one indirect
-        descriptor (``flags``: INDIRECT without NEXT) whose table is one sequence: the table's
-        buffers as :func:`sequential_table` gives them, read in one snapshot. ``None`` for
-        anything else, every error included: the format's general walk then reads the chain
-        entry by entry and names it."""
+        descriptor (the caller saw INDIRECT without NEXT in its flags) whose table is one
+        sequence: the table's buffers as :func:`sequential_table` gives them, read in one
+        snapshot. ``None`` for anything else, every error included: the format's general walk
+        then reads the chain entry by entry and names it."""
         if (
-            flags & (_INDIRECT | _NEXT) != _INDIRECT
-            or length & 15
+            length & 15
             or not 0 < length <= 16 * self.size  # the chain length limit: one buffer per entry
             or addr + length > ADDR_END
             or not self._indirect

@@ -186,7 +186,7 @@ class PackedQueue(QueueBase):
         # walk, which names any error
         whole = None
         if flags & (_INDIRECT | _NEXT) == _INDIRECT:
-            whole = self._lone_table(addr, length, flags, False)
+            whole = self._lone_table(addr, length, False)
         addrs: list[int] | tuple[int, ...]
         lens: list[int] | tuple[int, ...]
         if whole is not None:

@@ -187,7 +187,7 @@ class Queue(QueueBase):
         addr, length, flags, nxt = unpack(table, 16 * head)
         whole = None
         if flags & (_INDIRECT | _NEXT) == _INDIRECT:  # one indirect descriptor
-            whole = self._lone_table(addr, length, flags, True)
+            whole = self._lone_table(addr, length, True)
         if whole is not None:  # ... and a sequential table
             a, n, readable, r, w = whole
             return DescChain(self, head, a, n, readable, r, w, None, 1, head, 0)
