@@ -2,7 +2,7 @@
 
 The device normally runs under the vhost-user server; here a test plays the transport: it builds a
 receive queue (0, device-writable chains) and a transmit queue (1, device-readable chains) with the
-same negotiated features, hands both to the device with ``started``, and calls ``handle`` where a
+same negotiated features, hands both to the device with ``started`` and ``enabled``, and calls ``handle`` where a
 kick would arrive: ``handle(1, tx)`` after the driver transmits, ``handle(0, rx)`` after it adds
 receive buffers. Every queue test runs on split and packed rings; those where the receive layout
 matters also run with and without MRG_RXBUF (virtio 1.2, 5.1.6.3.1).
@@ -78,8 +78,9 @@ def make_link(
     negotiated = int(Feature.VERSION_1 | features)
     rx = make_queue(rx_size, features=negotiated, packed=packed, index=RX)
     tx = make_queue(tx_size, features=negotiated, packed=packed, index=TX)
-    dev.started(RX, rx.queue)
-    dev.started(TX, tx.queue)
+    for index, fq in ((RX, rx), (TX, tx)):
+        dev.started(index, fq.queue)
+        dev.enabled(index, fq.queue)
     return Link(dev, rx, tx)
 
 
@@ -520,7 +521,7 @@ def test_malformed_receive_chain_while_chains_are_held_for_a_frame_is_survived(
         except Exception as exc:  # whatever escapes, report it below, after cleaning up
             raised = f"{type(exc).__name__}: {exc}"
         used = [] if raised else link.rx.driver.used()
-        link.dev.stopped(RX)  # let go of anything still held, inside the warnings guard
+        link.dev.disabled(RX)  # let go of anything still held, inside the warnings guard
         gc.collect()
     assert raised is None, f"handle() raised {raised}"
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
@@ -616,7 +617,7 @@ def test_stopping_the_receive_queue_returns_the_chains_held_for_a_frame(packed: 
     assert link.give(256) == []  # held
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        link.dev.stopped(RX)
+        link.dev.disabled(RX)
         gc.collect()
     leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert leaked == []
@@ -626,13 +627,36 @@ def test_stopping_the_receive_queue_returns_the_chains_held_for_a_frame(packed: 
 def test_a_restarted_receive_queue_serves_frames_still_pending(packed: bool) -> None:
     link = make_link(NetDevice(), packed=packed)
     link.transmit(frame(1))
-    link.dev.stopped(RX)
+    link.dev.disabled(RX)
     link.transmit(frame(2))  # no receive queue: the frame waits
     rx = make_queue(16, features=int(Feature.VERSION_1), packed=packed, index=RX)
     link.dev.started(RX, rx.queue)
+    link.dev.enabled(RX, rx.queue)
     link.rx = rx
     got = rx_frames(link.give(256, 256))
     assert [g.frame for g in got] == [reflected(frame(1)), reflected(frame(2))]
+
+
+def test_a_started_but_disabled_receive_ring_is_never_written(packed: bool) -> None:
+    """vhost-user.rst, "Ring states": a started but disabled ring is processed without side
+    effects; for a network device, no new receive frames. QEMU starts both rings of a queue pair
+    and enables them one message at a time: a frame reflected in between must wait."""
+    dev = NetDevice()
+    negotiated = int(Feature.VERSION_1)
+    rx = make_queue(16, features=negotiated, packed=packed, index=RX)
+    tx = make_queue(16, features=negotiated, packed=packed, index=TX)
+    dev.started(RX, rx.queue)
+    dev.started(TX, tx.queue)
+    dev.enabled(TX, tx.queue)  # the receive ring stays disabled
+    rx.driver.publish([], [256])
+    tx.driver.publish([TX_HDR + frame(1)])
+    dev.handle(TX, tx.queue)
+    assert rx.driver.used() == [], "the device wrote a frame into a disabled receive ring"
+    assert len(dev.pending) == 1  # kept for later, not lost
+    dev.enabled(RX, rx.queue)
+    dev.handle(RX, rx.queue)
+    got = rx_frames(rx.driver.used())
+    assert [g.frame for g in got] == [reflected(frame(1))]
 
 
 # --- the invariant ----------------------------------------------------------------------------------

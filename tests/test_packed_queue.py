@@ -56,6 +56,9 @@ from virtio_schema.util import NotificationCounter
 from virtio_schema.vhost_user.backend import (
     DPDK_PACKED_BASE,
     Backend,
+    Fd,
+    Mapping,
+    MemoryRefused,
     decode_vring_base,
     encode_vring_base,
 )
@@ -835,8 +838,18 @@ class _Device(VhostUserDevice):
         raise AssertionError("not used")
 
 
+class _NoHost:
+    """A host with nothing to map (the codec tests send no memory table)."""
+
+    def map(self, fd: Fd, offset: int, size: int) -> Mapping:
+        raise MemoryRefused("no memory in this test")
+
+    def close(self, fd: int) -> None:
+        pass
+
+
 def backend(packed: bool) -> Backend:
-    b = Backend(_Device())
+    b = Backend(_Device(), host=_NoHost())
     b.acked_features = int(Feature.VERSION_1) | (int(Feature.RING_PACKED) if packed else 0)
     assert b.packed is packed
     return b

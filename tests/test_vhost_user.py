@@ -260,10 +260,11 @@ def test_qemu_sequence_negotiates_serves_stops_and_restarts_at_the_base(
         assert fe.get_features() == offered
         fe.set_vring_call(0, s.call_fd)
         fe.set_vring_err(0, err_fd)
-        hdr, config = fe.get_config(0, BLK_CONFIG.size, 0)
-        assert hdr == ConfigHdrRec(0, BLK_CONFIG.size, 0)
-        assert config == blk.config()
-        assert BLK_CONFIG.unpack(config).capacity == SECTORS
+        assert fe.get_config(0, BLK_CONFIG.size, 0) == (
+            ConfigHdrRec(0, BLK_CONFIG.size, 0),
+            blk.config(),
+        )
+        assert BLK_CONFIG.unpack(blk.config()).capacity == SECTORS
         # start: SET_FEATURES, SET_VRING_CALL, SET_FEATURES, SET_MEM_TABLE (NEED_REPLY),
         # SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_ENABLE 1
         acked = offered & WANTED
@@ -315,11 +316,14 @@ def test_get_config_returns_the_requested_window(
 ) -> None:
     with Frontend(blk_server.path) as fe:
         negotiate(fe)
-        hdr, data = fe.get_config(8, 8, 0)  # size_max, seg_max
-        assert hdr == ConfigHdrRec(8, 8, 0)
-        assert data == blk.config()[8:16]
-        hdr, data = fe.get_config(MAX_CONFIG_SIZE - 4, 4, 0)  # past the blk config: zeros
-        assert data == bytes(4)
+        assert fe.get_config(8, 8, 0) == (ConfigHdrRec(8, 8, 0), blk.config()[8:16])
+        # past the end of the blk config: the failed GET_CONFIG of vhost-user.rst, an empty
+        # payload (QEMU reports it), and the connection goes on
+        end = len(blk.config())
+        assert fe.get_config(end - 4, 8, 0) is None
+        assert fe.get_config(MAX_CONFIG_SIZE - 4, 4, 0) is None
+        assert fe.get_config(0, MAX_CONFIG_SIZE + 1, 0) is None
+        assert fe.get_config(end - 4, 4, 0) == (ConfigHdrRec(end - 4, 4, 0), blk.config()[-4:])
 
 
 def test_restart_at_new_ring_addresses_and_base_0_like_firmware_then_linux(
@@ -700,12 +704,12 @@ CASES = [
     Case(
         "mem-table-pipe-fd",
         lambda h: h.fe.set_mem_table([h.ram.region()], [h.pipe()]),
-        r"region 0: cannot map fd",
+        r"region 0: fd \d+ is a pipe, not a file",
     ),
     Case(
         "mem-table-eventfd",
         lambda h: h.fe.set_mem_table([h.ram.region()], [h.eventfd()]),
-        r"region 0: cannot map fd",
+        r"region 0: fd \d+ is an eventfd, not a file",
     ),
     Case(
         "mem-table-size-0",
@@ -715,12 +719,12 @@ CASES = [
     Case(
         "mem-table-size-past-file",
         lambda h: h.fe.set_mem_table([h.ram.region(memory_size=2 << 20)], [h.ram.fd]),
-        r"region 0: cannot map fd",
+        r"region 0: offset 0x0 \+ size 0x200000 is past the end of the file \(0x100000\)",
     ),
     Case(
         "mem-table-offset-past-file",
         lambda h: h.fe.set_mem_table([h.ram.region(mmap_offset=1 << 20)], [h.ram.fd]),
-        r"region 0: cannot map fd",
+        r"region 0: offset 0x100000 \+ size 0x100000 is past the end of the file",
     ),
     Case(
         "mem-table-gpa-wraps",
@@ -851,16 +855,6 @@ CASES = [
         r"GET_CONFIG without the CONFIG protocol feature",
     ),
     Case(
-        "GET_CONFIG-257-bytes",
-        lambda h: _get_config(h.negotiated().fe, 0, MAX_CONFIG_SIZE + 1),
-        r"GET_CONFIG offset=0 size=257 exceeds 256",
-    ),
-    Case(
-        "GET_CONFIG-offset-past-space",
-        lambda h: _get_config(h.negotiated().fe, MAX_CONFIG_SIZE - 4, 8),
-        r"GET_CONFIG offset=252 size=8 exceeds 256",
-    ),
-    Case(
         "GET_CONFIG-short-payload",
         lambda h: h.negotiated().fe.send(
             Request.GET_CONFIG, CONFIG_HDR.pack(ConfigHdrRec(0, 60, 0))
@@ -880,7 +874,7 @@ CASES = [
     Case(
         "half-header-then-close",
         _half_header_then_close,
-        r"connection closed mid-message \(0 of 6 bytes\)",
+        r"connection closed mid-message \(6 of 12 bytes\)",
         closes=True,
     ),
     Case(
@@ -1031,7 +1025,7 @@ def test_a_saturated_blocking_call_eventfd_does_not_hang_the_server(
             os.eventfd_read(call)  # unblocks a server stuck in that write, for the teardown
 
 
-def test_a_front_end_that_never_reads_its_replies_is_dropped_after_the_io_timeout(
+def test_a_front_end_that_never_reads_its_replies_is_dropped_when_its_output_queue_is_full(
     blk_server: VhostUserServer, image: io.FileIO
 ) -> None:
     request = HEADER.pack(HeaderRec(Request.GET_FEATURES, VERSION, 0))
@@ -1041,7 +1035,9 @@ def test_a_front_end_that_never_reads_its_replies_is_dropped_after_the_io_timeou
                 for _ in range(200):  # 10000 requests; the replies fill the back-end's buffer
                     fe.sock.sendall(request * 50)
             assert fe.wait_closed() != b""  # (some replies did get through)
-        assert re.search(r"timed out", blk_server.errors[-1]), blk_server.errors
+        assert re.search(
+            r"the front-end does not read its replies \(\d+ bytes queued\)", blk_server.errors[-1]
+        ), blk_server.errors
         serve_blk_read(bystander, image, 1)
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from virtio_schema.errors import VirtioError
 from virtio_schema.queue import VirtQueue
 from virtio_schema.vhost_user import Backend, FrontendError, VhostUserDevice
+from virtio_schema.vhost_user.host import OsHost, classify
 from virtio_schema.vhost_user.messages import Request
 
 
@@ -52,7 +53,7 @@ def _payload_for(request: int) -> st.SearchStrategy[bytes]:
 def test_any_message_sequence_is_answered_or_refused_with_a_frontend_error(
     messages: list[tuple[int, int, bytes]],
 ) -> None:
-    backend = Backend(Dummy())
+    backend = Backend(Dummy(), host=OsHost())
     try:
         for request, fl, payload in messages:
             try:
@@ -95,10 +96,10 @@ def test_fds_with_any_message_are_kept_by_a_ring_or_closed(
             fds.append(fd)
         else:
             fds.append(os.open(os.devnull, os.O_RDWR))
-    backend = Backend(Dummy())
+    backend = Backend(Dummy(), host=OsHost())
     try:
         with contextlib.suppress(FrontendError):
-            backend.handle(request, fl, payload, fds)
+            backend.handle(request, fl, payload, [classify(fd) for fd in fds])
     finally:
         backend.close()
         for fd in extra:
@@ -107,14 +108,14 @@ def test_fds_with_any_message_are_kept_by_a_ring_or_closed(
 
 
 def test_memory_table_regions_out_of_range_are_refused() -> None:
-    backend = Backend(Dummy())
+    backend = Backend(Dummy(), host=OsHost())
     fd = os.memfd_create("t")
     os.ftruncate(fd, 4096)
     try:
         backend.handle(int(Request.SET_FEATURES), 1, struct.pack("<Q", 1 << 32), [])
         bad = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 2**64 - 4096, 8192, 0, 0)
         with pytest.raises(FrontendError, match="not a valid range"):
-            backend.handle(int(Request.SET_MEM_TABLE), 1, bad, [fd])
+            backend.handle(int(Request.SET_MEM_TABLE), 1, bad, [classify(fd)])
     finally:
         backend.close()
 

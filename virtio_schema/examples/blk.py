@@ -24,6 +24,7 @@ import sys
 
 from virtio_schema.chain import InsufficientSpace, ReadableChain, WritableChain
 from virtio_schema.errors import DriverError
+from virtio_schema.examples.serving import add_server_arguments, make_server
 from virtio_schema.queue import DescChain, VirtQueue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkConfig
 from virtio_schema.schema import (
@@ -34,7 +35,7 @@ from virtio_schema.schema import (
     BlkType,
     Feature,
 )
-from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
+from virtio_schema.vhost_user import VhostUserDevice
 
 __all__ = ["BlkDevice", "VhostUserBlk", "main"]
 
@@ -44,6 +45,9 @@ SIZE_MAX = 65536
 """Largest single buffer the driver may use (``size_max``)."""
 SEG_MAX = 126
 """Most data buffers in one request (``seg_max``); 126 * 64 KiB / 512 fits SeaBIOS's 16 bits."""
+_WCE = BLK_CONFIG.offsets["writeback"]
+WRITEBACK = range(_WCE, _WCE + 1)
+"""The ``writeback`` byte of the configuration space."""
 
 
 class BlkDevice:
@@ -69,6 +73,9 @@ class BlkDevice:
         self.capacity = size // BLK_SECTOR_SIZE
         self.requests = 0
         self.errors = 0
+        self.writeback = 1
+        """The ``writeback`` config field (CONFIG_WCE): 1 write-back (data is made durable by
+        FLUSH), 0 write-through (every write is made durable before it completes)."""
 
     @property
     def features(self) -> int:
@@ -81,6 +88,7 @@ class BlkDevice:
             | BlkFeature.SEG_MAX
             | BlkFeature.BLK_SIZE
             | BlkFeature.FLUSH
+            | BlkFeature.CONFIG_WCE  # the driver may switch write-back/write-through
             | Feature.RING_PACKED
             | Feature.IN_ORDER  # requests complete in the order they arrive
         )
@@ -96,6 +104,7 @@ class BlkDevice:
             size_max=SIZE_MAX,
             seg_max=SEG_MAX,
             blk_size=BLK_SECTOR_SIZE,
+            writeback=self.writeback,
             num_queues=1,
         )
         return BLK_CONFIG.pack(BlkConfig(**zeros))
@@ -160,6 +169,8 @@ class BlkDevice:
             return BlkStatus.IOERR
         try:  # straight from the guest's buffers, one pwritev
             put = reader.read_to_fd(self._fd, sector * BLK_SECTOR_SIZE, length)
+            if not self.writeback:
+                os.fdatasync(self._fd)
         except OSError as exc:
             log.warning("virtio-blk: writing the image: %s", exc)
             return BlkStatus.IOERR
@@ -204,6 +215,14 @@ class VhostUserBlk(VhostUserDevice):
     def config(self) -> bytes:
         return self.blk.config()
 
+    writable_config = (WRITEBACK,)  # the only field a driver may write (virtio 1.2, 5.2.4)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        config = bytearray(self.blk.config())
+        config[offset : offset + len(data)] = data
+        self.blk.writeback = BLK_CONFIG.unpack(bytes(config)).writeback
+        log.info("virtio-blk: %s", "write-back" if self.blk.writeback else "write-through")
+
     def handle(self, index: int, queue: VirtQueue) -> None:
         self.blk.serve(queue)
 
@@ -219,22 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m virtio_schema.examples.blk", description=main.__doc__
     )
-    p.add_argument("--vhost-user", metavar="SOCKET", required=True, help="unix socket to listen on")
+    add_server_arguments(p)
     p.add_argument("image", help="disk image file (its size is the disk's capacity)")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--serial", default="virtio-schema", help="GET_ID string (20 bytes max)")
-    p.add_argument("--trace", action="store_true", help="log every vhost-user message decoded")
     p.add_argument(
         "--capture", metavar="FILE", default=None, help="append every vhost-user message, raw"
     )
-    p.add_argument("--max-connections", type=int, default=None, help="exit after N front-ends")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with open(args.image, "rb" if args.read_only else "r+b", buffering=0) as image:
         blk = BlkDevice(image, read_only=args.read_only, serial=args.serial.encode())
-        server = VhostUserServer(
-            args.vhost_user, lambda: VhostUserBlk(blk), trace=args.trace, capture=args.capture
-        )
+        server = make_server(args, lambda: VhostUserBlk(blk), capture=args.capture)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         log.info("virtio-blk on %s: %s, %d sectors", args.vhost_user, args.image, blk.capacity)

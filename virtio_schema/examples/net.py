@@ -36,10 +36,11 @@ from pathlib import Path
 
 from virtio_schema.chain import ReadableChain, WritableChain
 from virtio_schema.errors import DriverError, VirtioError
+from virtio_schema.examples.serving import add_server_arguments, make_server
 from virtio_schema.queue import DescChain, VirtQueue
 from virtio_schema.records import NET_CONFIG, NET_HDR, NetConfig, NetHdr
 from virtio_schema.schema import Feature, NetFeature, NetStatus
-from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
+from virtio_schema.vhost_user import VhostUserDevice
 from virtio_schema.vhost_user.messages import ProtocolFeature
 
 __all__ = ["NetDevice", "NetStats", "main"]
@@ -138,21 +139,23 @@ class NetDevice(VhostUserDevice):
             with contextlib.suppress(VirtioError):
                 chain.return_written(0)
 
-    def started(self, index: int, queue: VirtQueue) -> None:
+    def enabled(self, index: int, queue: VirtQueue) -> None:
+        # queues are kept only while enabled: a started but disabled receive ring must not be
+        # given frames (vhost-user.rst, "Ring states")
         self.queues[index] = queue
+        if index == RX and self._source_at is None:
+            self._source_at = time.monotonic() + self._start_delay
+
+    def disabled(self, index: int) -> None:
+        self.queues.pop(index, None)
         if index == RX:
-            self._give_back_partial()  # chains of a previous ring
-            if self._source_at is None:
-                self._source_at = time.monotonic() + self._start_delay
+            # the chains held for an incomplete frame go back unwritten (no side effect): the
+            # driver keeps its buffers across a stop (QEMU disables a ring before stopping it)
+            self._give_back_partial()
 
     def poll(self) -> None:
         """The source produces on its own: deliver whatever the receive queue has room for."""
         self._deliver()
-
-    def stopped(self, index: int) -> None:
-        self.queues.pop(index, None)
-        if index == RX:
-            self._give_back_partial()
 
     def handle(self, index: int, queue: VirtQueue) -> None:
         if index == TX:
@@ -272,7 +275,7 @@ _OPTIONAL = {
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m virtio_schema.examples.net", description=__doc__)
-    p.add_argument("--vhost-user", metavar="SOCKET", required=True)
+    add_server_arguments(p)
     p.add_argument("--mode", choices=["reflect", "sink", "source"], default="reflect")
     p.add_argument("--frames", type=int, default=0, help="source: how many frames")
     p.add_argument("--size", type=int, default=64, help="source: frame size in bytes")
@@ -293,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         help="do not offer this feature (repeatable)",
     )
     p.add_argument("--cpu", type=int, default=None, help="pin the process to this CPU")
-    p.add_argument("--trace", action="store_true")
-    p.add_argument("--max-connections", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.cpu is not None:  # keep off the core a polling front-end spins on
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         without=without,
         start_delay=args.start_delay,
     )
-    server = VhostUserServer(args.vhost_user, lambda: device, trace=args.trace)
+    server = make_server(args, lambda: device)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     try:

@@ -21,9 +21,10 @@ from typing import BinaryIO
 
 from virtio_schema.chain import WritableChain
 from virtio_schema.errors import DriverError
+from virtio_schema.examples.serving import add_server_arguments, make_server
 from virtio_schema.queue import VirtQueue
 from virtio_schema.schema import Feature
-from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
+from virtio_schema.vhost_user import VhostUserDevice
 
 __all__ = ["RngDevice", "main"]
 
@@ -65,17 +66,15 @@ class RngDevice(VhostUserDevice):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m virtio_schema.examples.rng", description=__doc__)
-    p.add_argument("--vhost-user", metavar="SOCKET", required=True)
+    add_server_arguments(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--record", metavar="FILE", default=None)
-    p.add_argument("--trace", action="store_true")
-    p.add_argument("--max-connections", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     record = open(args.record, "ab") if args.record else None  # noqa: SIM115 - lives with the server
     try:
         device = RngDevice(seed=args.seed, record=record)
-        server = VhostUserServer(args.vhost_user, lambda: device, trace=args.trace)
+        server = make_server(args, lambda: device)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         server.serve_forever(max_connections=args.max_connections)

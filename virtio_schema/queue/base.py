@@ -148,6 +148,7 @@ class QueueBase:
         self._indirect = bool(features & Feature.INDIRECT_DESC)
         self._outstanding: collections.deque[int] = collections.deque()  # IN_ORDER: pop order
         self._batch: list[tuple[int, int, int]] | None = None
+        self._budget = -1  # chains next_chain may still hand out this turn; negative: no limit
         locate = getattr(driver_mem, "locate", None)  # the optional fast path (mem.Locate)
         self._locate: Locate | None = locate if callable(locate) else None
 
@@ -191,6 +192,26 @@ class QueueBase:
     def _break(self, error: RingError) -> QueueBroken:
         self._broken = error
         return QueueBroken(self.index, error)
+
+    # --- turns ---------------------------------------------------------------------------------
+
+    def set_budget(self, chains: int | None) -> None:
+        """Let :meth:`next_chain` hand out at most ``chains`` more chains (``None``: no limit),
+        then answer ``None`` as if the ring were empty until the budget is set again.
+
+        A transport gives each queue a budget per turn so that a driver that keeps publishing
+        cannot keep one device handler running forever (the vhost-user server: the queue size
+        per turn, then the other queues and connections get theirs). Returning chains is never
+        limited."""
+        if chains is not None and chains < 0:
+            raise ValueError(f"budget {chains} < 0")
+        self._budget = -1 if chains is None else chains
+
+    @property
+    def budget(self) -> int | None:
+        """Chains :meth:`next_chain` may still hand out before :meth:`set_budget` is called again
+        (``None``: no limit; 0: the budget is spent, and work may remain)."""
+        return None if self._budget < 0 else self._budget
 
     # --- returning chains ----------------------------------------------------------------------
 

@@ -163,6 +163,8 @@ class PackedQueue(QueueBase):
             self._return_orphans()
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
+        if self._budget == 0:  # this turn's chains are taken (set_budget)
+            return None
         flags = self._ring_w16[8 * self._next_avail + self._flags_w]  # _available, inlined
         wrap = self._avail_wrap
         if bool(flags & _AVAIL) != wrap or bool(flags & _USED) == wrap:
@@ -172,6 +174,7 @@ class PackedQueue(QueueBase):
         chain = self._walk()
         if self._in_order:
             self._outstanding.append(chain.head)
+        self._budget -= 1  # a negative budget (no limit) never reaches 0
         return chain
 
     def _walk(self) -> DescChain:

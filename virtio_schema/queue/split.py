@@ -157,6 +157,8 @@ class Queue(QueueBase):
             self._return_orphans()
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
+        if self._budget == 0:  # this turn's chains are taken (set_budget)
+            return None
         next_avail = self._next_avail
         avail_idx = self._avail_words[self._avail_idx_w]
         if avail_idx == next_avail:
@@ -177,6 +179,7 @@ class Queue(QueueBase):
         chain = self._walk(head)
         if self._in_order:
             self._outstanding.append(head)
+        self._budget -= 1  # a negative budget (no limit) never reaches 0
         return chain
 
     def _walk(self, head: int) -> DescChain:

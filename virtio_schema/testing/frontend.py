@@ -157,7 +157,8 @@ class GuestRam:
         self.gpa = gpa
         self.uva = uva
         self.name = name
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        # sealable, as QEMU's memory-backend-memfd: the back-end seals it against shrinking
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
             self.mm = mmap.mmap(self.fd, size)
@@ -425,10 +426,16 @@ class Frontend:
     def set_owner(self) -> None:
         self.send(Request.SET_OWNER)
 
-    def get_config(self, offset: int, size: int, flags: int = 0) -> tuple[ConfigHdrRec, bytes]:
-        """GET_CONFIG: the echoed header and the ``size`` bytes of configuration space."""
+    def get_config(
+        self, offset: int, size: int, flags: int = 0
+    ) -> tuple[ConfigHdrRec, bytes] | None:
+        """GET_CONFIG: the echoed header and the ``size`` bytes of configuration space, or
+        ``None`` when the back-end answers with an empty payload (the specification's failed
+        GET_CONFIG)."""
         req = CONFIG_HDR.pack(ConfigHdrRec(offset, size, flags)) + bytes(size)
         payload = self.call(Request.GET_CONFIG, req)
+        if not payload:
+            return None
         return CONFIG_HDR.unpack_from(payload), payload[CONFIG_HDR.size :]
 
     def set_mem_table(

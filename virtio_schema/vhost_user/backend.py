@@ -1,31 +1,48 @@
-"""The vhost-user back-end state machine for one front-end connection.
+"""The vhost-user protocol core for one front-end connection. It does no I/O.
 
-Theory of operation. The server reads a message (header, payload, file descriptors) and hands it to
-:meth:`Backend.handle`, which validates it completely before acting, updates the connection's state
-(features, memory table, per-ring size/addresses/base/eventfds/enable), builds a
-:class:`~virtio_schema.queue.Queue` from :class:`~virtio_schema.queue.QueueState` when a ring
-starts, and returns the reply bytes (or ``None``). Kicks arrive through :meth:`Backend.kick`.
+Theory of operation. In the manner of h11, :class:`Backend` is a state machine that the server
+feeds and drains; it never touches a socket, a file descriptor or a mapping itself:
+
+* :meth:`Backend.handle` takes one decoded message: request, flags, payload and the file
+  descriptors that came with it, each already classified by the server (:class:`Fd`). It validates
+  the whole message before acting, updates the connection's state (features, the memory table, each
+  ring's size, addresses, base, fds and :mod:`~virtio_schema.vhost_user.rings` state), builds a
+  :class:`~virtio_schema.queue.Queue` from a :class:`~virtio_schema.queue.QueueState` when a ring
+  starts, and returns the reply bytes (or ``None``).
+* Memory is mapped, and fds are closed, through the :class:`Host` the server passes in: the one
+  door to the operating system, which a test replaces with buffers and counters.
+* The server asks what to do next: which fds to watch for kicks (:meth:`~Backend.kick_fds`),
+  which rings to poll (:meth:`~Backend.polled_rings`), which call fds to signal
+  (:meth:`~Backend.take_calls`), which rings want a turn now (:meth:`~Backend.take_wakeups`);
+  and it gives each ring its turns (:meth:`~Backend.serve`).
 
 Rules of this module:
 
-1. The front-end is a peer, not a friend: every size, count, index, address and fd set is checked;
-   anything malformed or unexpected raises :class:`FrontendError`, and the server disconnects
-   cleanly. Nothing is written to guest memory on behalf of a message.
-2. Every fd received is either kept (and closed on teardown) or closed at once.
-3. Ring state follows the specification's three states: stopped, started-but-disabled, started and
-   enabled (vhost-user.rst, "Ring states"). The device's ``handle`` runs only for the last.
-4. A new SET_MEM_TABLE stops using the old mapping before unmapping it: running queues are rebuilt
-   on the new memory at the position they had reached.
+1. The front-end is a peer, not a friend: every size, count, index, address, flag and fd is
+   checked. A malformed message raises :class:`FrontendError` (the server closes the connection).
+   A well-formed request the back-end does not honour raises :class:`RequestRefused`, which
+   changes nothing: with REPLY_ACK and NEED_REPLY it is answered with a non-zero ack and the
+   connection goes on; otherwise it ends the connection like any other error (the front-end would
+   go on believing it succeeded).
+2. Every fd received is either kept (and closed through the host on teardown) or closed through
+   the host before :meth:`~Backend.handle` returns, whatever happens.
+3. Ring states change only through :data:`~virtio_schema.vhost_user.rings.TRANSITIONS`; the device
+   hears every change through its hooks (``started``, ``enabled``, ``disabled``, ``stopped``), and
+   its ``handle`` runs only for a started and enabled ring. A queue that is not enabled hands out
+   no chain (its budget is 0), even to a device that kept it.
+4. A turn serves one ring with a budget of chains (the queue size by default) inside one batch:
+   one used-index update and at most one notification per turn.
+5. A new SET_MEM_TABLE takes the running queues off the old mapping before releasing it; they are
+   rebuilt on the new memory at the position they had reached.
 """
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import logging
-import mmap
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from virtio_schema.errors import DriverError, VirtioError
 from virtio_schema.mem import DriverRange, GuestMemory
@@ -41,7 +58,6 @@ from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
-    MAX_CONFIG_SIZE,
     MAX_FDS,
     MEM_REGION,
     MEMORY_HDR,
@@ -57,13 +73,21 @@ from virtio_schema.vhost_user.messages import (
     VringAddrRec,
     VringStateRec,
 )
+from virtio_schema.vhost_user.rings import RingEvent, RingState, hooks, transition
 
 __all__ = [
     "DPDK_PACKED_BASE",
+    "LOG_ALL",
     "OFFERED_PROTOCOL_FEATURES",
     "Backend",
-    "EventfdNotify",
+    "Fd",
+    "FdKind",
     "FrontendError",
+    "Host",
+    "Mapping",
+    "MemoryRefused",
+    "RequestRefused",
+    "Turn",
     "decode_vring_base",
     "encode_vring_base",
 ]
@@ -75,9 +99,17 @@ OFFERED_PROTOCOL_FEATURES = int(
 )
 """Protocol features this back-end implements."""
 
+LOG_ALL = 1 << 26
+"""``VHOST_F_LOG_ALL``: the one feature bit a front-end may change while rings run (QEMU toggles it
+for migration)."""
+
 _NOFD = 0x100  # SET_VRING_KICK/CALL/ERR: "no fd" (polling) flag in the u64 payload
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
                 Request.SET_VRING_ERR}  # fmt: skip
+_OWN_REPLIES = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
+                Request.GET_VRING_BASE, Request.GET_CONFIG}  # fmt: skip
+_KNOWN_FLAGS = HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY
+_CONFIG_FRONTEND, _CONFIG_MIGRATION = 0, 1  # SET_CONFIG flags (vhost-user.rst, config space)
 
 
 DPDK_PACKED_BASE = 0x8000
@@ -113,22 +145,84 @@ class FrontendError(DriverError):
     """The front-end sent a malformed or unexpected message (the connection is closed)."""
 
 
-class EventfdNotify:
-    """A :class:`~virtio_schema.queue.DriverNotify` that signals a call eventfd."""
+class RequestRefused(FrontendError):
+    """A well-formed request the back-end does not honour; nothing changed. Answered with a
+    non-zero ack when the front-end asked for one (REPLY_ACK), else the connection is closed."""
 
-    __slots__ = ("fd",)
 
-    _ONE = (1).to_bytes(8, "little")
+class MemoryRefused(Exception):
+    """Raised by :meth:`Host.map` when a memory region cannot be used (the reason is the
+    message); the back-end refuses the memory table."""
 
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
+
+# --- what the server gives the core ----------------------------------------------------------------
+
+
+class FdKind(enum.Enum):
+    """What a received file descriptor is (the server looks with ``fstat``)."""
+
+    EVENTFD = "an eventfd"
+    PIPE = "a pipe"
+    FILE = "a file"
+    """A regular file or a memfd: something guest memory can be mapped from."""
+    OTHER = "something else"
+
+
+@dataclass(frozen=True)
+class Fd:
+    """A file descriptor that came with a message, and what it is."""
+
+    num: int
+    kind: FdKind
+
+
+class Mapping(Protocol):
+    """One mapped region of guest memory, as :meth:`Host.map` returns it."""
+
+    @property
+    def view(self) -> memoryview:
+        """The region's bytes (writable)."""
+        ...
+
+    def close(self) -> None:
+        """Release the view and unmap (views derived from it must be gone)."""
+        ...
+
+
+class Host(Protocol):
+    """The operating system, as the core sees it: the server's implementation maps with ``mmap``
+    (after checking and sealing the file) and closes with ``os.close``."""
+
+    def map(self, fd: Fd, offset: int, size: int) -> Mapping:
+        """Map ``size`` bytes of ``fd`` from ``offset``, shared and writable. Raises
+        :class:`MemoryRefused`. The caller closes ``fd`` afterwards either way."""
+        ...
+
+    def close(self, fd: int) -> None:
+        """Close ``fd`` (a descriptor the core owns)."""
+        ...
+
+
+class Turn(NamedTuple):
+    """What one call of :meth:`Backend.serve` (or :meth:`Backend.poll`) did."""
+
+    taken: int
+    """Chains the served ring handed out."""
+    again: tuple[int, ...]
+    """Enabled rings whose budget is spent: work may remain, give them another turn."""
+
+
+class _CallNotify:
+    """The queues' :class:`~virtio_schema.queue.DriverNotify`: remembers that the driver is owed a
+    notification; the server signals the call fd after the turn (:meth:`Backend.take_calls`)."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = False
 
     def notify(self) -> None:
-        if self.fd is not None:
-            try:  # noqa: SIM105 - hot path: a plain try is cheaper than contextlib.suppress
-                os.write(self.fd, self._ONE)
-            except BlockingIOError:  # the counter is saturated: the front-end is signalled anyway
-                pass
+        self.pending = True
 
 
 @dataclass
@@ -136,8 +230,7 @@ class _Region:
     gpa: int
     size: int
     uva: int
-    mm: mmap.mmap
-    view: memoryview
+    mapping: Mapping
 
 
 @dataclass
@@ -149,37 +242,48 @@ class _Vring:
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
-    enabled: bool = False
-    started: bool = False
+    state: RingState = RingState.STOPPED
+    polled: bool = False  # started with NOFD: no kick fd, the server polls the ring
     queue: VirtQueue | None = None
-    notify: EventfdNotify | None = None
+    notify: _CallNotify = field(default_factory=_CallNotify)
     broken_logged: bool = False
     gpas: tuple[int, ...] = ()  # guest addresses of the three ring areas
 
 
+_Handler = Callable[[int, bytes, list[Fd]], bytes | None]
+
+
 class Backend:
-    """One vhost-user connection's state. ``handle`` one message at a time; ``kick`` when a kick
-    fd is readable; ``close`` on disconnect (releases every fd and mapping)."""
+    """One vhost-user connection's state (see the module's theory of operation).
+
+    ``host`` maps memory and closes fds for it; ``budget`` caps the chains one turn of a ring
+    hands out (default and maximum: the queue size).
+    """
 
     def __init__(
         self,
         device: VhostUserDevice,
         *,
+        host: Host,
         name: str = "vhost-user",
-        unwatch: Callable[[int], None] | None = None,
+        budget: int | None = None,
     ) -> None:
-        """``unwatch(fd)`` is called before a kick fd is closed, so a poller can forget it first
-        (the front-end holds the same eventfd: closing ours does not remove it from epoll)."""
+        if budget is not None and budget < 1:
+            raise ValueError(f"budget {budget} < 1")
         self.device = device
+        self.host = host
         self.name = name
-        self._unwatch = unwatch
+        self.budget = budget
         self.acked_features = 0
         self.protocol_features = 0
         self.owner = False
         self.memory: GuestMemory | None = None
+        self.refusals: list[str] = []
+        """Requests answered with a non-zero ack (newest last): the connection went on."""
         self._regions: list[_Region] = []
+        self._wakeups: set[int] = set()
         self.vrings = [_Vring(i) for i in range(device.num_queues)]
-        self._handlers: dict[int, Callable[[int, bytes, list[int]], bytes | None]] = {
+        self._handlers: dict[int, _Handler] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.SET_OWNER: self._set_owner,
@@ -202,33 +306,53 @@ class Backend:
 
     # --- the message entry point ---------------------------------------------------------------
 
-    def handle(self, request: int, flags: int, payload: bytes, fds: list[int]) -> bytes | None:
+    def handle(self, request: int, flags: int, payload: bytes, fds: Sequence[Fd]) -> bytes | None:
         """Act on one message; returns the reply to send, if any. Takes ownership of ``fds``.
 
-        Raises :class:`FrontendError` for anything malformed or unexpected (after closing the fds
-        it did not keep); the caller closes the connection.
+        Raises :class:`FrontendError` for anything malformed or unexpected, and
+        :class:`RequestRefused` for a refused request the front-end did not ask an ack for; the
+        caller closes the connection.
         """
-        kept = False
+        left = list(fds)  # handlers remove the fds they keep
         try:
-            if flags & HeaderFlags.VERSION_MASK != 1:
-                raise FrontendError(f"{self.name}: protocol version {flags & 3}, expected 1")
-            if len(fds) > MAX_FDS:
-                raise FrontendError(f"{self.name}: {len(fds)} fds with one message")
-            if fds and request not in _FD_REQUESTS:
-                raise FrontendError(f"{self.name}: request {request} does not carry fds")
+            self._check_header(request, flags, left)
             handler = self._handlers.get(request)
             if handler is None:
-                raise FrontendError(f"{self.name}: unexpected request {_name(request)}")
-            reply = handler(request, payload, fds)
-            kept = True
+                raise RequestRefused(f"{self.name}: unexpected request {_name(request)}")
+            try:
+                reply = handler(request, payload, left)
+            except RequestRefused as exc:
+                if not self._acks(flags) or request in _OWN_REPLIES:
+                    raise
+                log.warning("%s: refused: %s", self.name, exc)
+                self.refusals.append(str(exc))
+                return _reply(request, U64.pack(U64Rec(1)))
         finally:
-            if not kept:
-                _close_all(fds)
+            for fd in left:
+                self.host.close(fd.num)
         if reply is not None:
             return reply
-        if flags & HeaderFlags.NEED_REPLY and self.protocol_features & ProtocolFeature.REPLY_ACK:
+        if self._acks(flags):
             return _reply(request, U64.pack(U64Rec(0)))
         return None
+
+    def _acks(self, flags: int) -> bool:
+        """The front-end asked for an ack and may (REPLY_ACK)."""
+        return bool(
+            flags & HeaderFlags.NEED_REPLY and self.protocol_features & ProtocolFeature.REPLY_ACK
+        )
+
+    def _check_header(self, request: int, flags: int, fds: list[Fd]) -> None:
+        if flags & HeaderFlags.VERSION_MASK != 1:
+            raise FrontendError(f"{self.name}: protocol version {flags & 3}, expected 1")
+        if flags & HeaderFlags.REPLY:
+            raise FrontendError(f"{self.name}: {_name(request)} has the REPLY flag of a reply")
+        if flags & ~_KNOWN_FLAGS:
+            raise FrontendError(f"{self.name}: {_name(request)} has reserved flags {flags:#x}")
+        if len(fds) > MAX_FDS:
+            raise FrontendError(f"{self.name}: {len(fds)} fds with one message")
+        if fds and request not in _FD_REQUESTS:
+            raise FrontendError(f"{self.name}: request {request} does not carry fds")
 
     # --- negotiation ---------------------------------------------------------------------------
 
@@ -239,51 +363,60 @@ class Backend:
     def offered_features(self) -> int:
         return int(self.device.device_features()) | int(Feature.PROTOCOL_FEATURES)
 
-    def _get_features(self, request: int, payload: bytes, fds: list[int]) -> bytes:
+    def _get_features(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         _expect_size(request, payload, 0)
         return _reply(request, U64.pack(U64Rec(self.offered_features())))
 
-    def _set_features(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_features(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         value = _u64(request, payload)
         extra = value & ~self.offered_features()
         if extra:
-            raise FrontendError(f"{self.name}: SET_FEATURES acks unoffered bits {extra:#x}")
+            raise RequestRefused(f"{self.name}: SET_FEATURES acks unoffered bits {extra:#x}")
+        changed = (value ^ self.acked_features) & ~LOG_ALL
+        running = [vr.index for vr in self.vrings if vr.state.started]
+        if changed and running:
+            raise RequestRefused(
+                f"{self.name}: SET_FEATURES changes bits {changed:#x} while ring(s)"
+                f" {running} run (only VHOST_F_LOG_ALL may change)"
+            )
         self.acked_features = value
         log.info("%s: features acked %#x", self.name, value)
         if not value & Feature.PROTOCOL_FEATURES:
-            for vr in self.vrings:  # without protocol features, rings start enabled
-                vr.enabled = True
+            for vr in self.vrings:  # without protocol features, rings are enabled
+                self._apply(vr, RingEvent.ENABLE)
         return None
 
-    def _set_owner(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_owner(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         _expect_size(request, payload, 0)
         self.owner = True
         return None
 
-    def _reset_owner(self, request: int, payload: bytes, fds: list[int]) -> None:
-        self._stop_all()
+    def _reset_owner(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        _expect_size(request, payload, 0)
+        for vr in self.vrings:
+            self._stop(vr)
         self.owner = False
         return None
 
-    def _get_protocol_features(self, request: int, payload: bytes, fds: list[int]) -> bytes:
+    def _get_protocol_features(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         _expect_size(request, payload, 0)
         return _reply(request, U64.pack(U64Rec(self.offered_protocol_features())))
 
-    def _set_protocol_features(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_protocol_features(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         value = _u64(request, payload)
         extra = value & ~self.offered_protocol_features()
         if extra:
-            raise FrontendError(f"{self.name}: SET_PROTOCOL_FEATURES acks unoffered {extra:#x}")
+            raise RequestRefused(f"{self.name}: SET_PROTOCOL_FEATURES acks unoffered {extra:#x}")
         self.protocol_features = value
         return None
 
-    def _get_queue_num(self, request: int, payload: bytes, fds: list[int]) -> bytes:
+    def _get_queue_num(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         _expect_size(request, payload, 0)
         return _reply(request, U64.pack(U64Rec(self.device.num_queues)))
 
     # --- memory --------------------------------------------------------------------------------
 
-    def _set_mem_table(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_mem_table(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         if len(payload) < MEMORY_HDR.size:
             raise FrontendError(f"{self.name}: SET_MEM_TABLE payload of {len(payload)} bytes")
         (n,) = MEMORY_HDR.unpack_from(payload)
@@ -292,44 +425,54 @@ class Backend:
         _expect_size(request, payload, MEMORY_HDR.size + n * MEM_REGION.size)
         if len(fds) != n:
             raise FrontendError(f"{self.name}: SET_MEM_TABLE: {n} regions but {len(fds)} fds")
+        records = [
+            MEM_REGION.unpack_from(payload, MEMORY_HDR.size + k * MEM_REGION.size) for k in range(n)
+        ]
+        for k, (rec, fd) in enumerate(zip(records, fds, strict=True)):
+            self._check_region(k, rec.guest_phys_addr, rec.memory_size, rec.userspace_addr,
+                               rec.mmap_offset, fd)  # fmt: skip
+        for a in records:
+            for b in records:
+                if (
+                    a is not b
+                    and a.userspace_addr < b.userspace_addr + b.memory_size
+                    and (b.userspace_addr < a.userspace_addr + a.memory_size)
+                ):
+                    raise FrontendError(f"{self.name}: SET_MEM_TABLE: user ranges overlap")
         regions: list[_Region] = []
         try:
-            for k in range(n):
-                rec = MEM_REGION.unpack_from(payload, MEMORY_HDR.size + k * MEM_REGION.size)
-                regions.append(self._map_region(k, rec.guest_phys_addr, rec.memory_size,
-                                                rec.userspace_addr, rec.mmap_offset, fds[k]))  # fmt: skip
+            for k, (rec, fd) in enumerate(zip(records, fds, strict=True)):
+                try:
+                    mapping = self.host.map(fd, rec.mmap_offset, rec.memory_size)
+                except MemoryRefused as exc:
+                    raise RequestRefused(f"{self.name}: region {k}: {exc}") from None
+                regions.append(
+                    _Region(rec.guest_phys_addr, rec.memory_size, rec.userspace_addr, mapping)
+                )
             try:
-                memory = GuestMemory([(r.gpa, r.view) for r in regions])
+                memory = GuestMemory([(r.gpa, r.mapping.view) for r in regions])
             except VirtioError as exc:
                 raise FrontendError(f"{self.name}: SET_MEM_TABLE: {exc}") from None
-            for a in regions:
-                for b in regions:
-                    if a is not b and a.uva < b.uva + b.size and b.uva < a.uva + a.size:
-                        memory.close()
-                        raise FrontendError(f"{self.name}: SET_MEM_TABLE: user ranges overlap")
         except BaseException:
             _unmap(regions)
             raise
-        finally:
-            _close_all(fds)  # the mappings keep what they need
         running = self._suspend_queues()
         self._release_memory()
         self.memory = memory
         self._regions = regions
         self._resume_queues(running)
-        return None
+        return None  # the fds are closed by handle: the mappings keep what they need
 
-    def _map_region(self, k: int, gpa: int, size: int, uva: int, offset: int, fd: int) -> _Region:
+    def _check_region(self, k: int, gpa: int, size: int, uva: int, offset: int, fd: Fd) -> None:
         if size == 0 or gpa + size > 1 << 64 or uva + size > 1 << 64 or offset + size > 1 << 63:
             raise FrontendError(
                 f"{self.name}: region {k}: gpa={gpa:#x} size={size:#x} uva={uva:#x}"
                 f" offset={offset:#x} is not a valid range"
             )
-        try:
-            mm = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError, OverflowError) as exc:
-            raise FrontendError(f"{self.name}: region {k}: cannot map fd {fd}: {exc}") from None
-        return _Region(gpa, size, uva, mm, memoryview(mm)[offset : offset + size])
+        if fd.kind is not FdKind.FILE:
+            raise FrontendError(
+                f"{self.name}: region {k}: fd {fd.num} is {fd.kind.value}, not a file"
+            )
 
     def _release_memory(self) -> None:
         if self.memory is not None:
@@ -373,7 +516,7 @@ class Backend:
         _expect_size(request, payload, VRING_STATE.size)
         return VRING_STATE.unpack(payload)
 
-    def _set_vring_num(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_vring_num(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
         try:
@@ -383,45 +526,55 @@ class Backend:
                 check_split_queue_size(s.num)
         except VirtioError as exc:
             raise FrontendError(f"{self.name}: SET_VRING_NUM ring {s.index}: {exc}") from None
-        if vr.started:
-            raise FrontendError(f"{self.name}: SET_VRING_NUM on running ring {s.index}")
+        if vr.state.started:
+            raise RequestRefused(f"{self.name}: SET_VRING_NUM on running ring {s.index}")
         vr.size = s.num
         return None
 
-    def _set_vring_addr(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_vring_addr(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         _expect_size(request, payload, VRING_ADDR.size)
         a = VRING_ADDR.unpack(payload)
         vr = self._vring(request, a.index)
+        if vr.queue is None:
+            vr.addr = a
+            return None
+        # moved while running: rebuild at the same place, or keep the old one if it does not fit
+        old, state = vr.addr, vr.queue.state()
+        self._leave(vr)
         vr.addr = a
-        if vr.started and vr.queue is not None:  # moved while running: rebuild at the same place
-            state = vr.queue.state()
-            vr.queue = None
+        try:
             self._build_queue(vr, state)
+        except FrontendError:
+            vr.addr = old
+            self._build_queue(vr, state)
+            raise
+        finally:
+            self._enter(vr)
         return None
 
-    def _set_vring_base(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_vring_base(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
         if s.num > 0xFFFF and not self.packed:
             raise FrontendError(f"{self.name}: SET_VRING_BASE ring {s.index}: base {s.num}")
-        if vr.started:
-            raise FrontendError(f"{self.name}: SET_VRING_BASE on running ring {s.index}")
+        if vr.state.started:
+            raise RequestRefused(f"{self.name}: SET_VRING_BASE on running ring {s.index}")
         vr.base = self._decode_base(s.num)
         return None
 
-    def _get_vring_base(self, request: int, payload: bytes, fds: list[int]) -> bytes:
+    def _get_vring_base(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
-        if vr.queue is not None and vr.enabled:
-            # serve what the driver made available before it asked us to stop, so a stop loses
-            # no request the driver already handed over
-            self.kick(s.index, drain=False)
-        state = vr.queue.state() if vr.queue is not None else vr.base
+        if vr.queue is not None:
+            # serve what the driver made available before it asked us to stop (one turn: at most
+            # a ring's worth), so a stop loses no request the driver already handed over
+            self.serve(s.index)
+            vr.base = vr.queue.state()
+        state = vr.base
         self._stop(vr)
-        vr.base = state
         return _reply(request, VRING_STATE.pack(VringStateRec(s.index, self._encode_base(state))))
 
-    def _set_vring_fd(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_vring_fd(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         value = _u64(request, payload)
         index, nofd = value & 0xFF, bool(value & _NOFD)
         if value & ~0x1FF:
@@ -431,34 +584,31 @@ class Backend:
             raise FrontendError(
                 f"{self.name}: {_name(request)} ring {index}: {len(fds)} fds, nofd={nofd}"
             )
-        fd = fds[0] if fds else None
-        fds.clear()  # owned by the ring from here on
-        if fd is not None and request != Request.SET_VRING_KICK:
-            # never block the server on a saturated call/err eventfd (QEMU's and DPDK's eventfds
-            # are non-blocking already; this only protects against a hostile front-end)
-            os.set_blocking(fd, False)
+        fd = fds[0].num if fds else None
+        if fds and fds[0].kind not in (FdKind.EVENTFD, FdKind.PIPE):
+            raise FrontendError(
+                f"{self.name}: {_name(request)} ring {index}: fd {fds[0].num} is"
+                f" {fds[0].kind.value}, not an eventfd or a pipe"
+            )
         if request == Request.SET_VRING_KICK:
+            self._start(vr)  # refuses before anything changes
             self._close_kick(vr)
-            vr.kick_fd = fd
-            self._start(vr)
+            vr.kick_fd, vr.polled = fd, fd is None
         elif request == Request.SET_VRING_CALL:
-            _close(vr.call_fd)
+            self._close(vr.call_fd)
             vr.call_fd = fd
-            if vr.notify is not None:
-                vr.notify.fd = fd
         else:
-            _close(vr.err_fd)
+            self._close(vr.err_fd)
             vr.err_fd = fd
+        fds.clear()  # kept by the ring
         return None
 
-    def _set_vring_enable(self, request: int, payload: bytes, fds: list[int]) -> None:
+    def _set_vring_enable(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
         if s.num not in (0, 1):
             raise FrontendError(f"{self.name}: SET_VRING_ENABLE ring {s.index} num={s.num}")
-        vr.enabled = bool(s.num)
-        if vr.enabled:
-            self.kick(s.index, drain=False)  # serve what arrived while disabled
+        self._apply(vr, RingEvent.ENABLE if s.num else RingEvent.DISABLE)
         return None
 
     def _start(self, vr: _Vring) -> None:
@@ -468,18 +618,19 @@ class Backend:
                 f"{self.name}: SET_VRING_KICK ring {vr.index} before its size, addresses"
                 " and the memory table"
             )
-        if vr.queue is not None:  # a new kick fd for a running ring
+        if vr.queue is not None:  # a new kick fd (or polling) for a running ring
             return
         self._build_queue(vr, vr.base)
-        vr.started = True
-        areas = vr.gpas
         log.info(
             "%s: ring %d started (size %d, avail %d%s)",
             self.name, vr.index, vr.size, vr.base.next_avail,
-            "".join(f", {k} {v:#x}" for k, v in zip(("desc", "avail", "used"), areas, strict=False)),
+            "".join(f", {k} {v:#x}" for k, v in zip(("desc", "avail", "used"), vr.gpas, strict=False)),
         )  # fmt: skip
+        self._apply(vr, RingEvent.START)
 
     def _build_queue(self, vr: _Vring, state: QueueState) -> None:
+        """The ring's queue on the current memory at ``state``; raises :class:`RequestRefused`
+        (nothing changed) if its areas are not in the memory table."""
         assert vr.size is not None
         assert vr.addr is not None
         assert self.memory is not None
@@ -498,16 +649,14 @@ class Backend:
                 else self.memory.translate(DriverRange.from_addr_len(gpa, length))
             )
             if dr is None or gpa is None:
-                raise FrontendError(
+                raise RequestRefused(
                     f"{self.name}: ring {vr.index}: {what} at {uva:#x}+{length:#x} is not in"
                     " the memory table"
                 )
             areas.append(dr)
             gpas.append(gpa)
-        if vr.notify is None:
-            vr.notify = EventfdNotify(vr.call_fd)
         try:
-            vr.queue = create_queue(
+            queue = create_queue(
                 QueueMemory(areas[0], areas[1], areas[2]),
                 n,
                 self.memory,
@@ -517,90 +666,173 @@ class Backend:
                 index=vr.index,
             )
         except VirtioError as exc:
-            raise FrontendError(f"{self.name}: ring {vr.index}: {exc}") from None
+            raise RequestRefused(f"{self.name}: ring {vr.index}: {exc}") from None
+        queue.set_budget(0)  # no chain until the ring is enabled (rule 3)
+        vr.queue = queue
         vr.broken_logged = False
         vr.gpas = tuple(gpas)
-        self.device.started(vr.index, vr.queue)
+
+    def _apply(self, vr: _Vring, event: RingEvent) -> None:
+        """Move ring ``vr`` by ``event`` (the table) and tell the device."""
+        old, new = vr.state, transition(vr.state, event)
+        vr.state = new
+        if new is RingState.STARTED_ENABLED and old is not RingState.STARTED_ENABLED:
+            self._wakeups.add(vr.index)  # serve what arrived before (no kick is owed for it)
+        self._hooks(vr, hooks(old, new))
+
+    def _hooks(self, vr: _Vring, names: tuple[str, ...]) -> None:
+        queue = vr.queue
+        for name in names:
+            if name == "stopped":
+                self.device.stopped(vr.index)
+            elif name == "disabled":
+                if queue is not None:
+                    queue.set_budget(0)
+                self.device.disabled(vr.index)
+            else:
+                assert queue is not None
+                if name == "started":
+                    self.device.started(vr.index, queue)
+                else:
+                    queue.set_budget(self._budget_of(queue))
+                    self.device.enabled(vr.index, queue)
+
+    def _leave(self, vr: _Vring) -> None:
+        """The device lets go of the ring's queue (it is about to be replaced)."""
+        self._hooks(vr, hooks(vr.state, RingState.STOPPED))
+        vr.queue = None
+
+    def _enter(self, vr: _Vring) -> None:
+        """The device is handed the ring's (new) queue."""
+        self._hooks(vr, hooks(RingState.STOPPED, vr.state))
 
     def _stop(self, vr: _Vring) -> None:
-        was = vr.started
-        vr.queue = None
-        vr.started = False
-        self._close_kick(vr)
-        if was:
+        if vr.state.started:
             log.info("%s: ring %d stopped", self.name, vr.index)
-            self.device.stopped(vr.index)
+        self._apply(vr, RingEvent.STOP)
+        vr.queue = None
+        vr.polled = False
+        self._close_kick(vr)
 
     def _close_kick(self, vr: _Vring) -> None:
-        if vr.kick_fd is not None:
-            if self._unwatch is not None:
-                self._unwatch(vr.kick_fd)
-            _close(vr.kick_fd)
-            vr.kick_fd = None
+        self._close(vr.kick_fd)
+        vr.kick_fd = None
 
-    def _stop_all(self) -> None:
-        for vr in self.vrings:
-            self._stop(vr)
+    def _close(self, fd: int | None) -> None:
+        if fd is not None:
+            self.host.close(fd)
 
     def _suspend_queues(self) -> list[tuple[_Vring, QueueState]]:
-        """Take the running queues off the old memory; the device drops them (``stopped``)."""
+        """Take the running queues off the old memory (the device lets go of them)."""
         running = [(vr, vr.queue.state()) for vr in self.vrings if vr.queue is not None]
         for vr, _ in running:
-            vr.queue = None
-            self.device.stopped(vr.index)
+            self._leave(vr)
         return running
 
     def _resume_queues(self, running: list[tuple[_Vring, QueueState]]) -> None:
         for vr, state in running:
-            self._build_queue(vr, state)
+            try:
+                self._build_queue(vr, state)
+            except RequestRefused as exc:  # the new table lost the ring: it stops
+                log.error("%s: %s; ring %d stopped", self.name, exc, vr.index)
+                vr.base = state
+                vr.state = transition(vr.state, RingEvent.STOP)  # the device let go already
+                vr.polled = False
+                self._close_kick(vr)
+                continue
+            self._enter(vr)
 
     # --- config --------------------------------------------------------------------------------
 
     def _config_hdr(self, request: int, payload: bytes) -> ConfigHdrRec:
+        if not self.protocol_features & ProtocolFeature.CONFIG:
+            raise FrontendError(
+                f"{self.name}: {_name(request)} without the CONFIG protocol feature"
+            )
         if len(payload) < CONFIG_HDR.size:
             raise FrontendError(f"{self.name}: {_name(request)} payload of {len(payload)} bytes")
         c = CONFIG_HDR.unpack_from(payload)
-        if c.size > MAX_CONFIG_SIZE or c.offset + c.size > MAX_CONFIG_SIZE:
-            raise FrontendError(
-                f"{self.name}: {_name(request)} offset={c.offset} size={c.size} exceeds"
-                f" {MAX_CONFIG_SIZE}"
-            )
         _expect_size(request, payload, CONFIG_HDR.size + c.size)
         return c
 
-    def _get_config(self, request: int, payload: bytes, fds: list[int]) -> bytes:
-        if not self.protocol_features & ProtocolFeature.CONFIG:
-            raise FrontendError(f"{self.name}: GET_CONFIG without the CONFIG protocol feature")
+    def _get_config(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         c = self._config_hdr(request, payload)
         space = self.device.config()
-        data = space[c.offset : c.offset + c.size].ljust(c.size, b"\0")
-        return _reply(request, CONFIG_HDR.pack(c) + data)
+        if c.offset + c.size > len(space):
+            # vhost-user.rst, GET_CONFIG: "zero length of payload to indicate an error"
+            log.warning(
+                "%s: GET_CONFIG offset=%d size=%d outside the %d-byte config space",
+                self.name, c.offset, c.size, len(space),
+            )  # fmt: skip
+            return _reply(request, b"")
+        return _reply(request, CONFIG_HDR.pack(c) + space[c.offset : c.offset + c.size])
 
-    def _set_config(self, request: int, payload: bytes, fds: list[int]) -> None:
-        if not self.protocol_features & ProtocolFeature.CONFIG:
-            raise FrontendError(f"{self.name}: SET_CONFIG without the CONFIG protocol feature")
+    def _set_config(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         c = self._config_hdr(request, payload)
+        if c.flags not in (_CONFIG_FRONTEND, _CONFIG_MIGRATION):
+            raise FrontendError(f"{self.name}: SET_CONFIG flags {c.flags:#x}")
+        end = c.offset + c.size
+        space = len(self.device.config())
+        if end > space:
+            raise RequestRefused(
+                f"{self.name}: SET_CONFIG offset={c.offset} size={c.size} outside the"
+                f" {space}-byte config space"
+            )
+        # vhost-user.rst, SET_CONFIG: "back-ends MUST NOT accept SET_CONFIG for read-only
+        # configuration space fields unless the live migration bit is set"
+        writable = any(c.offset in r and end - 1 in r for r in self.device.writable_config)
+        if c.flags == _CONFIG_FRONTEND and c.size and not writable:
+            raise RequestRefused(
+                f"{self.name}: SET_CONFIG offset={c.offset} size={c.size}: not a writable field"
+            )
         self.device.set_config(c.offset, payload[CONFIG_HDR.size :])
         return None
 
-    # --- kicks ---------------------------------------------------------------------------------
+    # --- turns ---------------------------------------------------------------------------------
+
+    def _budget_of(self, queue: VirtQueue) -> int:
+        return queue.size if self.budget is None else min(self.budget, queue.size)
 
     def kick_fds(self) -> dict[int, int]:
-        """``{kick fd: ring index}`` of the started rings (the server polls these)."""
-        return {vr.kick_fd: vr.index for vr in self.vrings if vr.kick_fd is not None and vr.started}
+        """``{kick fd: ring index}`` of the started rings (the server watches these)."""
+        return {
+            vr.kick_fd: vr.index
+            for vr in self.vrings
+            if vr.kick_fd is not None and vr.state.started
+        }
 
-    def kick(self, index: int, *, drain: bool = True) -> None:
-        """Ring ``index`` was kicked: read the eventfd (``drain``) and let the device serve the
-        queue if the ring is started and enabled. Driver errors are logged, never raised."""
+    def polled_rings(self) -> list[int]:
+        """Started rings without a kick fd (SET_VRING_KICK with NOFD): the server polls them."""
+        return [vr.index for vr in self.vrings if vr.polled and vr.state.started]
+
+    def take_wakeups(self) -> list[int]:
+        """Rings that became started and enabled since the last call: give each a turn (what the
+        driver published before needs no kick)."""
+        woken, self._wakeups = sorted(self._wakeups), set()
+        return woken
+
+    def take_calls(self) -> list[int]:
+        """Call fds the server must signal now (the queues notified since the last call)."""
+        calls = []
+        for vr in self.vrings:
+            if vr.notify.pending:
+                vr.notify.pending = False
+                if vr.call_fd is not None:
+                    calls.append(vr.call_fd)
+        return calls
+
+    def serve(self, index: int) -> Turn:
+        """One turn of ring ``index`` (after a kick, a wake-up, a poll or a spent budget): the
+        device's ``handle`` with the queue's budget renewed, in one batch. Driver errors are
+        logged, never raised; the device's own exceptions propagate."""
         vr = self.vrings[index]
-        if drain and vr.kick_fd is not None:
-            with contextlib.suppress(BlockingIOError):
-                os.read(vr.kick_fd, 8)
         queue = vr.queue
-        if queue is None or not vr.enabled:
-            return
+        if queue is None or vr.state is not RingState.STARTED_ENABLED:
+            return Turn(0, ())
+        budget = self._budget_of(queue)
+        queue.set_budget(budget)
         try:
-            with queue.batch():  # one used-index update and at most one call per kick
+            with queue.batch():  # one used-index update and at most one call per turn
                 self.device.handle(index, queue)
         except QueueBroken as exc:
             if not vr.broken_logged:
@@ -608,13 +840,33 @@ class Backend:
                 vr.broken_logged = True
         except DriverError as exc:
             log.warning("%s: ring %d: %s", self.name, index, exc)
+        return Turn(budget - (queue.budget or 0), self._spent())
 
-    def poll(self) -> None:
+    def poll(self) -> Turn:
         """The device's periodic poll (for devices that produce without being kicked)."""
         try:
             self.device.poll()
         except DriverError as exc:
             log.warning("%s: poll: %s", self.name, exc)
+        return Turn(0, self._spent())
+
+    def _spent(self) -> tuple[int, ...]:
+        return tuple(
+            vr.index
+            for vr in self.vrings
+            if vr.queue is not None
+            and vr.state is RingState.STARTED_ENABLED
+            and vr.queue.budget == 0
+        )
+
+    def kick_failed(self, index: int, reason: str) -> None:
+        """The kick fd of ring ``index`` cannot be used any more (a pipe at end-of-file): a
+        front-end error for that ring, which stops (the front-end may start it again)."""
+        vr = self.vrings[index]
+        log.error("%s: ring %d: %s; the ring is stopped", self.name, index, reason)
+        if vr.queue is not None:
+            vr.base = vr.queue.state()
+        self._stop(vr)
 
     # --- teardown ------------------------------------------------------------------------------
 
@@ -622,10 +874,9 @@ class Backend:
         """Stop every ring, close every fd, unmap the memory."""
         for vr in self.vrings:
             self._stop(vr)
-            _close(vr.call_fd)
-            _close(vr.err_fd)
+            self._close(vr.call_fd)
+            self._close(vr.err_fd)
             vr.call_fd = vr.err_fd = None
-            vr.notify = None
         self._release_memory()
 
 
@@ -651,22 +902,9 @@ def _u64(request: int, payload: bytes) -> int:
     return U64.unpack(payload).u64
 
 
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        _close(fd)
-    fds.clear()
-
-
 def _unmap(regions: list[_Region]) -> None:
     for r in regions:
-        r.view.release()
         try:
-            r.mm.close()
+            r.mapping.close()
         except BufferError as exc:
             log.error("guest memory region at %#x still exported: %s", r.gpa, exc)

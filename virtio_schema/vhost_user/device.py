@@ -3,9 +3,14 @@
 Subclass :class:`VhostUserDevice`, say which features, configuration space and how many queues the
 device has, and implement :meth:`~VhostUserDevice.handle`, called with a ready
 :class:`~virtio_schema.queue.Queue` or :class:`~virtio_schema.queue.PackedQueue` (whichever
-format the driver negotiated) whenever the driver kicked that queue (and the ring is started
-and enabled). Everything else, negotiation, memory, ring addresses, eventfds, stop and restart at the
+format the driver negotiated) whenever that queue has work (and the ring is started and
+enabled). Everything else, negotiation, memory, ring addresses, eventfds, stop and restart at the
 right index, is the transport's.
+
+A device that keeps queues to serve them outside ``handle`` (a receive queue filled when frames
+arrive from elsewhere) keeps them from :meth:`~VhostUserDevice.enabled` to
+:meth:`~VhostUserDevice.disabled`: a started but disabled ring must not be written
+(vhost-user.rst, "Ring states"), and its queue hands out no chains.
 """
 
 from __future__ import annotations
@@ -47,25 +52,45 @@ class VhostUserDevice:
         (QEMU's virtio-net) leaves CONFIG out."""
         return int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG)
 
+    writable_config: tuple[range, ...] = ()
+    """Byte ranges of :meth:`config` the driver may write (SET_CONFIG). A write must lie inside
+    one range; anything else is refused (vhost-user.rst: back-ends MUST NOT accept SET_CONFIG for
+    read-only fields), except the front-end's own migration writes."""
+
     def config(self) -> bytes:
-        """The device configuration space (GET_CONFIG reads from it)."""
+        """The device configuration space (GET_CONFIG reads from it; a read past its end fails)."""
         return b""
 
     def set_config(self, offset: int, data: bytes) -> None:
-        """The driver wrote ``data`` at ``offset`` of the configuration space (ignored by
-        default: most fields are read-only)."""
+        """``data`` was written at ``offset`` of the configuration space: by the driver, inside
+        :attr:`writable_config`, or by the front-end restoring a migrated device (any field).
+        Ignored by default."""
         log.info("SET_CONFIG offset=%d size=%d ignored", offset, len(data))
 
     def handle(self, index: int, queue: VirtQueue) -> None:
-        """Serve what is available on queue ``index``. Called on every kick of a started and
-        enabled ring; notifications the queue raises while this runs are coalesced into one."""
+        """Serve what is available on queue ``index``: called for each turn of a started and
+        enabled ring (a kick, a poll, or more work after a spent budget). The queue hands out at
+        most a budget of chains per turn (the queue size by default), then ``None``: the server
+        gives every other queue and connection its turn, then calls this again. Notifications
+        the queue raises during a turn are coalesced into one."""
         raise NotImplementedError
 
     def poll(self) -> None:
         """Called every :attr:`poll_interval` seconds while a front-end is connected."""
 
     def started(self, index: int, queue: VirtQueue) -> None:
-        """Queue ``index`` was (re)started (SET_VRING_KICK with memory and addresses known)."""
+        """Ring ``index`` started (SET_VRING_KICK with memory and addresses known), or its queue
+        was rebuilt (new memory table, new addresses). It may still be disabled: do not serve it
+        before :meth:`enabled`."""
+
+    def enabled(self, index: int, queue: VirtQueue) -> None:
+        """Ring ``index`` is started and enabled: ``queue`` may be served until
+        :meth:`disabled`. A device that keeps queues keeps them from here."""
+
+    def disabled(self, index: int) -> None:
+        """Ring ``index`` is no longer enabled (SET_VRING_ENABLE 0, a stop, a rebuild): drop
+        its queue and write nothing more to it."""
 
     def stopped(self, index: int) -> None:
-        """Queue ``index`` was stopped (GET_VRING_BASE, reset or disconnect)."""
+        """Ring ``index`` stopped (GET_VRING_BASE, reset, disconnect), or its queue is about to
+        be rebuilt."""

@@ -1,20 +1,32 @@
-"""The vhost-user back-end server: a unix socket, SCM_RIGHTS, eventfds and one poll loop.
+"""The vhost-user back-end server: the one I/O driver around the protocol core.
 
 Theory of operation. :class:`VhostUserServer` listens on a unix socket (the front-end, e.g. QEMU with
 ``-chardev socket,path=...``, connects as the client). Each connection gets its own
-:class:`~virtio_schema.vhost_user.backend.Backend` and device (from the factory). One thread polls
-the listening socket, every connection and every started ring's kick eventfd with ``selectors``:
-a readable connection yields one message (header, payload, fds) for the back-end; a readable kick fd
-lets the device serve that queue.
+:class:`~virtio_schema.vhost_user.backend.Backend` (the sans-I/O protocol core) and device (from the
+factory). One thread runs one loop over non-blocking sockets and fds with ``selectors``:
+
+* a readable connection's bytes and fds go to its
+  :class:`~virtio_schema.vhost_user.framing.MessageReader`; each whole message goes to the core,
+  whose reply joins the connection's output queue, written as the socket takes it;
+* a readable kick fd is drained and its ring gets a *turn*: the device's ``handle`` with a budget of
+  chains (the queue size by default), after which the used index is published and the driver
+  notified; a ring whose budget ran out goes to the back of the line of turns;
+* every round serves each ring in the line once, after looking at every socket and fd again: no
+  queue and no connection waits for another's work to finish.
 
 Rules of this module:
 
-1. A malformed message, a short read, an oversized payload, truncated ancillary data or any error
-   from the back-end is logged and ends that connection only: its fds and mappings are released and
-   the server goes on serving the others.
-2. A front-end that stalls mid-message cannot hang the server: reads of the rest of a message time
-   out (``io_timeout``), and the connection is dropped.
-3. With ``trace=True`` every message in and out is logged decoded (logger
+1. No peer can hold the server. A message must be whole within ``io_timeout`` seconds of its first
+   byte (a deadline per message, not per read); a connection whose unread replies exceed
+   ``max_output`` bytes is dropped; ``accept()`` running out of fds backs off and the existing
+   connections go on; at most ``max_clients`` connections at once.
+2. A malformed message, a refused request without an ack, a short read, an oversized payload,
+   truncated ancillary data or any error from the core or the device ends that connection only:
+   its fds and mappings are released and the server goes on serving the others. A kick pipe at
+   end-of-file stops that ring only.
+3. Every fd is classified (:func:`~virtio_schema.vhost_user.host.classify`) before the core sees
+   it, and closed through the connection's host, which forgets a watched kick fd first.
+4. With ``trace=True`` every message in and out is logged decoded (logger
    ``virtio_schema.vhost_user.trace``). With ``capture=FILE`` every message in and out is also
    appended to FILE raw, one line each, flushed at once: a recording of a real conversation to
    decode later or elsewhere (the format and
@@ -25,56 +37,83 @@ Rules of this module:
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
+import errno
 import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TextIO
+from types import TracebackType
+from typing import Self, TextIO
 
 from virtio_schema.vhost_user.backend import Backend, FrontendError
 from virtio_schema.vhost_user.device import VhostUserDevice
+from virtio_schema.vhost_user.framing import Message, MessageReader
+from virtio_schema.vhost_user.host import MemoryPolicy, OsHost, classify, signal
 from virtio_schema.vhost_user.messages import (
     CAPTURE_IN,
     CAPTURE_OUT,
     HEADER,
     MAX_FDS,
-    MAX_PAYLOAD,
     HeaderRec,
     describe,
     format_capture,
 )
 
-__all__ = ["VhostUserServer"]
+__all__ = ["ServerAddressInUse", "VhostUserServer"]
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("virtio_schema.vhost_user.trace")
 
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_MESSAGES_PER_READ = 8  # messages taken from one connection before the others get a look
+_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_BACKOFF = (0.05, 1.0)  # seconds: first and longest pause after accept() ran out of fds
+_POLL_BACKOFF = (0.001, 0.05)  # seconds: polled (NOFD) rings, busy and idle
 
 
-@dataclass
+class ServerAddressInUse(OSError):
+    """Another server is listening on the socket path (it is left alone)."""
+
+
 class _Conn:
-    sock: socket.socket
-    backend: Backend
-    name: str
-    kicks: dict[int, int] = field(default_factory=dict)  # registered kick fd -> ring index
-    next_poll: float = 0.0
+    """One front-end connection: its socket, core, framing, output queue, watched kick fds."""
 
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.backend: Backend | None = None
+        self.reader = MessageReader()
+        self.out = bytearray()
+        self.started: float | None = None  # when the first byte of a partial message came
+        self.kicks: dict[int, int] = {}  # watched kick fd -> ring index
+        self.polls: dict[int, tuple[float, float]] = {}  # polled ring -> (next turn, interval)
+        self.next_poll = 0.0
+        self.alive = True
 
-class _Disconnect(Exception):
-    """The peer closed the connection (not an error)."""
+    @property
+    def core(self) -> Backend:
+        assert self.backend is not None
+        return self.backend
 
 
 class VhostUserServer:
     """Serve devices made by ``device_factory`` on the unix socket ``path``.
 
     ``serve_forever()`` runs the loop in the calling thread until :meth:`stop` (thread-safe) or, if
-    ``max_connections`` is given, until that many connections have come and gone.
+    ``max_connections`` is given, until that many connections have come and gone. As a context
+    manager it listens on entry and closes everything on exit.
+
+    ``io_timeout``: seconds a message may take from its first byte to its last. ``budget``: chains
+    one turn of a ring may take (default and maximum: the queue size). ``max_output``: bytes of
+    replies a connection may leave unread. ``max_clients``: connections at once (more are closed
+    at once). ``memory_policy``: what to do with guest memory that cannot be sealed against
+    shrinking (:class:`~virtio_schema.vhost_user.host.MemoryPolicy`).
     """
 
     def __init__(
@@ -85,36 +124,65 @@ class VhostUserServer:
         trace: bool = False,
         capture: str | None = None,
         io_timeout: float = 5.0,
+        budget: int | None = None,
+        max_output: int = 1 << 16,
+        max_clients: int = 64,
+        memory_policy: MemoryPolicy = MemoryPolicy.TRUST,
     ) -> None:
+        if isinstance(device_factory, VhostUserDevice) or not callable(device_factory):
+            raise TypeError(
+                f"device_factory must make a device per connection (e.g. lambda: MyDevice()),"
+                f" not {type(device_factory).__name__}"
+            )
+        if budget is not None and budget < 1:
+            raise ValueError(f"budget {budget} < 1")
         self.path = path
         self.device_factory = device_factory
         self.trace = trace
         self.capture = capture
-        """File every message is appended to, raw (see the module's rule 3), or ``None``."""
+        """File every message is appended to, raw (see the module's rule 4), or ``None``."""
         self._capture: TextIO | None = None
         self.io_timeout = io_timeout
+        self.budget = budget
+        self.max_output = max_output
+        self.max_clients = max_clients
+        self.memory_policy = memory_policy
         self._sel = selectors.DefaultSelector()
         self._stop_r, self._stop_w = os.pipe()
         os.set_blocking(self._stop_r, False)
+        os.set_blocking(self._stop_w, False)
         self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None  # our socket file, the only one we unlink
+        self._accept_at: float | None = None  # accept() paused until then (out of fds)
+        self._accept_pause = _ACCEPT_BACKOFF[0]
         self._conns: dict[socket.socket, _Conn] = {}
+        self._ready: collections.deque[tuple[_Conn, int]] = collections.deque()
+        self._queued: set[tuple[int, int]] = set()  # (id(conn), ring) in _ready
         self._served = 0
         self._seq = 0
         self.errors: list[str] = []
-        """Messages of the errors that ended connections (newest last)."""
+        """Messages of the errors that ended connections or stopped rings (newest last)."""
+        self.refusals: list[str] = []
+        """Requests refused with a non-zero ack; their connections went on (newest last)."""
         self.ready = threading.Event()
         """Set once the socket is listening."""
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def listen(self) -> None:
-        """Bind and listen (``serve_forever`` does it if needed)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        """Bind and listen (``serve_forever`` does it if needed). A stale socket file is replaced;
+        a live server's socket, or any other file, is not (:class:`ServerAddressInUse`)."""
+        self._clear_path()
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        lst.bind(self.path)
-        lst.listen(4)
-        lst.setblocking(False)
+        try:
+            lst.bind(self.path)
+            st = os.stat(self.path)
+            lst.listen(16)
+            lst.setblocking(False)
+        except BaseException:
+            lst.close()
+            raise
+        self._inode = (st.st_dev, st.st_ino)
         self._listener = lst
         self._sel.register(lst, selectors.EVENT_READ, ("listen", None))
         self._sel.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
@@ -122,59 +190,86 @@ class VhostUserServer:
             self._capture = open(self.capture, "a", encoding="ascii")  # noqa: SIM115 - close()
         self.ready.set()
 
+    def _clear_path(self) -> None:
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise ServerAddressInUse(errno.EEXIST, f"{self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except OSError:  # nobody listens: a socket file left behind
+            os.unlink(self.path)
+            return
+        finally:
+            probe.close()
+        raise ServerAddressInUse(errno.EADDRINUSE, f"a server is listening on {self.path}")
+
     def stop(self) -> None:
         """Ask ``serve_forever`` to return (safe from any thread or a signal handler)."""
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
 
+    def __enter__(self) -> Self:
+        if self._listener is None:
+            self.listen()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
     def serve_forever(self, *, max_connections: int | None = None) -> None:
         if self._listener is None:
             self.listen()
         try:
-            while True:
-                if max_connections is not None and self._served >= max_connections:
-                    return
-                for key, _ in self._sel.select(self._poll_timeout()):
+            while max_connections is None or self._served < max_connections:
+                for key, mask in self._sel.select(self._timeout()):
                     kind, conn = key.data
                     if kind == "stop":
                         return
                     if kind == "listen":
                         self._accept()
+                    elif not conn.alive:
+                        continue
                     elif kind == "conn":
-                        self._on_message(conn)
-                    elif kind == "kick":
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(conn)
+                        if mask & selectors.EVENT_READ and conn.alive:
+                            self._on_readable(conn)
+                    else:
                         self._on_kick(conn, key.fd)
-                self._poll_devices()
+                now = time.monotonic()
+                self._expire(now)
+                self._resume_accept(now)
+                self._poll_devices(now)
+                self._poll_rings(now)
+                self._run_turns()
         finally:
             self.close()
 
-    def _poll_timeout(self) -> float | None:
-        """Wake up for the devices that asked to be polled (``VhostUserDevice.poll_interval``)."""
-        intervals = [
-            c.backend.device.poll_interval
-            for c in self._conns.values()
-            if c.backend.device.poll_interval is not None
-        ]
-        return min(intervals) if intervals else None
-
-    def _poll_devices(self) -> None:
-        now = time.monotonic()
-        for conn in list(self._conns.values()):
-            interval = conn.backend.device.poll_interval
-            if interval is None or now < conn.next_poll:
-                continue
-            conn.next_poll = now + interval
-            error = None
-            try:
-                conn.backend.poll()
-            except Exception as exc:
-                log.exception("%s: device poll", conn.name)
-                error = f"device error in poll: {type(exc).__name__}: {exc}"
-            if error is not None:  # outside the except block (see _on_message)
-                self._drop(conn, error)
+    def _timeout(self) -> float | None:
+        """Until the next deadline, poll or turn (``None``: only an event can wake us)."""
+        if self._ready:
+            return 0.0
+        times = [] if self._accept_at is None else [self._accept_at]
+        for c in self._conns.values():
+            if c.started is not None:
+                times.append(c.started + self.io_timeout)
+            if c.backend is not None and c.backend.device.poll_interval is not None:
+                times.append(c.next_poll)
+            times.extend(at for at, _ in c.polls.values())
+        return max(0.0, min(times) - time.monotonic()) if times else None
 
     def close(self) -> None:
-        """Close every connection and the listening socket, remove the socket file."""
+        """Close every connection and the listening socket, remove our socket file."""
         for conn in list(self._conns.values()):
             self._drop(conn, None)
         if self._listener is not None:
@@ -182,8 +277,10 @@ class VhostUserServer:
                 self._sel.unregister(self._listener)
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            with contextlib.suppress(OSError):
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:  # another server's: leave it
+                    os.unlink(self.path)
         for fd in (self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -201,152 +298,304 @@ class VhostUserServer:
             sock, _ = self._listener.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            if exc.errno in _ACCEPT_ERRORS:  # out of fds or memory: pause accepting, go on
+                log.error("accept: %s; pausing %.2f s", exc, self._accept_pause)
+                self._sel.unregister(self._listener)
+                self._accept_at = time.monotonic() + self._accept_pause
+                self._accept_pause = min(2 * self._accept_pause, _ACCEPT_BACKOFF[1])
+            else:
+                log.warning("accept: %s", exc)
+            return
+        self._accept_pause = _ACCEPT_BACKOFF[0]
+        if len(self._conns) >= self.max_clients:
+            log.warning("connection refused: %d connections already", len(self._conns))
+            sock.close()
+            return
         self._seq += 1
-        name = f"vhost-user#{self._seq}"
-        sock.settimeout(self.io_timeout)
-        conn = _Conn(sock, Backend(self.device_factory(), name=name), name)
-        conn.backend._unwatch = lambda fd: self._unwatch(conn, fd)
+        conn = _Conn(sock, f"vhost-user#{self._seq}")
+        try:
+            device = self.device_factory()
+            host = OsHost(policy=self.memory_policy, name=conn.name,
+                          on_close=lambda fd: self._unwatch(conn, fd))  # fmt: skip
+            conn.backend = Backend(device, host=host, name=conn.name, budget=self.budget)
+        except Exception as exc:
+            log.exception("%s: the device factory failed", conn.name)
+            self.errors.append(f"device factory: {type(exc).__name__}: {exc}")
+            sock.close()
+            return
+        sock.setblocking(False)
         self._conns[sock] = conn
         self._sel.register(sock, selectors.EVENT_READ, ("conn", conn))
-        log.info("%s: front-end connected", name)
+        log.info("%s: front-end connected", conn.name)
+
+    def _resume_accept(self, now: float) -> None:
+        if self._accept_at is not None and now >= self._accept_at and self._listener is not None:
+            self._accept_at = None
+            self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
 
     def _drop(self, conn: _Conn, error: str | None) -> None:
+        if not conn.alive:
+            return
+        conn.alive = False
         if error is not None:
             log.error("%s: %s; closing the connection", conn.name, error)
             self.errors.append(error)
         else:
             log.info("%s: front-end disconnected", conn.name)
         for fd in list(conn.kicks):
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(fd)
-        conn.kicks.clear()
+            self._unwatch(conn, fd)
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(conn.sock)
-        try:
-            conn.backend.close()
-        except Exception as exc:  # teardown must finish whatever happened
-            log.error("%s: teardown: %s", conn.name, exc)
+        for fd in conn.reader.discard():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if conn.backend is not None:
+            try:
+                conn.backend.close()
+            except Exception as exc:  # teardown must finish whatever happened
+                log.error("%s: teardown: %s", conn.name, exc)
         conn.sock.close()
         self._conns.pop(conn.sock, None)
         self._served += 1
 
-    def _on_message(self, conn: _Conn) -> None:
-        error = self._serve_message(conn)
-        # dropped outside the except blocks: a live traceback would keep the old queues (and
-        # through them the guest memory mappings) alive while the connection is torn down
-        if error is not None:
-            self._drop(conn, error or None)
-        else:
-            self._sync_kicks(conn)
+    def _expire(self, now: float) -> None:
+        for conn in list(self._conns.values()):
+            if conn.started is not None and now - conn.started > self.io_timeout:
+                got, want = conn.reader.progress()
+                self._drop(
+                    conn,
+                    f"message cut short: {got} of {want} bytes in {self.io_timeout:g} s",
+                )
 
-    def _serve_message(self, conn: _Conn) -> str | None:
-        """Read and act on one message; ``None`` if the connection goes on, ``""`` on a clean
-        disconnect, else the error that ends it."""
-        fds: list[int] = []
-        try:
-            request, flags, payload, fds = self._read_message(conn.sock)
-            if self._capture is not None:
-                raw = HEADER.pack(HeaderRec(request, flags, len(payload))) + payload
-                self._record(conn, CAPTURE_IN, raw, len(fds))
-            if self.trace:
-                trace_log.info("%s <- %s", conn.name, describe(request, flags, payload, len(fds)))
-            reply = conn.backend.handle(request, flags, payload, fds)
-            fds = []  # the back-end owns them now
-            if reply is not None:
-                if self.trace:
-                    h = HEADER.unpack_from(reply)
-                    trace_log.info(
-                        "%s -> %s", conn.name, describe(h.request, h.flags, reply[HEADER.size :])
-                    )
-                if self._capture is not None:
-                    self._record(conn, CAPTURE_OUT, reply, 0)
-                conn.sock.sendall(reply)
-        except _Disconnect:
+    # --- messages ------------------------------------------------------------------------------
+
+    def _on_readable(self, conn: _Conn) -> None:
+        """Read what the socket has, a part (header or payload) at a time, for a few messages at
+        most: the other connections get their look before this one gets another."""
+        for _ in range(2 * _MESSAGES_PER_READ):
+            try:
+                data, anc, msg_flags, _ = conn.sock.recvmsg(conn.reader.want(), _FD_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                error: str | None = str(exc)
+            else:
+                error = self._take(conn, data, _fds_of(anc), msg_flags)
+            # dropped outside any except block: a live traceback would keep the old queues (and
+            # through them the guest memory mappings) alive while the connection is torn down
+            if error is not None:
+                self._drop(conn, error or None)
+                return
+            if not conn.alive:
+                return
+
+    def _take(self, conn: _Conn, data: bytes, fds: list[int], msg_flags: int) -> str | None:
+        """Feed one read to the framing, and act on a whole message. ``None`` if the connection
+        goes on, ``""`` on a clean disconnect, else the error that ends it."""
+        if msg_flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            return "ancillary data truncated (more than 8 fds)"
+        if not data:
+            _close_all(fds)
+            if conn.reader.partial:
+                got, want = conn.reader.progress()
+                return f"connection closed mid-message ({got} of {want} bytes)"
             return ""
-        except (FrontendError, OSError) as exc:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        if not conn.reader.partial:
+            conn.started = time.monotonic()
+        try:
+            message = conn.reader.feed(data, fds)
+        except FrontendError as exc:
+            return str(exc)
+        if message is None:
+            return None
+        conn.started = None
+        return self._act(conn, message)
+
+    def _act(self, conn: _Conn, message: Message) -> str | None:
+        request, flags, payload, raw_fds = message
+        if self._capture is not None:
+            raw = HEADER.pack(HeaderRec(request, flags, len(payload))) + payload
+            self._record(conn, CAPTURE_IN, raw, len(raw_fds))
+        if self.trace:
+            trace_log.info("%s <- %s", conn.name, describe(request, flags, payload, len(raw_fds)))
+        try:
+            reply = conn.core.handle(request, flags, payload, [classify(fd) for fd in raw_fds])
+        except FrontendError as exc:
             return str(exc)
         except Exception as exc:  # a bug of ours or of the device: never take the server down
             log.exception("%s: internal error", conn.name)
             return f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            self.refusals.extend(conn.core.refusals)
+            conn.core.refusals.clear()
+        if reply is not None:
+            if self.trace:
+                h = HEADER.unpack_from(reply)
+                trace_log.info(
+                    "%s -> %s", conn.name, describe(h.request, h.flags, reply[HEADER.size :])
+                )
+            if self._capture is not None:
+                self._record(conn, CAPTURE_OUT, reply, 0)
+            conn.out += reply
+            if len(conn.out) > self.max_output:
+                return f"the front-end does not read its replies ({len(conn.out)} bytes queued)"
+            self._flush(conn)
+        self._after(conn)
         return None
+
+    def _flush(self, conn: _Conn) -> None:
+        """Write what the socket takes of the output queue; watch for room if some is left."""
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._drop(conn, f"sending a reply: {exc}")
+                return
+            del conn.out[:sent]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        if self._sel.get_key(conn.sock).events != events:
+            self._sel.modify(conn.sock, events, ("conn", conn))
 
     def _record(self, conn: _Conn, direction: str, data: bytes, nfds: int) -> None:
         assert self._capture is not None
         self._capture.write(format_capture(conn.name, direction, data, nfds) + "\n")
         self._capture.flush()
 
-    def _read_message(self, sock: socket.socket) -> tuple[int, int, bytes, list[int]]:
-        data, anc, msg_flags, _ = sock.recvmsg(HEADER.size, _FD_SPACE)
-        fds: list[int] = []
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
-                fds.extend(arr)
-        try:
-            if msg_flags & socket.MSG_CTRUNC:
-                raise FrontendError("ancillary data truncated (more than 8 fds)")
-            if not data:
-                if fds:
-                    raise FrontendError("fds without a message")
-                raise _Disconnect
-            data += self._recv_exact(sock, HEADER.size - len(data))
-            hdr = HEADER.unpack(data)
-            if hdr.size > MAX_PAYLOAD:
-                raise FrontendError(f"payload size {hdr.size} (request {hdr.request}) too large")
-            payload = self._recv_exact(sock, hdr.size)
-        except BaseException:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
-        return hdr.request, hdr.flags, payload, fds
-
-    @staticmethod
-    def _recv_exact(sock: socket.socket, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
+    def _after(self, conn: _Conn) -> None:
+        """What the core wants done after a message: watch new kick fds, start polling rings,
+        signal call fds, give woken rings a turn."""
+        core = conn.core
+        for fd, index in core.kick_fds().items():
+            if conn.kicks.get(fd) == index:
+                continue
             try:
-                chunk = sock.recv(n - len(buf))
-            except TimeoutError:
-                raise FrontendError(f"message cut short: {len(buf)} of {n} bytes") from None
-            if not chunk:
-                raise FrontendError(f"connection closed mid-message ({len(buf)} of {n} bytes)")
-            buf += chunk
-        return bytes(buf)
-
-    # --- kicks ---------------------------------------------------------------------------------
-
-    def _sync_kicks(self, conn: _Conn) -> None:
-        want = conn.backend.kick_fds()
-        for fd in list(conn.kicks):
-            if want.get(fd) != conn.kicks[fd]:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(fd)
-                del conn.kicks[fd]
-        for fd, index in want.items():
-            if fd not in conn.kicks:
-                os.set_blocking(fd, False)
                 self._sel.register(fd, selectors.EVENT_READ, ("kick", conn))
-                conn.kicks[fd] = index
+            except (OSError, ValueError, KeyError) as exc:
+                core.kick_failed(index, f"cannot watch its kick fd: {exc}")
+                self.errors.append(f"ring {index}: cannot watch its kick fd: {exc}")
+                continue
+            conn.kicks[fd] = index
+        polled = core.polled_rings()
+        for index in list(conn.polls):
+            if index not in polled:
+                del conn.polls[index]
+        for index in polled:
+            conn.polls.setdefault(index, (0.0, _POLL_BACKOFF[0]))
+        for fd in core.take_calls():
+            signal(fd)
+        for index in core.take_wakeups():
+            self._enqueue(conn, index)
 
     def _unwatch(self, conn: _Conn, fd: int) -> None:
         if conn.kicks.pop(fd, None) is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(fd)
 
+    # --- kicks and turns -----------------------------------------------------------------------
+
     def _on_kick(self, conn: _Conn, fd: int) -> None:
         index = conn.kicks.get(fd)
         if index is None:
             return
-        error = None
         try:
-            conn.backend.kick(index)
+            data = os.read(fd, 4096)  # an eventfd gives its 8-byte counter, a pipe what it has
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._kick_failed(conn, index, f"reading its kick fd: {exc}")
+            return
+        if not data:
+            self._kick_failed(conn, index, "its kick pipe is at end-of-file")
+            return
+        self._enqueue(conn, index)
+
+    def _kick_failed(self, conn: _Conn, index: int, reason: str) -> None:
+        self.errors.append(f"ring {index}: {reason}")
+        conn.core.kick_failed(index, reason)
+
+    def _enqueue(self, conn: _Conn, index: int) -> None:
+        key = (id(conn), index)
+        if key not in self._queued:
+            self._queued.add(key)
+            self._ready.append((conn, index))
+
+    def _run_turns(self) -> None:
+        """One turn for each ring in line now; rings with work left line up again behind."""
+        for _ in range(len(self._ready)):
+            conn, index = self._ready.popleft()
+            self._queued.discard((id(conn), index))
+            if conn.alive:
+                self._turn(conn, index)
+
+    def _turn(self, conn: _Conn, index: int) -> int:
+        """Serve ring ``index`` once; the chains it took (-1 if the connection was dropped)."""
+        error = None
+        taken = 0
+        try:
+            turn = conn.core.serve(index)
+            taken = turn.taken
+            for again in turn.again:
+                self._enqueue(conn, again)
         except Exception as exc:
             log.exception("%s: ring %d: device error", conn.name, index)
             error = f"device error on ring {index}: {type(exc).__name__}: {exc}"
-        if error is not None:  # outside the except block (see _on_message)
+        if error is not None:  # outside the except block (see _on_readable)
             self._drop(conn, error)
+            return -1
+        for fd in conn.core.take_calls():
+            signal(fd)
+        return taken
+
+    def _poll_rings(self, now: float) -> None:
+        """Rings started without a kick fd: a turn when due, sooner while they have work."""
+        for conn in list(self._conns.values()):
+            for index, (at, interval) in list(conn.polls.items()):
+                if now < at or not conn.alive:
+                    continue
+                taken = self._turn(conn, index)
+                if taken < 0:
+                    break
+                interval = _POLL_BACKOFF[0] if taken else min(2 * interval, _POLL_BACKOFF[1])
+                conn.polls[index] = (now + interval, interval)
+
+    def _poll_devices(self, now: float) -> None:
+        for conn in list(self._conns.values()):
+            if conn.backend is None:
+                continue
+            interval = conn.backend.device.poll_interval
+            if interval is None or now < conn.next_poll:
+                continue
+            conn.next_poll = now + interval
+            error = None
+            try:
+                turn = conn.backend.poll()
+                for index in turn.again:
+                    self._enqueue(conn, index)
+            except Exception as exc:
+                log.exception("%s: device poll", conn.name)
+                error = f"device error in poll: {type(exc).__name__}: {exc}"
+            if error is not None:  # outside the except block (see _on_readable)
+                self._drop(conn, error)
+                continue
+            for fd in conn.backend.take_calls():
+                signal(fd)
+
+
+def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
