@@ -61,6 +61,7 @@ from virtio_schema.vhost_user.messages import (
     MAX_FDS,
     MEM_REGION,
     MEMORY_HDR,
+    OWN_REPLIES,
     U64,
     VRING_ADDR,
     VRING_STATE,
@@ -106,9 +107,7 @@ for migration)."""
 _NOFD = 0x100  # SET_VRING_KICK/CALL/ERR: "no fd" (polling) flag in the u64 payload
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
                 Request.SET_VRING_ERR}  # fmt: skip
-_OWN_REPLIES = {Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
-                Request.GET_VRING_BASE, Request.GET_CONFIG}  # fmt: skip
-_KNOWN_FLAGS = HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY
+_KNOWN_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)  # int: ~ flips every bit
 _CONFIG_FRONTEND, _CONFIG_MIGRATION = 0, 1  # SET_CONFIG flags (vhost-user.rst, config space)
 
 
@@ -316,13 +315,13 @@ class Backend:
         left = list(fds)  # handlers remove the fds they keep
         try:
             self._check_header(request, flags, left)
-            handler = self._handlers.get(request)
-            if handler is None:
-                raise RequestRefused(f"{self.name}: unexpected request {_name(request)}")
             try:
+                handler = self._handlers.get(request)
+                if handler is None:
+                    raise RequestRefused(f"{self.name}: unexpected request {_name(request)}")
                 reply = handler(request, payload, left)
             except RequestRefused as exc:
-                if not self._acks(flags) or request in _OWN_REPLIES:
+                if not self._acks(flags) or request in OWN_REPLIES:  # an ack is not its reply
                     raise
                 log.warning("%s: refused: %s", self.name, exc)
                 self.refusals.append(str(exc))
@@ -418,7 +417,10 @@ class Backend:
 
     def _set_mem_table(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         if len(payload) < MEMORY_HDR.size:
-            raise FrontendError(f"{self.name}: SET_MEM_TABLE payload of {len(payload)} bytes")
+            raise FrontendError(
+                f"{self.name}: SET_MEM_TABLE payload of {len(payload)} bytes, expected at least"
+                f" {MEMORY_HDR.size}"
+            )
         (n,) = MEMORY_HDR.unpack_from(payload)
         if not 1 <= n <= MAX_FDS:
             raise FrontendError(f"{self.name}: SET_MEM_TABLE with {n} regions (1..{MAX_FDS})")
@@ -750,7 +752,10 @@ class Backend:
                 f"{self.name}: {_name(request)} without the CONFIG protocol feature"
             )
         if len(payload) < CONFIG_HDR.size:
-            raise FrontendError(f"{self.name}: {_name(request)} payload of {len(payload)} bytes")
+            raise FrontendError(
+                f"{self.name}: {_name(request)} payload of {len(payload)} bytes, expected at"
+                f" least {CONFIG_HDR.size}"
+            )
         c = CONFIG_HDR.unpack_from(payload)
         _expect_size(request, payload, CONFIG_HDR.size + c.size)
         return c

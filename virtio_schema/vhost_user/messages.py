@@ -41,6 +41,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "MEMORY_HDR",
     "MEM_REGION",
+    "OWN_REPLIES",
     "SINGLE_MEM_REGION",
     "U64",
     "VERSION",
@@ -312,16 +313,18 @@ _STATE_REQUESTS = {
 }
 
 
-_OWN_REPLIES = {
-    Request.GET_FEATURES,
-    Request.GET_PROTOCOL_FEATURES,
-    Request.GET_QUEUE_NUM,
-    Request.GET_VRING_BASE,
-    Request.GET_CONFIG,
-    Request.GET_MAX_MEM_SLOTS,
-    Request.GET_STATUS,
-    Request.GET_INFLIGHT_FD,
-}
+OWN_REPLIES = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+        Request.GET_VRING_BASE,
+        Request.GET_CONFIG,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.GET_STATUS,
+        Request.GET_INFLIGHT_FD,
+    }
+)
 """Requests whose reply has its own payload; any other reply is an ack (u64)."""
 
 
@@ -339,7 +342,7 @@ def describe(request: int, flags: int, payload: bytes, nfds: int = 0) -> str:
     if nfds:
         head += f" fds={nfds}"
     try:
-        if flags & HeaderFlags.REPLY and request not in _OWN_REPLIES and len(payload) == 8:
+        if flags & HeaderFlags.REPLY and request not in OWN_REPLIES and len(payload) == 8:
             body = f"u64={U64Payload.parse(payload).u64:#x}"  # a REPLY_ACK acknowledgement
         else:
             body = _describe_payload(request, payload)
