@@ -1695,3 +1695,53 @@ def test_split_arbitrary_rings_give_only_virtio_errors_and_writes_only_the_used_
     after = bytes(mem.buffers[0])
     assert after[:used_lo] == before[:used_lo]
     assert after[used_hi:] == before[used_hi:]
+
+
+# --- turn budgets (both formats) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_a_budget_limits_the_chains_next_chain_hands_out_until_it_is_set_again(
+    packed: bool,
+) -> None:
+    fq = make_queue(8, packed=packed)
+    for k in range(6):
+        fq.driver.publish([bytes([k])], [])
+    queue = fq.queue
+    unset = queue.budget
+    assert unset is None  # no limit unless a transport sets one
+
+    def drain() -> int:
+        n = 0
+        while (chain := queue.next_chain()) is not None:
+            chain.return_written(0)
+            n += 1
+        return n
+
+    queue.set_budget(4)
+    assert drain() == 4
+    assert queue.budget == 0  # spent: work may remain
+    queue.set_budget(4)
+    assert drain() == 2
+    assert queue.budget == 2  # the ring ran dry first
+    queue.set_budget(None)
+    fq.driver.publish([b"x"], [])
+    assert drain() == 1
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_a_zero_budget_hands_out_nothing_and_reads_no_ring(packed: bool) -> None:
+    fq = make_queue(8, packed=packed)
+    fq.driver.publish([b"a"], [])
+    fq.queue.set_budget(0)
+    assert fq.queue.next_chain() is None
+    assert fq.driver.used() == []
+    fq.queue.set_budget(1)
+    chain = fq.queue.next_chain()
+    assert chain is not None
+    chain.return_written(0)
+
+
+def test_a_negative_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="budget -1 < 0"):
+        make_queue(8).queue.set_budget(-1)

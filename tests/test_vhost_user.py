@@ -47,7 +47,7 @@ from virtio_schema.testing.frontend import (
     wait_for,
     wait_signalled,
 )
-from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
+from virtio_schema.vhost_user import ServerAddressInUse, VhostUserDevice, VhostUserServer
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -1158,3 +1158,161 @@ def test_describe_is_one_line_and_never_raises_on_garbage(
         name = f"UNKNOWN({request})"
     assert line.startswith(f"{name} flags={flags:#x}")
     assert f"size={len(payload)}" in line
+
+
+# --- the server's own lifecycle -----------------------------------------------------------------
+
+
+def test_a_server_refuses_the_path_of_a_live_server_and_leaves_its_socket(
+    blk_server: VhostUserServer, blk: BlkDevice, image: io.FileIO
+) -> None:
+    intruder = VhostUserServer(blk_server.path, lambda: VhostUserBlk(blk))
+    with pytest.raises(ServerAddressInUse, match="a server is listening on"):
+        intruder.listen()
+    intruder.close()
+    assert os.path.exists(blk_server.path), "the other server's socket was unlinked"
+    with session(blk_server.path) as s:  # and the live server still serves
+        serve_blk_read(s, image, 1)
+
+
+def test_a_server_replaces_a_stale_socket_file(tmp_path: Path, blk: BlkDevice) -> None:
+    path = tmp_path / "stale.sock"
+    dead = VhostUserServer(str(path), lambda: VhostUserBlk(blk))
+    dead.listen()
+    assert dead._listener is not None
+    dead._listener.close()  # a crashed server: its socket file stays, nobody listens
+    with serving(path, lambda: VhostUserBlk(blk)) as server, Frontend(server.path) as fe:
+        assert fe.get_queue_num() == 1
+    dead.close()
+
+
+def test_a_server_refuses_a_path_that_is_not_a_socket(tmp_path: Path, blk: BlkDevice) -> None:
+    path = tmp_path / "precious.img"
+    path.write_bytes(b"data")
+    server = VhostUserServer(str(path), lambda: VhostUserBlk(blk))
+    with pytest.raises(ServerAddressInUse, match="exists and is not a socket"):
+        server.listen()
+    server.close()
+    assert path.read_bytes() == b"data"
+
+
+def test_closing_a_server_unlinks_only_its_own_socket(tmp_path: Path, blk: BlkDevice) -> None:
+    path = tmp_path / "shared.sock"
+    first = VhostUserServer(str(path), lambda: VhostUserBlk(blk))
+    first.listen()
+    os.unlink(path)  # someone removed it; a second server now owns the path
+    with serving(path, lambda: VhostUserBlk(blk)) as second:
+        first.close()
+        assert path.exists(), "closing the first server unlinked the second one's socket"
+        with Frontend(second.path) as fe:
+            assert fe.get_queue_num() == 1
+    assert not path.exists()  # the second removed its own
+
+
+def test_a_device_instance_where_a_factory_is_expected_is_refused_at_construction(
+    tmp_path: Path, blk: BlkDevice
+) -> None:
+    device = VhostUserBlk(blk)
+    with pytest.raises(TypeError, match="device_factory must make a device per connection"):
+        VhostUserServer(str(tmp_path / "x.sock"), device)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="device_factory"):
+        VhostUserServer(str(tmp_path / "x.sock"), 42)  # type: ignore[arg-type]
+    assert not (tmp_path / "x.sock").exists()
+
+
+def test_a_factory_that_fails_ends_only_that_connection(
+    tmp_path: Path, blk: BlkDevice, image: io.FileIO
+) -> None:
+    made: list[int] = []
+
+    def factory() -> VhostUserBlk:
+        made.append(1)
+        if len(made) == 2:
+            raise RuntimeError("no more devices today")
+        return VhostUserBlk(blk)
+
+    with serving(tmp_path / "ff.sock", factory) as server:
+        with session(server.path) as s:
+            with Frontend(server.path) as fe:
+                assert fe.wait_closed() == b""
+            assert any("no more devices today" in e for e in server.errors)
+            serve_blk_read(s, image, 1)
+        with session(server.path) as fresh:
+            serve_blk_read(fresh, image, 2)
+
+
+def test_the_server_is_a_context_manager_that_listens_and_cleans_up(
+    tmp_path: Path, blk: BlkDevice, image: io.FileIO
+) -> None:
+    path = tmp_path / "cm.sock"
+    baseline = fd_count()
+    with VhostUserServer(str(path), lambda: VhostUserBlk(blk)) as server:
+        assert path.exists()
+        assert server.ready.is_set()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        with session(server.path) as s:
+            serve_blk_read(s, image, 1)
+        server.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert not path.exists()
+    assert fd_count() == baseline
+
+
+def test_connections_beyond_max_clients_are_closed_and_the_others_go_on(
+    tmp_path: Path, blk: BlkDevice, image: io.FileIO
+) -> None:
+    server = VhostUserServer(str(tmp_path / "mc.sock"), lambda: VhostUserBlk(blk), max_clients=2)
+    server.listen()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with session(server.path) as a, Frontend(server.path) as b:
+            assert b.get_queue_num() == 1
+            with Frontend(server.path) as c:
+                assert c.wait_closed() == b""  # the third is closed at once
+            serve_blk_read(a, image, 1)
+            assert b.get_queue_num() == 1
+        with session(server.path) as d:  # room again
+            serve_blk_read(d, image, 2)
+    finally:
+        server.stop()
+        thread.join(timeout=10)
+
+
+def test_a_message_sent_in_pieces_is_assembled(blk_server: VhostUserServer) -> None:
+    """Non-blocking reads keep a partial message: a header in three pieces, then its payload."""
+    with Frontend(blk_server.path) as fe:
+        msg = HEADER.pack(HeaderRec(Request.SET_PROTOCOL_FEATURES, VERSION | 8, 8)) + _u64(PROTOCOL)
+        for piece in (msg[:5], msg[5:11], msg[11:14], msg[14:]):
+            fe.send_raw(piece)
+            time.sleep(0.02)
+        assert U64.unpack(fe.reply(Request.SET_PROTOCOL_FEATURES)).u64 == 0
+        assert fe.get_queue_num() == 1
+    assert blk_server.errors == []
+
+
+def test_a_dribbling_front_end_stalls_no_one_and_is_dropped_at_the_message_deadline(
+    blk_server: VhostUserServer, image: io.FileIO
+) -> None:
+    """The deadline is per message (io_timeout=0.5 here), not per read: a byte every 0.1 s keeps
+    every read short, yet the message is never whole in time."""
+    msg = HEADER.pack(HeaderRec(Request.SET_VRING_ADDR, VERSION, VRING_ADDR.size)) + bytes(40)
+    with session(blk_server.path, ram_name="vu-bystander") as bystander:
+        with Frontend(blk_server.path) as dribbler:
+            t0 = time.monotonic()
+            closed = False
+            for k, byte in enumerate(msg):
+                try:
+                    dribbler.send_raw(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                if k % 3 == 0:
+                    serve_blk_read(bystander, image, k % SECTORS)  # served meanwhile
+                time.sleep(0.1)
+            assert closed or dribbler.wait_closed() == b""
+            assert time.monotonic() - t0 < 3
+        assert re.search(r"message cut short: \d+ of \d+ bytes in 0.5 s", blk_server.errors[-1])
+        serve_blk_read(bystander, image, 5)
