@@ -711,10 +711,12 @@ class Backend:
     def _stop(self, vr: _Vring) -> None:
         if vr.state.started:
             log.info("%s: ring %d stopped", self.name, vr.index)
-        self._apply(vr, RingEvent.STOP)
-        vr.queue = None
-        vr.polled = False
-        self._close_kick(vr)
+        try:
+            self._apply(vr, RingEvent.STOP)
+        finally:  # a device hook that raised does not keep the ring's kick fd open
+            vr.queue = None
+            vr.polled = False
+            self._close_kick(vr)
 
     def _close_kick(self, vr: _Vring) -> None:
         self._close(vr.kick_fd)
@@ -876,13 +878,20 @@ class Backend:
     # --- teardown ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop every ring, close every fd, unmap the memory."""
+        """Stop every ring, close every fd, unmap the memory. A device hook that raises does not
+        stop the teardown: its exception is raised at the end."""
+        failure: Exception | None = None
         for vr in self.vrings:
-            self._stop(vr)
+            try:
+                self._stop(vr)
+            except Exception as exc:
+                failure = failure or exc
             self._close(vr.call_fd)
             self._close(vr.err_fd)
             vr.call_fd = vr.err_fd = None
         self._release_memory()
+        if failure is not None:
+            raise failure
 
 
 def _name(request: int) -> str:

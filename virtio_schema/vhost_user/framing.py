@@ -63,7 +63,7 @@ class MessageReader:
 
     def feed(self, data: bytes, fds: list[int]) -> Message | None:
         """Take ``data`` (at most :meth:`want` bytes) and the fds that came with it; the message
-        if it is now whole. Raises :class:`FrontendError` (the fds are kept for
+        if it is now whole. Raises :class:`~virtio_schema.vhost_user.backend.FrontendError` (the fds are kept for
         :meth:`discard`)."""
         self._fds.extend(fds)
         if len(self._fds) > MAX_FDS:
