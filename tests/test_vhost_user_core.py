@@ -1046,3 +1046,19 @@ def test_request_for_a_ring_the_device_lacks_is_a_frontend_error_naming_the_conn
 ) -> None:
     with pytest.raises(FrontendError, match=re.escape("test: ")):
         conn.send(Request.SET_VRING_ENABLE, _state(5, 1))
+
+
+def test_close_releases_every_fd_and_mapping_even_when_a_device_hook_raises(
+    conn: Harness,
+) -> None:
+    conn.running()
+
+    def broken(index: int) -> None:
+        raise RuntimeError("device bug in stopped")
+
+    conn.device.stopped = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="device bug in stopped"):
+        conn.backend.close()
+    assert sorted(conn.host.closed) == sorted(conn.given)  # the kick fd included
+    assert conn.host.live_mappings() == []
+    conn.device.stopped = lambda index: None  # type: ignore[method-assign]
