@@ -151,14 +151,23 @@ class GuestRam:
     ``/memfd:NAME``), at guest-physical ``gpa`` and front-end virtual ``uva``."""
 
     def __init__(
-        self, size: int = 1 << 20, *, gpa: int = GPA_BASE, uva: int = UVA_BASE, name: str = "vu-ram"
+        self,
+        size: int = 1 << 20,
+        *,
+        gpa: int = GPA_BASE,
+        uva: int = UVA_BASE,
+        name: str = "vu-ram",
+        sealable: bool = True,
     ) -> None:
         self.size = size
         self.gpa = gpa
         self.uva = uva
         self.name = name
-        # sealable, as QEMU's memory-backend-memfd: the back-end seals it against shrinking
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # ``sealable`` (the default), as QEMU's memory-backend-memfd: the back-end seals it
+        # against shrinking; else sealed against new seals by the kernel, as DPDK's --no-huge
+        # memory: it can never be sealed, and the back-end's memory policy decides
+        flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0)
+        self.fd = os.memfd_create(name, flags)
         try:
             os.ftruncate(self.fd, size)
             self.mm = mmap.mmap(self.fd, size)

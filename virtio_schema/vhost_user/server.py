@@ -173,14 +173,23 @@ class VhostUserServer:
         """Bind and listen (``serve_forever`` does it if needed). A stale socket file is replaced;
         a live server's socket, or any other file, is not (:class:`ServerAddressInUse`)."""
         self._clear_path()
+        # bound under a temporary name and renamed once listening: whoever sees the path can
+        # connect (a front-end started as soon as the file exists is never refused)
+        staging = self.path + "~"
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(staging).st_mode):
+                os.unlink(staging)
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            lst.bind(self.path)
-            st = os.stat(self.path)
+            lst.bind(staging)
+            st = os.stat(staging)
             lst.listen(16)
             lst.setblocking(False)
+            os.rename(staging, self.path)
         except BaseException:
             lst.close()
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
             raise
         self._inode = (st.st_dev, st.st_ino)
         self._listener = lst
