@@ -11,6 +11,7 @@ matters also run with and without MRG_RXBUF (virtio 1.2, 5.1.6.3.1).
 from __future__ import annotations
 
 import gc
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -575,6 +576,30 @@ def test_kicks_are_re_enabled_after_the_transmit_burst(packed: bool, event_idx: 
     assert link.tx.driver.kick_needed(before)  # the next frame would be kicked
     link.dev.handle(TX, link.tx.queue)
     assert len(link.tx.driver.used()) == 1
+
+
+@pytest.mark.parametrize("event_idx", [False, True], ids=["no-event-idx", "event-idx"])
+def test_a_transmit_burst_ends_when_the_turn_budget_is_spent(packed: bool, event_idx: bool) -> None:
+    """Under the vhost-user server a turn takes at most a budget of chains: the drain, re-enable,
+    re-check loop must return then (the server gives the ring another turn), not spin."""
+    link = make_link(
+        NetDevice("sink"), packed=packed, features=Feature.EVENT_IDX if event_idx else 0
+    )
+    link.send(*(frame(k) for k in range(5)))
+    link.tx.queue.set_budget(2)
+    done = threading.Event()
+
+    def turn() -> None:
+        link.dev.handle(TX, link.tx.queue)
+        done.set()
+
+    threading.Thread(target=turn, daemon=True).start()
+    assert done.wait(5), "the transmit loop spins on a spent budget"
+    assert link.dev.stats.tx_frames == 2
+    for served in (4, 5):
+        link.tx.queue.set_budget(2)
+        link.dev.handle(TX, link.tx.queue)
+        assert link.dev.stats.tx_frames == served
 
 
 @pytest.mark.parametrize("event_idx", [False, True], ids=["no-event-idx", "event-idx"])

@@ -1745,3 +1745,26 @@ def test_a_zero_budget_hands_out_nothing_and_reads_no_ring(packed: bool) -> None
 def test_a_negative_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="budget -1 < 0"):
         make_queue(8).queue.set_budget(-1)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_enable_notifications_reports_no_work_once_the_turn_budget_is_spent(packed: bool) -> None:
+    """The drain, re-enable, re-check idiom must end when the budget is spent: next_chain answers
+    None then, and a re-check that said "more work" would spin forever."""
+    fq = make_queue(8, packed=packed)
+    for _ in range(3):
+        fq.driver.publish([b"x"], [])
+    queue = fq.queue
+    queue.set_budget(2)
+    queue.disable_notifications()
+    for _ in range(2):
+        chain = queue.next_chain()
+        assert chain is not None
+        chain.return_written(0)
+    assert queue.next_chain() is None
+    assert queue.enable_notifications() is False  # work remains, but not for this turn
+    queue.set_budget(2)
+    assert queue.enable_notifications() is True  # the next turn sees it
+    chain = queue.next_chain()
+    assert chain is not None
+    chain.return_written(0)

@@ -414,7 +414,8 @@ class PackedQueue(QueueBase):
 
     def enable_notifications(self) -> bool:
         """Ask for kicks again (ENABLE, or DESC at the next avail position with EVENT_IDX), then
-        re-check the ring; returns ``True`` if a chain is available (process it, or lose it)."""
+        re-check the ring; returns ``True`` if a chain is available (process it, or lose it),
+        ``False`` when none is or this turn's budget is spent (see :meth:`Queue.enable_notifications`)."""
         self._notify_enabled = True
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
@@ -423,4 +424,4 @@ class PackedQueue(QueueBase):
         else:
             self._dev_words[self._dev_flags_w] = _ENABLE
         full_barrier()  # the request to kick before re-reading the ring
-        return self._available(self._next_avail)
+        return self._available(self._next_avail) and self._budget != 0

@@ -378,7 +378,9 @@ class Queue(QueueBase):
         re-check a kick sent before the request was visible would be lost).
 
         Returns ``True`` if chains are available, which the device must then process (or it
-        will not be kicked for them).
+        will not be kicked for them). ``False`` also when this turn's budget is spent
+        (:meth:`set_budget`): the transport gives the ring another turn, and a device that
+        drains until this returns ``False`` stops here instead of spinning.
         """
         self._notify_enabled = True
         if self._broken is not None:
@@ -390,4 +392,4 @@ class Queue(QueueBase):
             words[self._used_flags_w] = words[self._used_flags_w] & ~_NO_NOTIFY & 0xFFFF
         full_barrier()  # the request to kick before re-reading avail.idx
         avail_idx = self._avail_words[self._avail_idx_w]
-        return avail_idx != self._next_avail
+        return avail_idx != self._next_avail and self._budget != 0
