@@ -313,6 +313,11 @@ class Backend:
         caller closes the connection.
         """
         left = list(fds)  # handlers remove the fds they keep
+        # whether to ack is decided by the protocol features in force when the message arrives
+        # (a SET_PROTOCOL_FEATURES that turns REPLY_ACK on or off does not change its own answer)
+        acks = bool(
+            flags & HeaderFlags.NEED_REPLY and self.protocol_features & ProtocolFeature.REPLY_ACK
+        )
         try:
             self._check_header(request, flags, left)
             try:
@@ -321,7 +326,7 @@ class Backend:
                     raise RequestRefused(f"{self.name}: unexpected request {_name(request)}")
                 reply = handler(request, payload, left)
             except RequestRefused as exc:
-                if not self._acks(flags) or request in OWN_REPLIES:  # an ack is not its reply
+                if not acks or request in OWN_REPLIES:  # an ack is not their reply
                     raise
                 log.warning("%s: refused: %s", self.name, exc)
                 self.refusals.append(str(exc))
@@ -331,15 +336,7 @@ class Backend:
                 self.host.close(fd.num)
         if reply is not None:
             return reply
-        if self._acks(flags):
-            return _reply(request, U64.pack(U64Rec(0)))
-        return None
-
-    def _acks(self, flags: int) -> bool:
-        """The front-end asked for an ack and may (REPLY_ACK)."""
-        return bool(
-            flags & HeaderFlags.NEED_REPLY and self.protocol_features & ProtocolFeature.REPLY_ACK
-        )
+        return _reply(request, U64.pack(U64Rec(0))) if acks else None
 
     def _check_header(self, request: int, flags: int, fds: list[Fd]) -> None:
         if flags & HeaderFlags.VERSION_MASK != 1:
