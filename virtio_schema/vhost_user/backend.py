@@ -89,6 +89,7 @@ __all__ = [
     "MemoryRefused",
     "RequestRefused",
     "Turn",
+    "check_budget",
     "decode_vring_base",
     "encode_vring_base",
 ]
@@ -211,6 +212,12 @@ class Turn(NamedTuple):
     """Enabled rings whose budget is spent: work may remain, give them another turn."""
 
 
+def check_budget(budget: int | None) -> None:
+    """Refuse a turn budget below one chain (``None``: the queue size)."""
+    if budget is not None and budget < 1:
+        raise ValueError(f"budget {budget} < 1")
+
+
 class _CallNotify:
     """The queues' :class:`~virtio_schema.queue.DriverNotify`: remembers that the driver is owed a
     notification; the server signals the call fd after the turn (:meth:`Backend.take_calls`)."""
@@ -267,8 +274,7 @@ class Backend:
         name: str = "vhost-user",
         budget: int | None = None,
     ) -> None:
-        if budget is not None and budget < 1:
-            raise ValueError(f"budget {budget} < 1")
+        check_budget(budget)
         self.device = device
         self.host = host
         self.name = name
@@ -855,13 +861,14 @@ class Backend:
         return Turn(0, self._spent())
 
     def _spent(self) -> tuple[int, ...]:
-        return tuple(
+        spent = [
             vr.index
             for vr in self.vrings
             if vr.queue is not None
-            and vr.state is RingState.STARTED_ENABLED
             and vr.queue.budget == 0
-        )
+            and vr.state is RingState.STARTED_ENABLED
+        ]
+        return tuple(spent) if spent else ()
 
     def kick_failed(self, index: int, reason: str) -> None:
         """The kick fd of ring ``index`` cannot be used any more (a pipe at end-of-file): a

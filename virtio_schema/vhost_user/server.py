@@ -51,7 +51,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TextIO
 
-from virtio_schema.vhost_user.backend import Backend, FrontendError
+from virtio_schema.vhost_user.backend import Backend, FrontendError, check_budget
 from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.framing import Message, MessageReader
 from virtio_schema.vhost_user.host import MemoryPolicy, OsHost, classify, signal
@@ -93,6 +93,7 @@ class _Conn:
         self.started: float | None = None  # when the first byte of a partial message came
         self.kicks: dict[int, int] = {}  # watched kick fd -> ring index
         self.polls: dict[int, tuple[float, float]] = {}  # polled ring -> (next turn, interval)
+        self.queued: set[int] = set()  # rings waiting for a turn in the server's line
         self.next_poll = 0.0
         self.alive = True
 
@@ -134,8 +135,7 @@ class VhostUserServer:
                 f"device_factory must make a device per connection (e.g. lambda: MyDevice()),"
                 f" not {type(device_factory).__name__}"
             )
-        if budget is not None and budget < 1:
-            raise ValueError(f"budget {budget} < 1")
+        check_budget(budget)
         self.path = path
         self.device_factory = device_factory
         self.trace = trace
@@ -157,7 +157,7 @@ class VhostUserServer:
         self._accept_pause = _ACCEPT_BACKOFF[0]
         self._conns: dict[socket.socket, _Conn] = {}
         self._ready: collections.deque[tuple[_Conn, int]] = collections.deque()
-        self._queued: set[tuple[int, int]] = set()  # (id(conn), ring) in _ready
+        self._timed: set[_Conn] = set()  # connections with a clock running (_retime)
         self._served = 0
         self._seq = 0
         self.errors: list[str] = []
@@ -255,11 +255,8 @@ class VhostUserServer:
                             self._on_readable(conn)
                     else:
                         self._on_kick(conn, key.fd)
-                now = time.monotonic()
-                self._expire(now)
-                self._resume_accept(now)
-                self._poll_devices(now)
-                self._poll_rings(now)
+                if self._timed or self._accept_at is not None:
+                    self._on_timers(time.monotonic())
                 self._run_turns()
         finally:
             self.close()
@@ -268,14 +265,44 @@ class VhostUserServer:
         """Until the next deadline, poll or turn (``None``: only an event can wake us)."""
         if self._ready:
             return 0.0
+        if not self._timed and self._accept_at is None:
+            return None
         times = [] if self._accept_at is None else [self._accept_at]
-        for c in self._conns.values():
+        for c in self._timed:
             if c.started is not None:
                 times.append(c.started + self.io_timeout)
-            if c.backend is not None and c.backend.device.poll_interval is not None:
+            if c.core.device.poll_interval is not None:
                 times.append(c.next_poll)
             times.extend(at for at, _ in c.polls.values())
         return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def _retime(self, conn: _Conn) -> None:
+        """Keep ``conn`` among the connections with a clock running (a partial message, a
+        device that polls, polled rings) exactly while it has one: the loop looks at no other."""
+        if conn.alive and (
+            conn.started is not None or conn.polls or conn.core.device.poll_interval is not None
+        ):
+            self._timed.add(conn)
+        else:
+            self._timed.discard(conn)
+
+    def _on_timers(self, now: float) -> None:
+        """Whatever is due: message deadlines, paused accepts, device polls, polled rings."""
+        if self._accept_at is not None and now >= self._accept_at:
+            self._resume_accept()
+        for conn in list(self._timed):
+            if conn.started is not None and now - conn.started > self.io_timeout:
+                got, want = conn.reader.progress()
+                self._drop(
+                    conn, f"message cut short: {got} of {want} bytes in {self.io_timeout:g} s"
+                )
+                continue
+            interval = conn.core.device.poll_interval
+            if interval is not None and now >= conn.next_poll:
+                conn.next_poll = now + interval
+                self._poll_device(conn)
+            if conn.polls and conn.alive:
+                self._poll_rings(conn, now)
 
     def close(self) -> None:
         """Close every connection and the listening socket, remove our socket file."""
@@ -336,11 +363,12 @@ class VhostUserServer:
         sock.setblocking(False)
         self._conns[sock] = conn
         self._sel.register(sock, selectors.EVENT_READ, ("conn", conn))
+        self._retime(conn)
         log.info("%s: front-end connected", conn.name)
 
-    def _resume_accept(self, now: float) -> None:
-        if self._accept_at is not None and now >= self._accept_at and self._listener is not None:
-            self._accept_at = None
+    def _resume_accept(self) -> None:
+        self._accept_at = None
+        if self._listener is not None:
             self._sel.register(self._listener, selectors.EVENT_READ, ("listen", None))
 
     def _drop(self, conn: _Conn, error: str | None) -> None:
@@ -366,16 +394,8 @@ class VhostUserServer:
                 log.error("%s: teardown: %s", conn.name, exc)
         conn.sock.close()
         self._conns.pop(conn.sock, None)
+        self._timed.discard(conn)
         self._served += 1
-
-    def _expire(self, now: float) -> None:
-        for conn in list(self._conns.values()):
-            if conn.started is not None and now - conn.started > self.io_timeout:
-                got, want = conn.reader.progress()
-                self._drop(
-                    conn,
-                    f"message cut short: {got} of {want} bytes in {self.io_timeout:g} s",
-                )
 
     # --- messages ------------------------------------------------------------------------------
 
@@ -413,6 +433,7 @@ class VhostUserServer:
             return ""
         if not conn.reader.partial:
             conn.started = time.monotonic()
+            self._timed.add(conn)
         try:
             message = conn.reader.feed(data, fds)
         except FrontendError as exc:
@@ -420,6 +441,7 @@ class VhostUserServer:
         if message is None:
             return None
         conn.started = None
+        self._retime(conn)
         return self._act(conn, message)
 
     def _act(self, conn: _Conn, message: Message) -> str | None:
@@ -451,6 +473,8 @@ class VhostUserServer:
             if len(conn.out) > self.max_output:
                 return f"the front-end does not read its replies ({len(conn.out)} bytes queued)"
             self._flush(conn)
+            if not conn.alive:  # the send failed: dropped already
+                return None
         self._after(conn)
         return None
 
@@ -494,6 +518,7 @@ class VhostUserServer:
                 del conn.polls[index]
         for index in polled:
             conn.polls.setdefault(index, (0.0, _POLL_BACKOFF[0]))
+        self._retime(conn)
         for fd in core.take_calls():
             signal(fd)
         for index in core.take_wakeups():
@@ -527,16 +552,15 @@ class VhostUserServer:
         conn.core.kick_failed(index, reason)
 
     def _enqueue(self, conn: _Conn, index: int) -> None:
-        key = (id(conn), index)
-        if key not in self._queued:
-            self._queued.add(key)
+        if index not in conn.queued:
+            conn.queued.add(index)
             self._ready.append((conn, index))
 
     def _run_turns(self) -> None:
         """One turn for each ring in line now; rings with work left line up again behind."""
         for _ in range(len(self._ready)):
             conn, index = self._ready.popleft()
-            self._queued.discard((id(conn), index))
+            conn.queued.discard(index)
             if conn.alive:
                 self._turn(conn, index)
 
@@ -559,39 +583,31 @@ class VhostUserServer:
             signal(fd)
         return taken
 
-    def _poll_rings(self, now: float) -> None:
+    def _poll_rings(self, conn: _Conn, now: float) -> None:
         """Rings started without a kick fd: a turn when due, sooner while they have work."""
-        for conn in list(self._conns.values()):
-            for index, (at, interval) in list(conn.polls.items()):
-                if now < at or not conn.alive:
-                    continue
-                taken = self._turn(conn, index)
-                if taken < 0:
-                    break
-                interval = _POLL_BACKOFF[0] if taken else min(2 * interval, _POLL_BACKOFF[1])
-                conn.polls[index] = (now + interval, interval)
+        for index, (at, interval) in list(conn.polls.items()):
+            if now < at:
+                continue
+            taken = self._turn(conn, index)
+            if taken < 0:
+                return
+            interval = _POLL_BACKOFF[0] if taken else min(2 * interval, _POLL_BACKOFF[1])
+            conn.polls[index] = (now + interval, interval)
 
-    def _poll_devices(self, now: float) -> None:
-        for conn in list(self._conns.values()):
-            if conn.backend is None:
-                continue
-            interval = conn.backend.device.poll_interval
-            if interval is None or now < conn.next_poll:
-                continue
-            conn.next_poll = now + interval
-            error = None
-            try:
-                turn = conn.backend.poll()
-                for index in turn.again:
-                    self._enqueue(conn, index)
-            except Exception as exc:
-                log.exception("%s: device poll", conn.name)
-                error = f"device error in poll: {type(exc).__name__}: {exc}"
-            if error is not None:  # outside the except block (see _on_readable)
-                self._drop(conn, error)
-                continue
-            for fd in conn.backend.take_calls():
-                signal(fd)
+    def _poll_device(self, conn: _Conn) -> None:
+        error = None
+        try:
+            turn = conn.core.poll()
+            for index in turn.again:
+                self._enqueue(conn, index)
+        except Exception as exc:
+            log.exception("%s: device poll", conn.name)
+            error = f"device error in poll: {type(exc).__name__}: {exc}"
+        if error is not None:  # outside the except block (see _on_readable)
+            self._drop(conn, error)
+            return
+        for fd in conn.core.take_calls():
+            signal(fd)
 
 
 def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
