@@ -596,7 +596,10 @@ def test_a_transmit_burst_ends_when_the_turn_budget_is_spent(packed: bool, event
     threading.Thread(target=turn, daemon=True).start()
     assert done.wait(5), "the transmit loop spins on a spent budget"
     assert link.dev.stats.tx_frames == 2
-    for served in (4, 5):
+    before = link.tx.driver.avail_idx
+    link.send(frame(5))
+    assert not link.tx.driver.kick_needed(before)  # the server calls again: no kicks meanwhile
+    for served in (4, 6):
         link.tx.queue.set_budget(2)
         link.dev.handle(TX, link.tx.queue)
         assert link.dev.stats.tx_frames == served

@@ -178,6 +178,8 @@ class NetDevice(VhostUserDevice):
                         log.warning("virtio-net: bad transmit chain: %s", exc)
                         continue
                 self._on_frame(frame)
+            if txq.budget == 0:  # this turn's share is taken: the server calls us again, and
+                break  # until then the driver need not kick (notifications stay off)
             if not txq.enable_notifications():  # re-check: a frame that raced the enable
                 break
             txq.disable_notifications()
