@@ -1743,7 +1743,7 @@ def test_a_zero_budget_hands_out_nothing_and_reads_no_ring(packed: bool) -> None
 
 
 def test_a_negative_budget_is_refused() -> None:
-    with pytest.raises(ValueError, match="budget -1 < 0"):
+    with pytest.raises(DeviceUsageError, match="budget -1 < 0"):
         make_queue(8).queue.set_budget(-1)
 
 

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from virtio_schema.chain import WritableChain
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.fake_queue import FakeDriver, FakeMemory
 from virtio_schema.queue import VirtQueue
 from virtio_schema.schema import Feature
@@ -518,7 +519,7 @@ def test_budget_above_the_queue_size_is_capped_at_the_queue_size(
 
 
 def test_budget_below_one_is_refused() -> None:
-    with pytest.raises(ValueError, match="budget 0"):
+    with pytest.raises(DeviceUsageError, match="budget 0"):
         Backend(RecordingDevice(), host=FakeHost(), budget=0)
 
 

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.mem import DriverRange
 from virtio_schema.queue.errors import (
     IndirectTableTooLarge,
@@ -204,7 +205,7 @@ class QueueBase:
         per turn, then the other queues and connections get theirs). Returning chains is never
         limited."""
         if chains is not None and chains < 0:
-            raise ValueError(f"budget {chains} < 0")
+            raise DeviceUsageError(f"queue {self.index}: budget {chains} < 0")
         self._budget = -1 if chains is None else chains
 
     @property

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from virtio_schema.errors import DriverError, VirtioError
+from virtio_schema.errors import DeviceUsageError, DriverError, VirtioError
 from virtio_schema.mem import DriverRange, GuestMemory
 from virtio_schema.queue import QueueBroken, QueueMemory, QueueState, VirtQueue, create_queue
 from virtio_schema.schema import (
@@ -215,7 +215,7 @@ class Turn(NamedTuple):
 def check_budget(budget: int | None) -> None:
     """Refuse a turn budget below one chain (``None``: the queue size)."""
     if budget is not None and budget < 1:
-        raise ValueError(f"budget {budget} < 1")
+        raise DeviceUsageError(f"budget {budget} < 1")
 
 
 class _CallNotify:
