@@ -66,6 +66,7 @@ from virtio_schema.vhost_user.messages import (
     describe,
     parse_capture,
 )
+from virtio_schema.vhost_user.server import NotAFactory
 
 SECTORS = 64
 SECTOR = 512
@@ -1213,7 +1214,7 @@ def test_a_device_instance_where_a_factory_is_expected_is_refused_at_constructio
     tmp_path: Path, blk: BlkDevice
 ) -> None:
     device = VhostUserBlk(blk)
-    with pytest.raises(TypeError, match="device_factory must make a device per connection"):
+    with pytest.raises(NotAFactory, match="device_factory must make a device per connection"):
         VhostUserServer(str(tmp_path / "x.sock"), device)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="device_factory"):
         VhostUserServer(str(tmp_path / "x.sock"), 42)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.vhost_user.backend import FrontendError
 from virtio_schema.vhost_user.framing import Message, MessageReader
 from virtio_schema.vhost_user.messages import HEADER, MAX_FDS, MAX_PAYLOAD, HeaderRec, Request
@@ -87,5 +88,5 @@ def test_more_fds_than_one_message_may_carry_are_refused() -> None:
 
 def test_feeding_more_than_wanted_is_a_usage_error() -> None:
     reader = MessageReader()
-    with pytest.raises(ValueError, match="want 12"):
+    with pytest.raises(DeviceUsageError, match="want 12"):
         reader.feed(raw(Request.GET_FEATURES) + b"x", [])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.vhost_user.backend import FrontendError
 from virtio_schema.vhost_user.messages import HEADER, MAX_FDS, MAX_PAYLOAD, HeaderRec
 
@@ -69,7 +70,7 @@ class MessageReader:
         if len(self._fds) > MAX_FDS:
             raise FrontendError(f"{len(self._fds)} fds with one message (at most {MAX_FDS})")
         if len(data) > self.want():
-            raise ValueError(f"fed {len(data)} bytes, want {self.want()}")
+            raise DeviceUsageError(f"fed {len(data)} bytes, want {self.want()}")
         self._buf += data
         if self._header is None:
             if len(self._buf) < HEADER.size:

@@ -51,6 +51,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TextIO
 
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.vhost_user.backend import Backend, FrontendError, check_budget
 from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.framing import Message, MessageReader
@@ -65,7 +66,7 @@ from virtio_schema.vhost_user.messages import (
     format_capture,
 )
 
-__all__ = ["ServerAddressInUse", "VhostUserServer"]
+__all__ = ["NotAFactory", "ServerAddressInUse", "VhostUserServer"]
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("virtio_schema.vhost_user.trace")
@@ -79,6 +80,11 @@ _POLL_BACKOFF = (0.001, 0.05)  # seconds: polled (NOFD) rings, busy and idle
 
 class ServerAddressInUse(OSError):
     """Another server is listening on the socket path (it is left alone)."""
+
+
+class NotAFactory(DeviceUsageError, TypeError):
+    """``device_factory`` is a device, or not callable: the server makes a device per
+    connection."""
 
 
 class _Conn:
@@ -131,7 +137,7 @@ class VhostUserServer:
         memory_policy: MemoryPolicy = MemoryPolicy.TRUST,
     ) -> None:
         if isinstance(device_factory, VhostUserDevice) or not callable(device_factory):
-            raise TypeError(
+            raise NotAFactory(
                 f"device_factory must make a device per connection (e.g. lambda: MyDevice()),"
                 f" not {type(device_factory).__name__}"
             )
