@@ -49,6 +49,7 @@ from virtio_schema.vhost_user.messages import (
     HEADER,
     MEM_REGION,
     MEMORY_HDR,
+    NOFD,
     U64,
     VERSION,
     VRING_ADDR,
@@ -75,7 +76,6 @@ PROTOCOL = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeat
 WANTED = int(Feature.VERSION_1 | Feature.PROTOCOL_FEATURES)
 """What the test front-end acks: split ring, no EVENT_IDX (every used batch is notified)."""
 NEED_REPLY = int(HeaderFlags.NEED_REPLY)
-NOFD = 0x100
 REPLY_DATA = b"done"
 """What the test device writes into every chain it takes."""
 CONFIG = bytes(range(0x40, 0x50))

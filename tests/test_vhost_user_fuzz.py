@@ -61,6 +61,8 @@ from virtio_schema.vhost_user.messages import (
     HEADER,
     MEM_REGION,
     MEMORY_HDR,
+    NOFD,
+    OWN_REPLIES,
     U64,
     VRING_ADDR,
     VRING_STATE,
@@ -83,16 +85,6 @@ NUM_QUEUES = 2
 VERSION = 1
 NEED_REPLY = int(HeaderFlags.NEED_REPLY)
 REPLY = int(HeaderFlags.REPLY)
-NOFD = 0x100  # SET_VRING_KICK/CALL/ERR: no fd comes with the message (vhost-user.rst)
-OWN_REPLIES = frozenset(
-    {
-        Request.GET_FEATURES,
-        Request.GET_PROTOCOL_FEATURES,
-        Request.GET_QUEUE_NUM,
-        Request.GET_VRING_BASE,
-        Request.GET_CONFIG,
-    }
-)
 CONFIG_SIZE = 16
 WRITABLE_CONFIG = range(8, 12)
 U32_MAX = (1 << 32) - 1

@@ -50,6 +50,7 @@ from virtio_schema.vhost_user.messages import (
     HEADER,
     MEM_REGION,
     MEMORY_HDR,
+    NOFD,
     U64,
     VERSION,
     VRING_ADDR,
@@ -90,9 +91,6 @@ GPA_BASE = 0x4000_0000
 
 UVA_BASE = 0x7F00_0000_0000
 """The front-end's ("QEMU's") virtual address of that RAM (what SET_VRING_ADDR carries)."""
-
-NOFD = 0x100
-"""SET_VRING_KICK/CALL/ERR payload flag: no fd accompanies the message."""
 
 
 # --- small waits -------------------------------------------------------------------------------

@@ -61,9 +61,11 @@ from virtio_schema.vhost_user.messages import (
     MAX_FDS,
     MEM_REGION,
     MEMORY_HDR,
+    NOFD,
     OWN_REPLIES,
     U64,
     VRING_ADDR,
+    VRING_INDEX_MASK,
     VRING_STATE,
     ConfigHdrRec,
     HeaderFlags,
@@ -105,7 +107,6 @@ LOG_ALL = 1 << 26
 """``VHOST_F_LOG_ALL``: the one feature bit a front-end may change while rings run (QEMU toggles it
 for migration)."""
 
-_NOFD = 0x100  # SET_VRING_KICK/CALL/ERR: "no fd" (polling) flag in the u64 payload
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
                 Request.SET_VRING_ERR}  # fmt: skip
 _KNOWN_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)  # int: ~ flips every bit
@@ -581,8 +582,8 @@ class Backend:
 
     def _set_vring_fd(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         value = _u64(request, payload)
-        index, nofd = value & 0xFF, bool(value & _NOFD)
-        if value & ~0x1FF:
+        index, nofd = value & VRING_INDEX_MASK, bool(value & NOFD)
+        if value & ~(VRING_INDEX_MASK | NOFD):
             raise FrontendError(f"{self.name}: {_name(request)} payload {value:#x}")
         vr = self._vring(request, index)
         if nofd != (not fds) or len(fds) > 1:

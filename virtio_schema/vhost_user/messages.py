@@ -41,11 +41,13 @@ __all__ = [
     "MAX_PAYLOAD",
     "MEMORY_HDR",
     "MEM_REGION",
+    "NOFD",
     "OWN_REPLIES",
     "SINGLE_MEM_REGION",
     "U64",
     "VERSION",
     "VRING_ADDR",
+    "VRING_INDEX_MASK",
     "VRING_STATE",
     "CaptureFormatError",
     "CapturedMessage",
@@ -80,6 +82,12 @@ MAX_CONFIG_SIZE = 256
 
 MAX_PAYLOAD = 4096
 """Payload sizes above this are refused before reading (no legitimate message comes close)."""
+
+VRING_INDEX_MASK = 0xFF
+"""SET_VRING_KICK/CALL/ERR: the ring index in the low byte of the u64 payload."""
+NOFD = 0x100
+"""SET_VRING_KICK/CALL/ERR: bit 8 of the u64 payload, no fd comes with the message (for a kick:
+the back-end polls the ring)."""
 
 
 class Request(enum.IntEnum):
@@ -378,8 +386,8 @@ def _describe_payload(request: int, payload: bytes) -> str:
     if request in _U64_REQUESTS and len(payload) == 8:
         value = U64Payload.parse(payload).u64
         if request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
-            nofd = " nofd" if value & 0x100 else ""
-            return f"index={value & 0xFF}{nofd}"
+            nofd = " nofd" if value & NOFD else ""
+            return f"index={value & VRING_INDEX_MASK}{nofd}"
         return f"u64={value:#x}"
     if request in _STATE_REQUESTS and len(payload) == 8:
         s = VringState.parse(payload)
