@@ -1215,6 +1215,7 @@ def test_a_device_instance_where_a_factory_is_expected_is_refused_at_constructio
 ) -> None:
     device = VhostUserBlk(blk)
     with pytest.raises(NotAFactory, match="device_factory must make a device per connection"):
+        # the mistake under test: mypy flags it too, and the server must refuse it at run time
         VhostUserServer(str(tmp_path / "x.sock"), device)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="device_factory"):
         VhostUserServer(str(tmp_path / "x.sock"), 42)  # type: ignore[arg-type]

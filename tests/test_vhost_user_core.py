@@ -1058,9 +1058,9 @@ def test_close_releases_every_fd_and_mapping_even_when_a_device_hook_raises(
     def broken(index: int) -> None:
         raise RuntimeError("device bug in stopped")
 
-    conn.device.stopped = broken  # type: ignore[method-assign]
+    conn.device.stopped = broken  # type: ignore[method-assign]  # a device bug, for the test
     with pytest.raises(RuntimeError, match="device bug in stopped"):
         conn.backend.close()
     assert sorted(conn.host.closed) == sorted(conn.given)  # the kick fd included
     assert conn.host.live_mappings() == []
-    conn.device.stopped = lambda index: None  # type: ignore[method-assign]
+    conn.device.stopped = lambda index: None  # type: ignore[method-assign]  # fixed again
