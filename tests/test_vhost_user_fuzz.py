@@ -6,7 +6,9 @@ A state machine (:class:`BackendFuzz`) plays a front-end that mixes well-formed 
 progress (negotiation, a memory table of one or two regions, starting rings, config space, reset)
 with malformed and hostile ones (any request number, any flags, wrong payload sizes, random payload
 bytes, wrong fd kinds and counts, ring indices out of range, ring addresses outside memory), and a
-guest driver that writes well-formed chains or arbitrary bytes into the ring areas; the server's
+guest driver that writes well-formed chains (split, or packed with
+:class:`~virtio_schema.fake_queue.FakePackedDriver` when RING_PACKED was negotiated) or arbitrary
+bytes into the ring areas; the server's
 part is played too: turns (``serve``), polls, wake-ups, call signals, a failed kick fd, and closing
 the connection after a :class:`~virtio_schema.vhost_user.backend.FrontendError`.
 
@@ -24,6 +26,10 @@ What the server and a device author rely on, checked at every step:
    ``stopped``, ``handle`` only in between), matching the ring state table.
 5. A queue that is not enabled hands out nothing; a turn takes at most the ring's budget and
    ``Turn.taken`` is what the device took; ``kick_fds()`` holds only open kick fds.
+6. A packed ring the guest driver keeps well-formed starts at the base SET_VRING_BASE gave it (or
+   GET_VRING_BASE returned), as :func:`~virtio_schema.vhost_user.backend.decode_vring_base` reads
+   it; each used descriptor the device writes there carries the id of a chain the driver published
+   and not yet got back, with the bytes the device wrote; a turn writes one per chain it took.
 
 Run longer with ``VIRTIO_SCHEMA_FUZZ_EXAMPLES=5000`` (and ``VIRTIO_SCHEMA_FUZZ_STEPS``).
 """
@@ -43,10 +49,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from virtio_schema.chain import ReadableChain
 from virtio_schema.errors import DriverError
-from virtio_schema.queue import QueueBroken, VirtQueue
+from virtio_schema.fake_queue import FakeMemory, FakeMemoryFull, FakePackedDriver
+from virtio_schema.queue import QueueBroken, QueueState, VirtQueue
 from virtio_schema.ring import DESC, Desc
 from virtio_schema.schema import DescFlags, Feature
 from virtio_schema.vhost_user.backend import (
+    DPDK_PACKED_BASE,
     LOG_ALL,
     Backend,
     Fd,
@@ -54,6 +62,7 @@ from virtio_schema.vhost_user.backend import (
     FrontendError,
     MemoryRefused,
     Turn,
+    decode_vring_base,
 )
 from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.messages import (
@@ -304,7 +313,7 @@ FEATURES = st.builds(
             ]
         )
     ),
-    st.sampled_from([0] * 8 + [int(Feature.RING_PACKED), LOG_ALL]),
+    st.sampled_from([0] * 6 + [int(Feature.RING_PACKED)] * 3 + [LOG_ALL]),
 )
 PROTOCOL_FEATURES = st.builds(
     _or,
@@ -483,6 +492,30 @@ class Mem:
     file: bytearray = field(repr=False)
 
 
+Span = tuple[bytearray, int, int]
+"""Bytes of a fake file: the file, and the offsets ``[start, end)``."""
+
+
+def overlap(a: Span, b: Span) -> bool:
+    return a[0] is b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+@dataclass(eq=False)
+class PackedGuest:
+    """The guest driver of one packed ring: a :class:`FakePackedDriver` whose allocator sees only
+    the ring's three areas and the ring's buffer area (the rest of the region is reserved), so
+    that its ring lands where SET_VRING_ADDR put it and its buffers stay in the buffer area."""
+
+    driver: FakePackedDriver
+    memory: FakeMemory
+    key: tuple[object, ...]
+    """What it was laid out on: the file, the ring areas' guest addresses, the size."""
+    spans: list[Span]
+    """The bytes it owns: ring areas and buffer area."""
+    published: dict[int, tuple[bytes, int]] = field(default_factory=dict)
+    """Buffer ids in flight: the readable bytes and the writable room of their chains."""
+
+
 class BackendFuzz(RuleBasedStateMachine):
     """A front-end, a guest driver and the server around one :class:`Backend` at a time."""
 
@@ -524,6 +557,11 @@ class BackendFuzz(RuleBasedStateMachine):
         self.fe_num: list[int | None] = [None] * NUM_QUEUES
         self.fe_addr: list[VringAddrRec | None] = [None] * NUM_QUEUES
         self.fe_packed = False
+        self.fe_features = 0
+        self.fe_base: list[QueueState | None] = [QueueState()] * NUM_QUEUES
+        """Where each ring starts, as far as the front-end knows (its SET_VRING_BASE, decoded)."""
+        self.guests: list[PackedGuest | None] = [None] * NUM_QUEUES
+        self.was_started = [False] * NUM_QUEUES
         setup, self.setup = self.setup, None  # a setup that fails leaves the new connection bare
         if setup is not None:
             features, protocol, table, rings = setup
@@ -545,6 +583,8 @@ class BackendFuzz(RuleBasedStateMachine):
         unmapped, every ring stopped."""
         b = self.backend
         assert b is not None
+        for ring in range(NUM_QUEUES):
+            self._drop(ring)
         b.close()
         host = self.host
         assert host.given == set(host.closed), f"never closed: {host.given - set(host.closed)}"
@@ -617,6 +657,14 @@ class BackendFuzz(RuleBasedStateMachine):
         self._check_mappings(msg, outcome, mapped)
         if outcome is Outcome.DONE:
             self._learn(msg)
+            if msg.request == Request.GET_VRING_BASE and reply is not None:
+                s = VRING_STATE.unpack_from(reply, HEADER.size)
+                packed_dpdk = self.fe_packed and s.num == DPDK_PACKED_BASE  # read as a fresh ring
+                self.fe_base[s.index] = (
+                    None if packed_dpdk else decode_vring_base(s.num, packed=self.fe_packed)
+                )
+        self._reap()  # GET_VRING_BASE serves the ring before it stops
+        self._sync_guests(msg.request)
         if msg.request in (Request.SET_MEM_TABLE, Request.SET_VRING_ADDR):
             for vr, position in zip(b.vrings, positions, strict=True):
                 if vr.queue is not None and position is not None:
@@ -685,7 +733,11 @@ class BackendFuzz(RuleBasedStateMachine):
         """What the front-end knows after a request took effect."""
         request, payload = msg.request, msg.payload
         if request == Request.SET_FEATURES:
-            self.fe_packed = bool(U64.unpack(payload).u64 & Feature.RING_PACKED)
+            self.fe_features = U64.unpack(payload).u64
+            self.fe_packed = bool(self.fe_features & Feature.RING_PACKED)
+        elif request == Request.SET_VRING_BASE:
+            s = VRING_STATE.unpack(payload)
+            self.fe_base[s.index] = decode_vring_base(s.num, packed=self.fe_packed)
         elif request == Request.SET_VRING_NUM:
             s = VRING_STATE.unpack(payload)
             self.fe_num[s.index] = s.num
@@ -834,6 +886,10 @@ class BackendFuzz(RuleBasedStateMachine):
         at %= length
         chunk = data[: length - at]
         file[offset + at : offset + at + len(chunk)] = chunk
+        for index, g in enumerate(self.guests):  # a packed ring scribbled on is not well-formed
+            if g is not None and any(overlap(s, (file, offset + at, offset + at + len(chunk)))
+                                     for s in g.spans):  # fmt: skip
+                self._drop(index)
 
     @rule(
         ring=RINGS,
@@ -845,13 +901,18 @@ class BackendFuzz(RuleBasedStateMachine):
             max_size=4,
         ),
         limit=st.none() | st.integers(0, 3),
+        indirect=st.booleans(),
     )
     def driver_publishes_and_kicks(
-        self, ring: int, chains: list[tuple[list[bytes], list[int]]], limit: int | None
+        self,
+        ring: int,
+        chains: list[tuple[list[bytes], list[int]]],
+        limit: int | None,
+        indirect: bool,
     ) -> None:
         """Chains, then a kick: the server gives the ring a turn, and more while it asks."""
         for readable, writable in chains:
-            self.driver_publishes_a_chain(ring, readable, writable)
+            self.driver_publishes_a_chain(ring, readable, writable, indirect)
         self.device.limit = limit
         self._serve(ring)
 
@@ -868,12 +929,18 @@ class BackendFuzz(RuleBasedStateMachine):
         ring=RINGS,
         readable=st.lists(st.binary(max_size=24), max_size=3),
         writable=st.lists(st.integers(0, 32), max_size=3),
+        indirect=st.booleans(),
     )
     def driver_publishes_a_chain(
-        self, ring: int, readable: list[bytes], writable: list[int]
+        self, ring: int, readable: list[bytes], writable: list[int], indirect: bool
     ) -> None:
         """A well-formed split chain (virtio 1.2, 2.7.13): descriptors from ``avail.idx % size``
-        on, its head in the next avail slot, then ``avail.idx`` + 1."""
+        on, its head in the next avail slot, then ``avail.idx`` + 1. On a packed ring, the
+        guest's :class:`FakePackedDriver` publishes it (in an indirect table if ``indirect`` and
+        INDIRECT_DESC was negotiated)."""
+        if self.fe_packed:
+            self._publish_packed(ring, readable, writable, indirect)
+            return
         n, addr = self.fe_num[ring], self.fe_addr[ring]
         desc, avail = self._area(ring, "desc"), self._area(ring, "avail")
         count = len(readable) + len(writable)
@@ -907,6 +974,185 @@ class BackendFuzz(RuleBasedStateMachine):
         struct.pack_into("<H", avail[0], avail[1] + 4 + 2 * (idx % n), slots[0])  # ring[]
         struct.pack_into("<H", avail[0], avail[1] + 2, (idx + 1) & 0xFFFF)
 
+    # --- the packed guest driver ------------------------------------------------------------------
+
+    def _publish_packed(
+        self, ring: int, readable: list[bytes], writable: list[int], indirect: bool
+    ) -> None:
+        g = self.guests[ring]
+        count = len(readable) + len(writable)
+        if g is None or not 0 < count <= g.driver.size:
+            return
+        indirect = indirect and bool(self.fe_features & Feature.INDIRECT_DESC)
+        try:
+            buf_id = g.driver.publish(readable, writable, indirect=indirect)
+        except FakeMemoryFull:  # the buffer area is full of chains in flight
+            return
+        if buf_id is None:  # no free slot or id
+            return
+        assert buf_id not in g.published, f"ring {ring}: id {buf_id} published twice"
+        g.published[buf_id] = (b"".join(readable), sum(writable))
+        event("the driver published a packed chain" + (" (indirect)" if indirect else ""))
+
+    def _ring_spans(self, ring: int) -> list[Span]:
+        """The bytes of ring ``ring``'s areas (as the front-end last set them) in memory."""
+        n, addr = self.fe_num[ring], self.fe_addr[ring]
+        if n is None or addr is None:
+            return []
+        avail, used = (4, 4) if self.fe_packed else (6 + 2 * n, 6 + 8 * n)
+        spans = []
+        for uva, length in ((addr.descriptor, 16 * n), (addr.available, avail), (addr.used, used)):
+            found = self._locate(uva, length)
+            if found is not None:
+                spans.append((found[0], found[1], found[1] + length))
+        return spans
+
+    def _others(self, ring: int) -> list[Span]:
+        """What the other rings (their areas, their guests' buffers) may write."""
+        out: list[Span] = []
+        for j in range(NUM_QUEUES):
+            if j != ring:
+                g = self.guests[j]
+                out += self._ring_spans(j) + ([] if g is None else g.spans)
+        return out
+
+    def _layout(self, ring: int) -> tuple[Mem, list[int], list[int], list[Span]] | None:
+        """Where a packed driver of ``ring`` would live: the region, then the guest addresses,
+        lengths and bytes of its descriptor ring, driver and device event areas and buffer area;
+        ``None`` if they are outside memory, misaligned or overlap each other."""
+        n, addr = self.fe_num[ring], self.fe_addr[ring]
+        if n is None or addr is None or n > 64:
+            return None
+        found = self._locate(addr.descriptor, 16 * n)
+        if found is None:
+            return None
+        rec = found[2]
+        (mem,) = [m for m in self.table if m.rec is rec]
+        areas = [(addr.descriptor, 16 * n, 16), (addr.available, 4, 4), (addr.used, 4, 4),
+                 (rec.userspace_addr + BUF_AREA + ring * BUF_STRIDE, BUF_STRIDE, 8)]  # fmt: skip
+        spans: list[Span] = []
+        gpas: list[int] = []
+        for uva, length, align in areas:
+            where = self._locate(uva, length)
+            gpa = rec.guest_phys_addr + uva - rec.userspace_addr
+            if where is None or where[2] is not rec or gpa % align:
+                return None
+            spans.append((mem.file, where[1], where[1] + length))
+            gpas.append(gpa)
+        if any(overlap(a, b) for k, a in enumerate(spans) for b in spans[k + 1 :]):
+            return None
+        return mem, gpas, [length for _, length, _ in areas], spans
+
+    def _lay_guest(self, ring: int, start: QueueState) -> PackedGuest | None:
+        """A packed guest driver for ``ring`` at ``start`` (its ring zeroed, or marked used on the
+        previous lap when resumed), its ring where the front-end put it and its buffers in the
+        ring's buffer area; ``None`` if they cannot be its own (see :meth:`_layout`, or another
+        ring's areas or buffers overlap them)."""
+        layout = self._layout(ring)
+        if layout is None:
+            return None
+        mem, gpas, lengths, spans = layout
+        if any(overlap(a, b) for a in spans for b in self._others(ring)):
+            return None
+        rec = mem.rec
+        view = memoryview(mem.file)[rec.mmap_offset : rec.mmap_offset + rec.memory_size]
+        memory = FakeMemory.over([(rec.guest_phys_addr, view)])
+        pos, end = rec.guest_phys_addr, rec.guest_phys_addr + rec.memory_size
+        for gpa, length in sorted(zip(gpas, lengths, strict=True)):
+            if gpa > pos:
+                memory.alloc_at(pos, gpa - pos)  # not the driver's: its allocator skips it
+            pos = gpa + length
+        if pos < end:
+            memory.alloc_at(pos, end - pos)
+        # first fit: the ring, then the two event areas, land in the blocks left for them (unless
+        # the buffer area comes first and takes one)
+        driver = FakePackedDriver(memory, lengths[0] // 16, self.fe_features, start)
+        if [driver.ring_addr, driver.driver_event_addr, driver.device_event_addr] != gpas[:3]:
+            memory.close()
+            return None
+        event("the guest laid out a packed ring")
+        return PackedGuest(driver, memory, (mem.file, *gpas, lengths[0]), spans)
+
+    def _drop(self, ring: int) -> None:
+        g, self.guests[ring] = self.guests[ring], None
+        if g is not None:
+            g.memory.close()
+
+    def _sync_guests(self, request: int | None = None) -> None:
+        """After a message (``request``) or a failed kick: a packed guest driver for each ring
+        that started, laid out again for a ring that moved (memory table, addresses) with nothing
+        in flight, dropped for a ring that stopped or that another ring's areas now overlap."""
+        b = self.backend
+        assert b is not None
+        for ring, vr in enumerate(b.vrings):
+            queue = vr.queue if vr.state.started else None
+            was, self.was_started[ring] = self.was_started[ring], queue is not None
+            if (
+                was
+                and queue is None
+                and request
+                not in (
+                    Request.GET_VRING_BASE,  # the reply told where
+                    Request.RESET_OWNER,  # the base stays what SET_VRING_BASE said
+                )
+            ):
+                self.fe_base[ring] = None  # stopped where the front-end was not told
+            g = self.guests[ring]
+            if queue is None or not self.fe_packed:
+                self._drop(ring)
+            elif not was:
+                self._drop(ring)
+                self.guests[ring] = self._start_guest(ring, queue)
+            elif g is not None:
+                self._follow(ring, g)
+        for ring, g in enumerate(self.guests):
+            if g is not None and any(overlap(a, b) for a in g.spans for b in self._others(ring)):
+                self._drop(ring)
+                event("a packed ring's areas overlap another ring's")
+
+    def _start_guest(self, ring: int, queue: VirtQueue) -> PackedGuest | None:
+        start, want = queue.state(), self.fe_base[ring]
+        if want is None:
+            return None
+        assert start == want, f"ring {ring} started at {start}, the front-end said {want}"
+        if (start.next_avail, start.avail_wrap) != (start.next_used, start.used_wrap):
+            event("a packed ring started with descriptors in flight")
+            return None
+        return self._lay_guest(ring, start)
+
+    def _follow(self, ring: int, g: PackedGuest) -> None:
+        """A running ring rebuilt on a new memory table or new addresses: the driver lays its
+        ring out again (zeroed, at its own positions) if nothing is in flight."""
+        layout = self._layout(ring)
+        if layout is not None and (layout[0].file, *layout[1], layout[2][0]) == g.key:
+            return  # not moved (the same addresses again): the same bytes, the same driver
+        d = g.driver
+        self._drop(ring)
+        if d.in_flight == 0:
+            state = QueueState(d.avail_pos, d.used_pos, d.avail_wrap, d.used_wrap)
+            self.guests[ring] = self._lay_guest(ring, state)
+            event("a packed ring moved, and its driver with it")
+
+    def _reap(self, polled: bool = False) -> dict[int, int]:
+        """Read back every used descriptor of the packed guests' rings (rule 6); how many, per
+        ring. ``polled``: they came from ``poll`` (0 bytes), else from ``handle``."""
+        counts: dict[int, int] = {}
+        for ring, g in enumerate(self.guests):
+            if g is None:
+                continue
+            in_flight = sorted(g.published)
+            used = g.driver.used()
+            counts[ring] = len(used)
+            for u in used:
+                assert u.head in g.published, (
+                    f"ring {ring}: used id {u.head}, in flight {in_flight}"
+                )
+                data, room = g.published.pop(u.head)
+                reply = b"" if polled else (data[:64][::-1] or b"\xa5")[:room]
+                assert u.len == len(reply), f"ring {ring}: id {u.head} used len {u.len}, {reply!r}"
+                assert b"".join(u.written) == reply, f"ring {ring}: id {u.head} wrote {u.written}"
+        return counts
+
     # --- the server --------------------------------------------------------------------------------
 
     def _serve(self, ring: int) -> None:
@@ -915,8 +1161,14 @@ class BackendFuzz(RuleBasedStateMachine):
         vr = b.vrings[ring]
         live, queue = vr.state is RingState.STARTED_ENABLED, vr.queue
         self.device.new_turn()
+        guest = self.guests[ring]
         turn = b.serve(ring)
         assert isinstance(turn, Turn)
+        returned = self._reap().get(ring, 0)
+        if guest is not None:
+            assert returned == turn.taken, f"ring {ring}: {returned} used descriptors for {turn}"
+            if turn.taken:
+                event("a packed ring's turn took a well-formed chain")
         if not live or queue is None:
             assert turn.taken == 0, f"ring {ring} served while {vr.state}"
             assert self.device.taken is None, f"handle() while {vr.state}"
@@ -945,6 +1197,7 @@ class BackendFuzz(RuleBasedStateMachine):
     def poll(self) -> None:
         assert self.backend is not None
         self._check_again(self.backend.poll())
+        self._reap(polled=True)
 
     @rule()
     def take_wakeups_and_serve_them(self) -> None:
@@ -969,6 +1222,7 @@ class BackendFuzz(RuleBasedStateMachine):
         b = self.backend
         assert b is not None
         b.kick_failed(ring, "kick pipe is at end-of-file")
+        self._sync_guests()
         assert not b.vrings[ring].state.started, f"ring {ring} runs on a failed kick fd"
         assert b.vrings[ring].kick_fd is None, f"ring {ring} keeps a failed kick fd"
 
