@@ -571,14 +571,11 @@ class Backend:
     def _get_vring_base(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         s = self._state(request, payload)
         vr = self._vring(request, s.index)
-        if vr.queue is not None:
-            # serve what the driver made available before it asked us to stop (one turn: at most
-            # a ring's worth), so a stop loses no request the driver already handed over
-            self.serve(s.index)
-            vr.base = vr.queue.state()
-        state = vr.base
+        # serve what the driver made available before it asked us to stop (one turn: at most a
+        # ring's worth), so a stop loses no request the driver already handed over
+        self.serve(s.index)
         self._stop(vr)
-        return _reply(request, VRING_STATE.pack(VringStateRec(s.index, self._encode_base(state))))
+        return _reply(request, VRING_STATE.pack(VringStateRec(s.index, self._encode_base(vr.base))))
 
     def _set_vring_fd(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         value = _u64(request, payload)
@@ -712,11 +709,18 @@ class Backend:
         """The device is handed the ring's (new) queue."""
         self._hooks(vr, hooks(RingState.STOPPED, vr.state))
 
-    def _stop(self, vr: _Vring) -> None:
+    def _stop(self, vr: _Vring, *, let_go: bool = False) -> None:
+        """The ring stops and keeps its position (GET_VRING_BASE reports it, a start resumes
+        there). ``let_go``: the device let go of its queue already (no hooks)."""
+        if vr.queue is not None:
+            vr.base = vr.queue.state()
         if vr.state.started:
             log.info("%s: ring %d stopped", self.name, vr.index)
         try:
-            self._apply(vr, RingEvent.STOP)
+            if let_go:
+                vr.state = transition(vr.state, RingEvent.STOP)
+            else:
+                self._apply(vr, RingEvent.STOP)
         finally:  # a device hook that raised does not keep the ring's kick fd open
             vr.queue = None
             vr.polled = False
@@ -744,9 +748,7 @@ class Backend:
             except RequestRefused as exc:  # the new table lost the ring: it stops
                 log.error("%s: %s; ring %d stopped", self.name, exc, vr.index)
                 vr.base = state
-                vr.state = transition(vr.state, RingEvent.STOP)  # the device let go already
-                vr.polled = False
-                self._close_kick(vr)
+                self._stop(vr, let_go=True)
                 continue
             self._enter(vr)
 
@@ -876,8 +878,6 @@ class Backend:
         front-end error for that ring, which stops (the front-end may start it again)."""
         vr = self.vrings[index]
         log.error("%s: ring %d: %s; the ring is stopped", self.name, index, reason)
-        if vr.queue is not None:
-            vr.base = vr.queue.state()
         self._stop(vr)
 
     # --- teardown ------------------------------------------------------------------------------

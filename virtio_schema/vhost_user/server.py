@@ -514,8 +514,7 @@ class VhostUserServer:
             try:
                 self._sel.register(fd, selectors.EVENT_READ, ("kick", conn))
             except (OSError, ValueError, KeyError) as exc:
-                core.kick_failed(index, f"cannot watch its kick fd: {exc}")
-                self.errors.append(f"ring {index}: cannot watch its kick fd: {exc}")
+                self._kick_failed(conn, index, f"cannot watch its kick fd: {exc}")
                 continue
             conn.kicks[fd] = index
         polled = core.polled_rings()
@@ -525,8 +524,7 @@ class VhostUserServer:
         for index in polled:
             conn.polls.setdefault(index, (0.0, _POLL_BACKOFF[0]))
         self._retime(conn)
-        for fd in core.take_calls():
-            signal(fd)
+        _signal_calls(core)
         for index in core.take_wakeups():
             self._enqueue(conn, index)
 
@@ -585,8 +583,7 @@ class VhostUserServer:
         if error is not None:  # outside the except block (see _on_readable)
             self._drop(conn, error)
             return -1
-        for fd in conn.core.take_calls():
-            signal(fd)
+        _signal_calls(conn.core)
         return taken
 
     def _poll_rings(self, conn: _Conn, now: float) -> None:
@@ -612,8 +609,13 @@ class VhostUserServer:
         if error is not None:  # outside the except block (see _on_readable)
             self._drop(conn, error)
             return
-        for fd in conn.core.take_calls():
-            signal(fd)
+        _signal_calls(conn.core)
+
+
+def _signal_calls(core: Backend) -> None:
+    """Signal the call fds of the queues that notified (after a message, a turn or a poll)."""
+    for fd in core.take_calls():
+        signal(fd)
 
 
 def _fds_of(anc: list[tuple[int, int, bytes]]) -> list[int]:
