@@ -535,13 +535,32 @@ def test_a_disabled_ring_hands_out_no_chains_even_to_a_device_that_kept_its_queu
     assert kept.next_chain() is None
     assert conn.backend.serve(0) == Turn(0, ())
     assert conn.device.taken == []  # handle never ran
-    # enabled, then disabled again: the same queue is closed to the device again
+    # enabled, then disabled again: what was published while it was enabled is served as the
+    # ring is disabled (like a stop), then the same queue is closed to the device again
     assert conn.ack(Request.SET_VRING_ENABLE, _state(0, 1)) == 0
     assert conn.ack(Request.SET_VRING_ENABLE, _state(0, 0)) == 0
+    assert conn.device.taken == [3]
+    assert conn.used_idx_in() == 3
+    assert conn.backend.take_calls() == [conn.call_fd]
+    conn.publish(2)
     assert kept.budget == 0
     assert kept.next_chain() is None
-    assert conn.used_idx_in() == 0
+    assert conn.backend.serve(0) == Turn(0, ())
+    assert conn.used_idx_in() == 3
     assert conn.backend.take_calls() == []
+
+
+def test_disabling_a_ring_serves_what_was_published_while_it_was_enabled(
+    conn: Harness,
+) -> None:
+    """A kick read in the same round as SET_VRING_ENABLE 0 must not lose its turn: the frames
+    a driver sent just before disabling (DPDK's stop) are taken first."""
+    conn.running()
+    heads = conn.publish(4)
+    assert conn.ack(Request.SET_VRING_ENABLE, _state(0, 0)) == 0
+    assert conn.device.calls == [("disabled", 0)]
+    assert conn.device.taken == [4]
+    assert [u.head for u in conn.driver.used()] == heads
 
 
 # --- REPLY_ACK ---------------------------------------------------------------------------------------

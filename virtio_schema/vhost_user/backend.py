@@ -611,6 +611,10 @@ class Backend:
         vr = self._vring(request, s.index)
         if s.num not in (0, 1):
             raise FrontendError(f"{self.name}: SET_VRING_ENABLE ring {s.index} num={s.num}")
+        if not s.num:
+            # as for a stop: serve what the driver made available while the ring was enabled (a
+            # kick read in the same round as this message would otherwise never get its turn)
+            self.serve(s.index)
         self._apply(vr, RingEvent.ENABLE if s.num else RingEvent.DISABLE)
         return None
 
