@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,9 +56,6 @@ from virtio_schema.queue import (
 )
 from virtio_schema.ring import PackedDesc
 from virtio_schema.schema import Feature, PackedDescFlags
-
-if TYPE_CHECKING:
-    from virtio_schema._buffers import ReadBuffer
 
 T = TypeVar("T")
 PackedFQ = _FakeQueue[PackedQueue, FakePackedDriver]
@@ -115,17 +112,21 @@ def device_call(call: Callable[[], T]) -> T | VirtioError:
 
 
 class DescReads:
-    """Counts the descriptor records the queue reads, through its ``_unpack_desc`` (an instance
-    attribute set in ``PackedQueue.__init__``, the only way descriptors are read)."""
+    """Counts the descriptor records the queue reads, through its ``descriptors_read`` counter
+    (every descriptor, ring and indirect, is read through the format's cursor, which counts it);
+    setting ``count`` starts a new count."""
 
     def __init__(self, queue: PackedQueue) -> None:
-        self.count = 0
-        self._inner = queue._unpack_desc
-        queue._unpack_desc = self.unpack
+        self._queue = queue
+        self._base = queue.descriptors_read
 
-    def unpack(self, buffer: ReadBuffer, offset: int = 0) -> tuple[Any, ...]:
-        self.count += 1
-        return self._inner(buffer, offset)
+    @property
+    def count(self) -> int:
+        return self._queue.descriptors_read - self._base
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._base = self._queue.descriptors_read - value
 
 
 def snapshot(mem: FakeMemory) -> Snapshot:

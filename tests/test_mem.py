@@ -992,7 +992,7 @@ def test_swapped_words_store_and_load_in_the_byte_order_opposite_to_the_host(
     """What a big-endian host uses for :meth:`DeviceRange.le16`/``le32``: a native word view plus
     a swap. Checked here on any host: the bytes are the value in the order opposite to the host's
     (little-endian on a big-endian host), and a load gives the value back."""
-    from virtio_schema.mem import _SwappedWords
+    from virtio_schema._device_range import _SwappedWords
 
     buf = bytearray(2 * width)
     native = memoryview(buf).cast(code)  # type: ignore[call-overload]

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1178,13 +1179,12 @@ def test_a_server_refuses_the_path_of_a_live_server_and_leaves_its_socket(
 
 def test_a_server_replaces_a_stale_socket_file(tmp_path: Path, blk: BlkDevice) -> None:
     path = tmp_path / "stale.sock"
-    dead = VhostUserServer(str(path), lambda: VhostUserBlk(blk))
-    dead.listen()
-    assert dead._listener is not None
-    dead._listener.close()  # a crashed server: its socket file stays, nobody listens
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as crashed:
+        crashed.bind(str(path))
+        crashed.listen()
+    assert path.is_socket()  # a crashed server: its socket file stays, nobody listens
     with serving(path, lambda: VhostUserBlk(blk)) as server, Frontend(server.path) as fe:
         assert fe.get_queue_num() == 1
-    dead.close()
 
 
 def test_a_server_refuses_a_path_that_is_not_a_socket(tmp_path: Path, blk: BlkDevice) -> None:

@@ -20,7 +20,7 @@ the chains between the last used and the current avail index ("in flight"), and 
 asked for with ``--index``: the head, each descriptor in chain order with its flags by name, an
 indirect table's descriptors under the indirect descriptor, the readable and writable totals, and,
 for a malformed chain, the library's own error for it (the same validation as the device path:
-:meth:`virtio_schema.queue.Queue._walk`). Stale rings full of garbage are the normal case: every
+:meth:`virtio_schema.queue.Queue.check_chain`). Stale rings full of garbage are the normal case: every
 walk is bounded and a bad chain never stops the output.
 
 It never writes: the memory is mapped read-only, and the queue object built over it is only asked to
@@ -42,7 +42,7 @@ from typing import Any
 from virtio_schema.errors import VirtioError
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
 from virtio_schema.qmp import QMPClient, QMPError
-from virtio_schema.queue import DescChain, PackedQueue, Queue, QueueBroken, QueueMemory
+from virtio_schema.queue import CheckedChain, PackedQueue, Queue, QueueMemory, RingError
 from virtio_schema.records import BLK_REQ_HDR, NET_HDR
 from virtio_schema.ring import DESC, PACKED_DESC
 from virtio_schema.schema import (
@@ -195,11 +195,11 @@ def _walk_raw(
     return out
 
 
-def _chain_report(queue: Queue | PackedQueue, chain: DescChain) -> dict[str, Any]:
-    chain._returned = True  # inspected, never to be returned: nothing is written back
+def _chain_report(chain: CheckedChain) -> dict[str, Any]:
     if chain.error is not None:
         return {"error": str(chain.error), "readable": None, "writable": None}
-    return {"error": None, "readable": chain.readable_len, "writable": chain.writable_len}
+    b = chain.buffers
+    return {"error": None, "readable": b.readable_len, "writable": b.writable_len}
 
 
 def inspect_ring(
@@ -259,7 +259,7 @@ def inspect_ring(
                 entry["descriptors"] = _walk_raw(
                     mem, queue.desc_table.view, head, size, size, False
                 )
-                entry.update(_chain_report(queue, queue._walk(head)))
+                entry.update(_chain_report(queue.check_chain(head)))
             chains.append(entry)
     else:
         for name, area in (
@@ -276,14 +276,12 @@ def inspect_ring(
             slot = pos % size
             entry = {"avail_idx": slot, "head": slot}
             entry["descriptors"] = _walk_raw(mem, queue.ring.view, slot, size, size, True)
-            queue._next_avail = slot
             try:
-                chain = queue._walk()
-                entry.update(_chain_report(queue, chain))
+                chain = queue.check_chain(slot)
+                entry.update(_chain_report(chain))
                 entry["head"] = chain.head
-            except QueueBroken as exc:  # a chain the device could not even return
-                entry.update(error=str(exc.cause))
-                queue._broken = None
+            except RingError as exc:  # a chain the device could not even return
+                entry.update(error=str(exc))
             chains.append(entry)
     if hexdump:
         for entry in chains:

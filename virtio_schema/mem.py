@@ -36,14 +36,14 @@ from __future__ import annotations
 import itertools
 import mmap
 import platform
-import sys
 import threading
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
+from virtio_schema._device_range import DeviceRange, Words
 from virtio_schema.errors import (
     AddressOverflow,
     DeviceUsageError,
@@ -55,6 +55,7 @@ from virtio_schema.errors import (
 
 if TYPE_CHECKING:
     from virtio_schema._buffers import ReadBuffer
+
 
 __all__ = [
     "ADDRESS_SPACE_END",
@@ -72,7 +73,7 @@ __all__ = [
     "write_barrier",
 ]
 
-ADDRESS_SPACE_END = 1 << 64
+ADDRESS_SPACE_END: Final = 1 << 64
 """One past the last driver address: ranges are half-open inside ``[0, 2**64]``."""
 
 
@@ -110,10 +111,7 @@ class DriverRange:
         end = addr + length
         if addr < 0 or length < 0 or end > ADDRESS_SPACE_END:
             raise AddressOverflow(addr, length)
-        r = object.__new__(cls)
-        r.start = addr
-        r.end = end
-        return r
+        return DriverRange(addr, end)
 
     @property
     def len(self) -> int:
@@ -144,139 +142,6 @@ class DriverRange:
 
     def __repr__(self) -> str:
         return f"DriverRange({self.start:#x}, {self.end:#x})"
-
-
-class Words(Protocol):
-    """Little-endian words of a :class:`DeviceRange` (from :meth:`DeviceRange.le16` or
-    :meth:`DeviceRange.le32`): ``words[k]`` reads, and ``words[k] = v`` writes, the word at byte
-    offset ``k * width`` with ONE machine access, never a zero in between. On a little-endian host
-    this is the ``memoryview`` itself (``cast("H")`` or ``cast("I")``)."""
-
-    def __getitem__(self, index: int, /) -> int: ...
-
-    def __setitem__(self, index: int, value: int, /) -> None: ...
-
-    def release(self) -> None: ...
-
-
-_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
-
-
-class _SwappedWords:
-    """:class:`Words` on a big-endian host: a native word view plus a byte swap per access."""
-
-    __slots__ = ("_view", "_width")
-
-    def __init__(self, view: memoryview, width: int) -> None:
-        self._view = view
-        self._width = width
-
-    def __getitem__(self, index: int, /) -> int:
-        value: int = self._view[index]
-        return int.from_bytes(value.to_bytes(self._width, "big"), "little")
-
-    def __setitem__(self, index: int, value: int, /) -> None:
-        self._view[index] = int.from_bytes(value.to_bytes(self._width, "little"), "big")
-
-    def release(self) -> None:
-        self._view.release()
-
-
-@final
-class DeviceRange:
-    """Device-accessible memory: a byte ``memoryview`` plus the driver range it came from (``None``
-    for memory that has no driver address, e.g. a buffer in a test).
-
-    ``view`` is writable unless the memory it came from is read-only. It aliases guest memory: a
-    hostile driver may change the bytes at any moment, so copy what must not change under you.
-    """
-
-    __slots__ = ("__weakref__", "_owner", "_words", "driver_range", "view")
-
-    view: memoryview
-    driver_range: DriverRange | None
-
-    def __init__(self, view: memoryview, driver_range: DriverRange | None = None) -> None:
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        self.view = view
-        self.driver_range = driver_range
-        self._owner: weakref.WeakSet[DeviceRange] | None = None
-        self._words: list[Words] | None = None  # word views made by le16/le32 (rare: rings)
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def split_at(self, offset: int) -> tuple[DeviceRange, DeviceRange]:
-        """``(first offset bytes, the rest)``, both tracked by the same memory as this range."""
-        n = len(self.view)
-        if not 0 <= offset <= n:
-            raise DeviceUsageError(f"split offset {offset} outside 0..{n} of a {n}-byte range")
-        if self.driver_range is None:
-            d1 = d2 = None
-        else:
-            d1, d2 = self.driver_range.split_at(offset)
-        a = DeviceRange(self.view[:offset], d1)
-        b = DeviceRange(self.view[offset:], d2)
-        owner = self._owner
-        if owner is not None:
-            a._owner = b._owner = owner
-            owner.add(a)
-            owner.add(b)
-        return a, b
-
-    def sub(self, offset: int, length: int) -> DeviceRange:
-        """The ``length`` bytes at ``offset`` of this range, tracked by the same memory."""
-        n = len(self.view)
-        if offset < 0 or length < 0 or offset + length > n:
-            raise DeviceUsageError(f"sub-range {offset}+{length} outside a {n}-byte range")
-        if self.driver_range is None:
-            d = None
-        else:
-            start = self.driver_range.start + offset
-            d = DriverRange(start, start + length)
-        part = DeviceRange(self.view[offset : offset + length], d)
-        owner = self._owner
-        if owner is not None:
-            part._owner = owner
-            owner.add(part)
-        return part
-
-    def le16(self) -> Words:
-        """The range as little-endian 16-bit words (``len // 2`` of them, ``words[k]`` at byte
-        ``2 * k``), each read or written with one machine access: the way to store a field the
-        driver may be polling (see rule 3 of this module). Released with the range."""
-        return self._cast(2)
-
-    def le32(self) -> Words:
-        """The range as little-endian 32-bit words (``len // 4`` of them, ``words[k]`` at byte
-        ``4 * k``), like :meth:`le16`."""
-        return self._cast(4)
-
-    def _cast(self, width: int) -> Words:
-        n = len(self.view)
-        whole = self.view[: n - n % width]
-        try:
-            native = whole.cast("H") if width == 2 else whole.cast("I")
-        finally:
-            whole.release()
-        words: Words = native if _LITTLE_ENDIAN_HOST else _SwappedWords(native, width)
-        if self._words is None:
-            self._words = []
-        self._words.append(words)
-        return words
-
-    def release(self) -> None:
-        """Release the view and the word views made from it now (they raise ``ValueError`` on
-        use afterwards)."""
-        if self._words is not None:
-            for words in self._words:
-                words.release()
-            self._words = None
-        self.view.release()
-
-    def __repr__(self) -> str:
-        return f"DeviceRange({len(self.view)} bytes, from {self.driver_range!r})"
 
 
 Locate = Callable[[int, int], "tuple[memoryview, int] | None"]
@@ -529,14 +394,14 @@ class GuestMemory:
 # weakly ordered CPUs every helper takes the lock: an acquire/release pair orders what precedes the
 # release before what follows the acquire, and the full barrier does it twice to order store->load.
 
-_FENCE_LOCK = threading.Lock()
-STRONG_ORDER = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
+_FENCE_LOCK: Final = threading.Lock()
+STRONG_ORDER: Final = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
 """The CPU keeps load->load and store->store order (x86-64): :func:`read_barrier` and
 :func:`write_barrier` do nothing, and the queues' hot paths skip the call (``if not
 STRONG_ORDER: write_barrier()``: a Python call costs ten times the test)."""
 # bound once: two C calls, about half the cost of a ``with`` block on the lock
-_fence_acquire = _FENCE_LOCK.acquire
-_fence_release = _FENCE_LOCK.release
+_fence_acquire: Final = _FENCE_LOCK.acquire
+_fence_release: Final = _FENCE_LOCK.release
 
 
 def _lock_fence() -> None:
@@ -544,36 +409,30 @@ def _lock_fence() -> None:
     _fence_release()
 
 
-# Each helper is defined once for this CPU, at import: the hot path pays one call and no test.
-if STRONG_ORDER:
+# Each helper is one plain function (mypyc compiles it to a direct call; interpreted, the hot paths
+# skip the call on x86-64 with ``if not STRONG_ORDER``).
 
-    def read_barrier() -> None:
-        """Order earlier loads from guest memory before later ones (after reading ``avail.idx``,
-        before reading the entries it publishes; packed: after reading a descriptor's flags).
-        x86-64 keeps load order: nothing to do."""
 
-    def write_barrier() -> None:
-        """Order earlier stores to guest memory before later ones (used elements before
-        ``used.idx``; packed: id/len before flags). x86-64 keeps store order: nothing to do."""
-
-    def full_barrier() -> None:
-        """Order earlier stores before later loads (``used.idx`` before reading ``used_event`` /
-        ``avail.flags``; ``avail_event`` before re-reading ``avail.idx``). x86-64: one locked
-        instruction, through the lock (acquiring it is a locked compare-and-swap)."""
-        _fence_acquire()
-        _fence_release()
-
-else:  # pragma: no cover - weakly ordered CPUs
-
-    def read_barrier() -> None:
-        """Order earlier loads from guest memory before later ones (see above)."""
+def read_barrier() -> None:
+    """Order earlier loads from guest memory before later ones (after reading ``avail.idx``,
+    before reading the entries it publishes; packed: after reading a descriptor's flags).
+    x86-64 keeps load order: nothing to do there."""
+    if not STRONG_ORDER:  # pragma: no cover - weakly ordered CPUs
         _lock_fence()
 
-    def write_barrier() -> None:
-        """Order earlier stores to guest memory before later ones (see above)."""
+
+def write_barrier() -> None:
+    """Order earlier stores to guest memory before later ones (used elements before
+    ``used.idx``; packed: id/len before flags). x86-64 keeps store order: nothing to do there."""
+    if not STRONG_ORDER:  # pragma: no cover - weakly ordered CPUs
         _lock_fence()
 
-    def full_barrier() -> None:
-        """Order earlier stores before later loads: two acquire/release pairs."""
-        _lock_fence()
+
+def full_barrier() -> None:
+    """Order earlier stores before later loads (``used.idx`` before reading ``used_event`` /
+    ``avail.flags``; ``avail_event`` before re-reading ``avail.idx``): one locked instruction,
+    through the lock (acquiring it is a locked compare-and-swap); weakly ordered CPUs take two
+    acquire/release pairs."""
+    _lock_fence()
+    if not STRONG_ORDER:  # pragma: no cover - weakly ordered CPUs
         _lock_fence()

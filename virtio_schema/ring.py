@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple, final
+from typing import Final, NamedTuple, final
 
 from virtio_schema.errors import DeviceUsageError, DriverError
 from virtio_schema.layout import ArrayField, IntField, Layout
@@ -59,7 +59,7 @@ class Desc(NamedTuple):
     next: int
 
 
-_NEXT = int(DescFlags.NEXT)
+_NEXT: Final = int(DescFlags.NEXT)
 
 
 def linked_descs(buffers: Sequence[tuple[int, int, int]], at: Sequence[int]) -> list[Desc]:

@@ -1,8 +1,9 @@
 """The virtqueue state machine, device side: take chains, return them, decide notifications.
 
-``Queue`` (split ring) hands out :class:`DescChain` objects; later ring formats hand out the same
-type, so the layers above never ask which format they serve. The validation catalogue is in
-:mod:`virtio_schema.queue.errors`.
+``Queue`` (split ring) and ``PackedQueue`` (packed ring) hand out the same :class:`DescChain`, so
+the layers above never ask which format they serve. The validation catalogue is in
+:mod:`virtio_schema.queue.errors` and is checked in one place, :mod:`virtio_schema.queue.walk`;
+``check_chain`` runs it on a chain without taking it (for dissectors).
 
 Imports: :mod:`virtio_schema.ring`, :mod:`virtio_schema.mem`, :mod:`virtio_schema.schema`.
 """
@@ -38,6 +39,7 @@ from virtio_schema.queue.errors import (
 from virtio_schema.queue.packed import PackedQueue
 from virtio_schema.queue.split import Queue
 from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState, vring_need_event
+from virtio_schema.queue.walk import ChainBuffers, CheckedChain
 from virtio_schema.schema import Feature
 
 VirtQueue = Queue | PackedQueue
@@ -65,11 +67,13 @@ __all__ = [
     "BufferAddressOverflow",
     "BufferIdOutOfRange",
     "ChainAlreadyReturned",
+    "ChainBuffers",
     "ChainDescriptor",
     "ChainError",
     "ChainLengthOverflow",
     "ChainNeverEnds",
     "ChainTooLong",
+    "CheckedChain",
     "DescChain",
     "DescIndexOutOfRange",
     "DriverNotify",

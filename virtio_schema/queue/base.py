@@ -14,114 +14,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.mem import DriverRange
-from virtio_schema.queue.errors import (
-    IndirectTableTooLarge,
-    InvalidIndirectLength,
-    OutOfOrderReturn,
-    QueueBroken,
-    RingError,
-    UnmappedIndirectTable,
-)
+from virtio_schema.queue.errors import OutOfOrderReturn, QueueBroken, RingError
 from virtio_schema.queue.state import DriverNotify, QueueState
 from virtio_schema.schema import Feature
 
 if TYPE_CHECKING:
     from virtio_schema.mem import DriverMem, Locate
-    from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
+    from virtio_schema.queue.desc_chain import DescChain
 
-__all__ = ["ADDR_END", "MAX_INDIRECT_ENTRIES", "MAX_TABLE_LEN", "MAX_TOTAL_LEN", "QueueBase"]
-
-MAX_TOTAL_LEN = (1 << 32) - 1
-"""Largest total length of a chain's buffers (the used length is a u32)."""
-ADDR_END = 1 << 64
-"""One past the last driver address: ``addr + len`` must not pass it."""
-MAX_INDIRECT_ENTRIES = 65535
-"""Most entries an indirect table may have."""
-MAX_TABLE_LEN = 16 * MAX_INDIRECT_ENTRIES
-"""Largest length of an indirect descriptor (bytes)."""
-
-
-# --- indirect tables in one snapshot ---------------------------------------------------------------
-#
-# Linux (and DPDK) build an indirect table as exactly the chain it describes: entry k links to k + 1,
-# readable entries first. Such a table is read in one copy and validated with a few byte-string
-# operations instead of entry by entry. Anything else (a table longer than 256 entries, an unknown
-# flag bit, another order, an address in the top half of the 64-bit space) returns None, and the
-# queue's general walk reads the table entry by entry, with its precise errors. The outcome is the
-# same either way: tests/test_queue_fast_table.py walks random tables both ways.
-
-_FAST_TABLE_MAX = 256  # entries (the next fields' high bytes are then zero)
-_KEEP_NEXT_WRITE_INDIRECT = bytes(b & 7 for b in range(256))  # what the split walk reads
-_KEEP_WRITE_INDIRECT = bytes(b & 6 for b in range(256))  # what the packed walk reads (no NEXT)
-_ZEROS = bytes(_FAST_TABLE_MAX)
-_TWOS = b"\x02" * _FAST_TABLE_MAX  # WRITE
-_Unpack = Callable[[bytes], tuple[int, ...]]
-# n -> what checking and reading an n-entry table needs: the unpackers of the addr fields and of
-# the len fields (flat tuples, no object per entry), and the next fields' low and high bytes of
-# entries 0 .. n-2 in the split shape (1, 2, ..., n-1 and zeros)
-_FIELDS: dict[int, tuple[_Unpack, _Unpack, bytes, bytes]] = {}
-
-
-def _fields(n: int) -> tuple[_Unpack, _Unpack, bytes, bytes]:
-    fields = _FIELDS[n] = (
-        struct.Struct("<" + "Q8x" * n).unpack,
-        struct.Struct("<" + "8xL4x" * n).unpack,
-        bytes(range(1, n)),
-        bytes(n - 1),
-    )
-    return fields
-
-
-def sequential_table(
-    view: memoryview, at: int, n: int, *, split: bool
-) -> tuple[tuple[int, ...], tuple[int, ...], int, int, int] | None:
-    """The ``n``-entry indirect table at ``view[at:]`` if it is one chain in table order:
-    ``(addresses, lengths, readable entries, readable bytes, writable bytes)``, else ``None``.
-
-    Split (``split=True``): every entry but the last has NEXT and ``next`` = its index + 1, the
-    last has no NEXT. Packed: NEXT is ignored (every entry is in the chain). Both: readable
-    entries before writable ones, no INDIRECT flag, every address below 2**63 (so no buffer
-    reaches 2**64). Only the flag bits the walks read are looked at (NEXT, WRITE, INDIRECT)."""
-    if n > _FAST_TABLE_MAX:
-        return None
-    snap = view[at : at + 16 * n].tobytes()
-    fields = _FIELDS.get(n) or _fields(n)
-    if split:
-        # the flags' low bytes, kept to the bits the split walk reads: 1 (NEXT) for readable
-        # entries, then 3 (NEXT | WRITE) for writable ones, and no NEXT on the last entry
-        flags = snap[12::16].translate(_KEEP_NEXT_WRITE_INDIRECT)
-        readable = flags.count(1)
-        last = flags[-1]
-        if last == 0:  # a readable last entry: all are readable
-            if readable != n - 1:
-                return None
-            readable = n
-        elif (  # a writable last entry, after readable ones and then writable ones
-            last != 2
-            or flags.count(3) != n - 1 - readable
-            or (readable != n - 1 and flags.find(3) != readable)
-        ):
-            return None
-        # every entry but the last links to the next one: next = k + 1 (bytes 14 and 15)
-        end = 16 * n - 16
-        if snap[14:end:16] != fields[2] or snap[15:end:16] != fields[3]:
-            return None
-    else:
-        flags = snap[14::16].translate(_KEEP_WRITE_INDIRECT)
-        readable = flags.count(0)
-        if flags != _ZEROS[:readable] + _TWOS[: n - readable]:
-            return None
-    if not snap[7::16].isascii():  # an address's top byte at 0x80 or more
-        return None
-    lens = fields[1](snap)
-    head = lens[0] if readable == 1 else sum(lens[:readable])
-    return fields[0](snap), lens, readable, head, sum(lens) - head
+__all__ = ["QueueBase"]
 
 
 class QueueBase:
@@ -129,7 +34,6 @@ class QueueBase:
     :class:`~virtio_schema.queue.PackedQueue`)."""
 
     size: int
-    driver_mem: DriverMem
     features: int
     notifier: DriverNotify
     index: int
@@ -138,7 +42,7 @@ class QueueBase:
         self, size: int, driver_mem: DriverMem, features: int, notify: DriverNotify, index: int
     ) -> None:
         self.size = size
-        self.driver_mem = driver_mem
+        self._driver_mem = driver_mem
         self.features = features
         self.notifier = notify
         self.index = index
@@ -152,6 +56,12 @@ class QueueBase:
         self._budget = -1  # chains next_chain may still hand out this turn; negative: no limit
         locate = getattr(driver_mem, "locate", None)  # the optional fast path (mem.Locate)
         self._locate: Locate | None = locate if callable(locate) else None
+
+    @property
+    def driver_mem(self) -> DriverMem:
+        """The memory buffer and indirect-table addresses are translated through (fixed for the
+        queue's life: a transport whose memory table changes builds new queues)."""
+        return self._driver_mem
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -268,55 +178,7 @@ class QueueBase:
         with contextlib.suppress(ValueError):
             outstanding.remove(head)
 
-    def _check_indirect_table(self, head: int, at: int, addr: int, length: int) -> None:
-        """The table rules both formats share, after their own structural ones: a non-zero
-        multiple of 16 bytes, at most 65535 entries, not wrapping past 2**64."""
-        if length == 0 or length & 15:
-            raise InvalidIndirectLength(self.index, head, at, length)
-        if length >> 4 > MAX_INDIRECT_ENTRIES:
-            raise IndirectTableTooLarge(self.index, head, at, length)
-        if addr + length > ADDR_END:
-            raise UnmappedIndirectTable(self.index, head, at, addr, length)
-
-    def _lone_table(
-        self, addr: int, length: int, split: bool
-    ) -> tuple[tuple[int, ...], tuple[int, ...], int, int, int] | None:
-        """The chain Linux and DPDK send with INDIRECT_DESC, a head that is one indirect
-        descriptor (the caller saw INDIRECT without NEXT in its flags) whose table is one
-        sequence: the table's buffers as :func:`sequential_table` gives them, read in one
-        snapshot. ``None`` for anything else, every error included: the format's general walk
-        then reads the chain entry by entry and names it."""
-        if (
-            length & 15
-            or not 0 < length <= 16 * self.size  # the chain length limit: one buffer per entry
-            or addr + length > ADDR_END
-            or not self._indirect
-        ):
-            return None
-        locate = self._locate
-        found = locate(addr, length) if locate is not None else None
-        if found is None:
-            return None
-        whole = sequential_table(found[0], found[1], length >> 4, split=split)
-        if whole is None or whole[3] + whole[4] > MAX_TOTAL_LEN:
-            return None
-        return whole
-
-    def _indirect_table(self, head: int, at: int, addr: int, length: int) -> tuple[memoryview, int]:
-        """A view holding the indirect table ``[addr, addr+length)`` (checked) and the table's
-        offset in it, for a walk that reads it at once, by translation. The walks try the
-        untracked region lookup first, inline (:data:`~virtio_schema.mem.Locate`, an eighth of
-        the cost); this is their path when the memory offers none or it found no single region.
-        Raises :class:`UnmappedIndirectTable`."""
-        dr = self.driver_mem.translate(DriverRange(addr, addr + length))
-        if dr is None:
-            raise UnmappedIndirectTable(self.index, head, at, addr, length)
-        return dr.view, 0
-
     def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
-        raise NotImplementedError
-
-    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
         raise NotImplementedError
 
     def _orphan(self, chain: DescChain) -> None:

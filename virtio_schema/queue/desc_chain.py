@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Protocol, final
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, final
 
 from virtio_schema.queue.errors import (
     ChainAlreadyReturned,
@@ -31,13 +31,14 @@ from virtio_schema.queue.errors import (
     RingError,
     WrittenTooMuch,
 )
+from virtio_schema.queue.walk import ChainBuffers
 
 if TYPE_CHECKING:
     from virtio_schema.mem import DriverMem, Locate
 
 __all__ = ["ChainDescriptor", "DescChain"]
 
-_get_ident = threading.get_ident  # bound once: every chain records the thread that took it
+_get_ident: Final = threading.get_ident  # bound once: every chain records the thread that took it
 
 
 class ChainDescriptor(NamedTuple):
@@ -59,7 +60,10 @@ class _ChainOwner(Protocol):
     """What a queue offers its chains (both formats)."""
 
     index: int
-    driver_mem: DriverMem
+
+    @property
+    def driver_mem(self) -> DriverMem: ...
+
     _generation: int
     _broken: RingError | None
     _in_order: bool
@@ -68,8 +72,6 @@ class _ChainOwner(Protocol):
     def _return_chain(self, chain: DescChain, written: int) -> None: ...
 
     def _check_return(self, chain: DescChain) -> None: ...
-
-    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]: ...
 
     def _orphan(self, chain: DescChain) -> None: ...
 
@@ -88,27 +90,27 @@ class DescChain:
     """
 
     __slots__ = (
-        "__weakref__",
-        "_addrs",
-        "_first",
         "_gen",
-        "_lens",
-        "_n_readable",
         "_queue",
         "_returned",
         "_slots",
-        "_table_at",
         "_tid",
-        "_where",
         "_written",
+        "buffers",
         "error",
         "head",
+        "locate",
         "readable_len",
         "writable_len",
     )
 
     head: int
     """Head index (split) or buffer id (packed): what the used entry names."""
+    buffers: ChainBuffers
+    """The validated buffers (empty for a malformed chain): what the chain readers walk."""
+    locate: Locate | None
+    """The memory's untracked region lookup (:data:`~virtio_schema.mem.Locate`), if it has one:
+    the chain readers' fast path for a copy done at once."""
     error: ChainError | None
     """Why the chain is malformed, or ``None``."""
     readable_len: int
@@ -120,33 +122,20 @@ class DescChain:
         self,
         queue: _ChainOwner,
         head: int,
-        addrs: Sequence[int],
-        lens: Sequence[int],
-        n_readable: int,
-        readable_len: int,
-        writable_len: int,
+        buffers: ChainBuffers,
         error: ChainError | None = None,
         slots: int = 1,
-        first: int = -1,
-        table_at: int = -1,
-        where: list[int] | None = None,
     ) -> None:
-        # addrs, lens: the buffers as read, readable ones first, as two flat lists (the walkers
-        # index them; a table read in one snapshot extends them with two tuples, no record
-        # object per buffer). The public ChainDescriptor view is rebuilt on demand by the
-        # queue's _describe, from where (descriptor indices, if the format keeps them) and
-        # table_at (where an indirect table's entries start)
+        """Made by the queues only: ``buffers`` as :class:`~virtio_schema.queue.walk.Validator`
+        validated them, or ``error`` (and empty buffers); ``slots`` is how many ring slots the
+        chain took (packed; 1 for split)."""
         self._queue = queue
         self._gen = queue._generation
         self.head = head
-        self._addrs = addrs
-        self._lens = lens
-        self._where = where
-        self._first = head if first < 0 else first
-        self._table_at = table_at
-        self._n_readable = n_readable
-        self.readable_len = readable_len
-        self.writable_len = writable_len
+        self.buffers = buffers
+        self.locate = queue._locate
+        self.readable_len = buffers.readable_len
+        self.writable_len = buffers.writable_len
         self.error = error
         self._slots = slots
         self._written = 0
@@ -193,24 +182,28 @@ class DescChain:
         """All buffers in chain order: readable ones first, then writable ones. Raises
         :attr:`error` for a malformed chain."""
         self._check()
-        return self._queue._describe(self)
+        b = self.buffers
+        return tuple(
+            ChainDescriptor(
+                b.addrs[k], b.lens[k], k >= b.n_readable, b.desc_index[k], 0 <= b.table_start <= k
+            )
+            for k in range(len(b.addrs))
+        )
 
     def readable(self) -> tuple[ChainDescriptor, ...]:
         """The device-readable buffers, in order."""
-        self._check()
-        return self._queue._describe(self)[: self._n_readable]
+        return self.descriptors()[: self.buffers.n_readable]
 
     def writable(self) -> tuple[ChainDescriptor, ...]:
         """The device-writable buffers, in order."""
-        self._check()
-        return self._queue._describe(self)[self._n_readable :]
+        return self.descriptors()[self.buffers.n_readable :]
 
     def __iter__(self) -> Iterator[ChainDescriptor]:
         return iter(self.descriptors())
 
     def __len__(self) -> int:
         """Number of buffers (0 for a malformed chain)."""
-        return 0 if self.error is not None else len(self._addrs)
+        return len(self.buffers.addrs)
 
     # --- giving it back ------------------------------------------------------------------------
 
@@ -228,6 +221,11 @@ class DescChain:
         if not 0 <= n <= self.writable_len:
             raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
         self._written = n
+
+    def add_written(self, n: int) -> None:
+        """Count ``n`` more bytes written: ``written += n``, with the same checks (the chain
+        writers count through it)."""
+        self.written = self._written + n
 
     def return_written(self, n: int | None = None) -> None:
         """Return the chain to the driver with ``n`` bytes written (default: :attr:`written`).
@@ -280,6 +278,6 @@ class DescChain:
         state = "returned" if self._returned else "held"
         bad = f", error={self.error}" if self.error is not None else ""
         return (
-            f"DescChain(queue={self._queue.index}, head={self.head}, {len(self._addrs)} buffers,"
+            f"DescChain(queue={self._queue.index}, head={self.head}, {len(self.buffers)} buffers,"
             f" r={self.readable_len}, w={self.writable_len}, {state}{bad})"
         )

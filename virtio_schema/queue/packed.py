@@ -3,9 +3,11 @@
 Theory of operation. The ring is one array of ``size`` descriptors shared by both sides. The driver
 makes a chain available by writing its descriptors in consecutive slots (wrapping at ``size``) and,
 last, the first descriptor's flags with ``AVAIL`` equal to its wrap counter and ``USED`` the
-opposite. ``next_chain()`` reads that first descriptor's flags; if the slot is available it reads
-each descriptor of the chain once as a whole record, follows at most one indirect table, takes the
-buffer id from the last descriptor and advances its avail position by the slots the chain took.
+opposite. ``next_chain()`` reads that first descriptor's flags; if the slot is available it hands a
+:class:`PackedSlots` cursor (consecutive slots; a :class:`PackedTable` for an indirect table) to the
+one validator, :class:`~virtio_schema.queue.walk.Validator`, which reads each descriptor once as a
+whole record and judges it; then it takes the buffer id from the last descriptor and advances its
+avail position by the slots the chain took.
 Returning a chain writes ONE used descriptor at the device's used position: id and length first,
 then, after the write barrier, flags with ``AVAIL`` = ``USED`` = the used wrap counter; the used
 position advances by the slots the chain took (out-of-order returns are legal: each return takes the
@@ -26,44 +28,137 @@ Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply
 
 from __future__ import annotations
 
+from typing import Final
+
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.mem import STRONG_ORDER, DriverMem, full_barrier, read_barrier, write_barrier
-from virtio_schema.queue.base import (
-    ADDR_END,
-    MAX_TABLE_LEN,
-    MAX_TOTAL_LEN,
-    QueueBase,
-    sequential_table,
-)
-from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
+from virtio_schema.queue.base import QueueBase
+from virtio_schema.queue.desc_chain import DescChain
 from virtio_schema.queue.errors import (
-    BufferAddressOverflow,
     BufferIdOutOfRange,
     ChainError,
-    ChainLengthOverflow,
     ChainNeverEnds,
-    ChainTooLong,
-    IndirectNotNegotiated,
-    IndirectWithNext,
     InvalidQueueState,
-    NestedIndirect,
     QueueBroken,
-    ReadableAfterWritable,
+    RingError,
 )
 from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState, vring_need_event
+from virtio_schema.queue.walk import (
+    NEXT,
+    WRITE,
+    ChainBuffers,
+    CheckedChain,
+    DescSource,
+    Validator,
+)
 from virtio_schema.ring import PACKED_DESC, EventArea, PackedRing
 from virtio_schema.schema import EventFlags, Feature, PackedDescFlags
 
-__all__ = ["PackedQueue"]
+__all__ = ["PackedQueue", "PackedSlots", "PackedTable"]
 
-_NEXT = int(PackedDescFlags.NEXT)
-_WRITE = int(PackedDescFlags.WRITE)
-_INDIRECT = int(PackedDescFlags.INDIRECT)
-_AVAIL = int(PackedDescFlags.AVAIL)
-_USED = int(PackedDescFlags.USED)
-_ENABLE = int(EventFlags.ENABLE)
-_DISABLE = int(EventFlags.DISABLE)
-_DESC = int(EventFlags.DESC)
-_new_desc = tuple.__new__
+_AVAIL: Final = int(PackedDescFlags.AVAIL)
+_USED: Final = int(PackedDescFlags.USED)
+_ENABLE: Final = int(EventFlags.ENABLE)
+_DISABLE: Final = int(EventFlags.DISABLE)
+_DESC: Final = int(EventFlags.DESC)
+_unpack_desc: Final = PACKED_DESC.struct.unpack_from
+
+
+class PackedTable(DescSource):
+    """The entries of a packed indirect table: all of them, in table order; NEXT means nothing
+    there (virtio 1.2, 2.8.19)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.view = memoryview(b"")
+        self.offset = 0
+        self.entries = 0
+
+    def start(self, view: memoryview, offset: int, entries: int) -> None:
+        self.view = view
+        self.offset = offset
+        self.entries = entries
+
+    def _read(self, index: int) -> None:
+        self.at = index
+        self.reads = self.reads + 1  # not += on an inherited attribute: mypyc 2.4 fails on it
+        self.addr, self.length, _id, self.flags = _unpack_desc(
+            self.view, self.offset + PACKED_DESC.size * index
+        )
+
+    def first(self) -> None:
+        self._read(0)
+
+    def advance(self) -> bool:
+        index = self.at + 1
+        if index >= self.entries:
+            return False
+        self.at = index  # _read, inlined: this is the walk's inner loop
+        self.reads = self.reads + 1
+        self.addr, self.length, _id, self.flags = _unpack_desc(
+            self.view, self.offset + PACKED_DESC.size * index
+        )
+        return True
+
+    def table(self, view: memoryview, offset: int, entries: int) -> DescSource:
+        raise AssertionError("the walk refuses an indirect descriptor inside a table")
+
+
+class PackedSlots(DescSource):
+    """The descriptors of a packed chain: consecutive ring slots from the avail position,
+    wrapping at the ring's end, while NEXT is set (virtio 1.2, 2.8.6). ``taken`` counts the slots
+    read; ``buffer_id`` is the id of the last one (the chain's, 2.8.6). A chain that does not end
+    within ``size`` slots is :class:`~virtio_schema.queue.ChainNeverEnds` (a ring error)."""
+
+    def __init__(self, queue: int, size: int) -> None:
+        super().__init__()
+        self.queue = queue
+        self.size = size
+        self.view = memoryview(b"")
+        self.head = 0
+        self.taken = 0
+        self.buffer_id = 0
+        self.indirect = PackedTable()
+
+    def start(self, view: memoryview, head: int) -> None:
+        """Walk the chain whose first descriptor is in slot ``head``."""
+        self.view = view
+        self.head = head
+        self.taken = 0
+
+    def _read(self, pos: int) -> None:
+        self.at = pos
+        self.taken += 1
+        self.reads = self.reads + 1  # not += on an inherited attribute: mypyc 2.4 fails on it
+        self.addr, self.length, self.buffer_id, self.flags = _unpack_desc(
+            self.view, PACKED_DESC.size * pos
+        )
+
+    def first(self) -> None:
+        self._read(self.head)
+
+    def advance(self) -> bool:
+        if not self.flags & NEXT:
+            return False
+        if self.taken >= self.size:
+            raise ChainNeverEnds(self.queue, self.head, self.size)
+        pos = self.at + 1 if self.at + 1 < self.size else 0
+        self.at = pos  # _read, inlined: this is the walk's inner loop
+        self.taken += 1
+        self.reads = self.reads + 1
+        self.addr, self.length, self.buffer_id, self.flags = _unpack_desc(
+            self.view, PACKED_DESC.size * pos
+        )
+        return True
+
+    def finish(self) -> None:
+        """Read on to the chain's last slot (after a walk that stopped at an error)."""
+        while self.advance():
+            pass
+
+    def table(self, view: memoryview, offset: int, entries: int) -> DescSource:
+        self.indirect.start(view, offset, entries)
+        return self.indirect
 
 
 class PackedQueue(QueueBase):
@@ -109,7 +204,10 @@ class PackedQueue(QueueBase):
         self._drv_event = drv.range.le32()
         self._drv_off_wrap_shift = 8 * drv.off_wrap_offset
         self._drv_flags_shift = 8 * drv.flags_offset
-        self._unpack_desc = PACKED_DESC.struct.unpack_from
+        self._slots = PackedSlots(index, size)
+        self._validator = Validator(
+            index, size, driver_mem, self._locate, indirect=self._indirect, indirect_alone=True
+        )
         self._start(state or QueueState())
 
     # --- state ---------------------------------------------------------------------------------
@@ -138,6 +236,12 @@ class PackedQueue(QueueBase):
     def next_used(self) -> int:
         """The ring position the next used descriptor goes to."""
         return self._next_used
+
+    @property
+    def descriptors_read(self) -> int:
+        """Descriptors read from guest memory since the queue was made (ring slots and indirect
+        entries, each read once): what tests and fuzzers bound."""
+        return self._slots.reads + self._slots.indirect.reads
 
     def state(self) -> QueueState:
         """Ring positions and wrap counters (vhost-user packs them as ``idx | wrap << 15``)."""
@@ -178,162 +282,45 @@ class PackedQueue(QueueBase):
         return chain
 
     def _walk(self) -> DescChain:
-        size = self.size
-        unpack = self._unpack_desc
-        ring = self._ring_view
-        pos = start = self._next_avail
-        addr, length, buf_id, flags = unpack(ring, 16 * pos)
-        error: ChainError | None = None
-        indirect = False
-        # one indirect descriptor, a sequential table (QueueBase._lone_table); else the general
-        # walk, which names any error
-        whole = None
-        if flags & (_INDIRECT | _NEXT) == _INDIRECT:
-            whole = self._lone_table(addr, length, False)
-        addrs: list[int] | tuple[int, ...]
-        lens: list[int] | tuple[int, ...]
-        if whole is not None:
-            addrs, lens, n_readable, rlen, wlen = whole
-            slots = 1
-            indirect = True
-        else:
-            addrs = []
-            lens = []
-            n_readable = rlen = wlen = count = slots = 0
-            while True:
-                slots += 1
-                if error is None:
-                    try:
-                        if flags & _INDIRECT:
-                            # the rules (virtio 1.2, 2.8.19) in one test; the call names the
-                            # broken one
-                            if (
-                                slots > 1
-                                or flags & _NEXT
-                                or not self._indirect
-                                or length & 15
-                                or not 0 < length <= MAX_TABLE_LEN
-                                or addr + length > ADDR_END
-                            ):
-                                self._check_indirect(start, pos, addr, length, flags, slots)
-                            indirect = True
-                            n_readable, rlen, wlen, count = self._walk_indirect(
-                                start, pos, addr, length, addrs, lens, n_readable, rlen, wlen,
-                                count,
-                            )  # fmt: skip
-                        else:
-                            count += 1
-                            if count > size:
-                                raise ChainTooLong(self.index, start, size)
-                            if addr + length > ADDR_END:
-                                raise BufferAddressOverflow(self.index, start, pos, addr, length)
-                            if flags & _WRITE:
-                                wlen += length
-                            else:
-                                if len(addrs) > n_readable:
-                                    raise ReadableAfterWritable(self.index, start, pos)
-                                rlen += length
-                                n_readable += 1
-                            addrs.append(addr)
-                            lens.append(length)
-                    except ChainError as exc:
-                        error = exc  # keep walking: the chain's end and buffer id are still needed
-                if not flags & _NEXT:
-                    break
-                if slots >= size:
-                    raise self._break(ChainNeverEnds(self.index, start, size))
-                pos += 1
-                if pos == size:
-                    pos = 0
-                addr, length, buf_id, flags = unpack(ring, 16 * pos)
-        if buf_id >= size:
-            raise self._break(BufferIdOutOfRange(self.index, start, buf_id, size))
-        if error is None and rlen + wlen > MAX_TOTAL_LEN:
-            error = ChainLengthOverflow(self.index, start, rlen + wlen)
-        nxt = start + slots
-        if nxt >= size:
-            nxt -= size
+        """Take the chain at the avail position and advance past its slots."""
+        start = self._next_avail
+        try:
+            checked = self._check(self._slots, start)
+        except RingError as exc:
+            raise self._break(exc) from None
+        nxt = start + checked.slots
+        if nxt >= self.size:
+            nxt -= self.size
             self._avail_wrap = not self._avail_wrap
         self._next_avail = nxt
         if self._event_idx and self._notify_enabled:
             self._write_device_event()
-        if error is not None:
-            return DescChain(self, buf_id, [], [], 0, 0, 0, error, slots)
-        table_at = 0 if indirect else -1
-        return DescChain(
-            self, buf_id, addrs, lens, n_readable, rlen, wlen, None, slots, start, table_at
-        )
+        return DescChain(self, checked.head, checked.buffers, checked.error, checked.slots)
 
-    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
-        """The public view of a chain's buffers (slot positions; table indices if indirect)."""
-        out = []
-        n_readable = chain._n_readable
-        indirect = chain._table_at >= 0
-        for k, (addr, length) in enumerate(zip(chain._addrs, chain._lens, strict=True)):
-            index = k if indirect else (chain._first + k) % self.size
-            out.append(_new_desc(ChainDescriptor, (addr, length, k >= n_readable, index, indirect)))
-        return tuple(out)
+    def _check(self, slots: PackedSlots, start: int) -> CheckedChain:
+        """Validate the chain at ring slot ``start``. A chain that breaks a rule still has its
+        extent and buffer id read, so that it can go back; one that has neither raises the
+        :class:`~virtio_schema.queue.RingError` (never ends, buffer id out of range)."""
+        slots.start(self._ring_view, start)
+        buffers = ChainBuffers()
+        error: ChainError | None = None
+        try:
+            buffers = self._validator.walk(start, slots)
+        except ChainError as exc:
+            error = exc
+        slots.finish()
+        if slots.buffer_id >= self.size:
+            raise BufferIdOutOfRange(self.index, start, slots.buffer_id, self.size)
+        return CheckedChain(slots.buffer_id, buffers, error, slots.taken)
 
-    def _check_indirect(
-        self, head: int, pos: int, addr: int, length: int, flags: int, slots: int
-    ) -> None:
-        """virtio 1.2, 2.8.19: an indirect descriptor is alone in its chain, never with NEXT."""
-        if not self._indirect:
-            raise IndirectNotNegotiated(self.index, head, pos)
-        if flags & _NEXT:
-            raise IndirectWithNext(self.index, head, pos)
-        if slots > 1:
-            raise IndirectWithNext(self.index, head, pos, "is INDIRECT after other descriptors")
-        self._check_indirect_table(head, pos, addr, length)
-
-    def _walk_indirect(
-        self,
-        head: int,
-        slot: int,
-        addr: int,
-        length: int,
-        addrs: list[int],
-        lens: list[int],
-        n_readable: int,
-        rlen: int,
-        wlen: int,
-        count: int,
-    ) -> tuple[int, int, int, int]:
-        """The entries of a packed indirect table: all ``len/16`` of them, in order; only WRITE
-        (and INDIRECT, which is refused) is meaningful, NEXT is ignored (virtio 1.2, 2.8.19)."""
-        locate = self._locate
-        found = locate(addr, length) if locate is not None else None
-        table, at = found or self._indirect_table(head, slot, addr, length)
-        size = self.size
-        n = length >> 4
-        # the common table in one snapshot (base.sequential_table), unless _lone_table tried it
-        if count + n <= size and locate is None:
-            whole = sequential_table(table, at, n, split=False)
-            if whole is not None and (not whole[2] or len(addrs) == n_readable):
-                a, lengths, readable, r, w = whole
-                addrs += a
-                lens += lengths
-                return n_readable + readable, rlen + r, wlen + w, count + n
-        unpack = self._unpack_desc
-        for i in range(n):
-            baddr, blen, _id, bflags = unpack(table, at + 16 * i)
-            if bflags & _INDIRECT:
-                raise NestedIndirect(self.index, head, i)
-            count += 1
-            if count > size:
-                raise ChainTooLong(self.index, head, size)
-            if baddr + blen > ADDR_END:
-                raise BufferAddressOverflow(self.index, head, i, baddr, blen)
-            if bflags & _WRITE:
-                wlen += blen
-            else:
-                if len(addrs) > n_readable:
-                    raise ReadableAfterWritable(self.index, head, i)
-                rlen += blen
-                n_readable += 1
-            addrs.append(baddr)
-            lens.append(blen)
-        return n_readable, rlen, wlen, count
+    def check_chain(self, slot: int) -> CheckedChain:
+        """Validate the chain whose first descriptor is in ring ``slot`` as :meth:`next_chain`
+        would, without taking it: nothing is written and the queue's state does not change (for
+        dissectors such as :mod:`virtio_schema.inspect`). Raises the
+        :class:`~virtio_schema.queue.RingError` for a chain that could not be returned."""
+        if not 0 <= slot < self.size:
+            raise DeviceUsageError(f"queue {self.index}: slot {slot} is not below {self.size}")
+        return self._check(PackedSlots(self.index, self.size), slot)
 
     # --- returning chains ----------------------------------------------------------------------
 
@@ -364,7 +351,7 @@ class PackedQueue(QueueBase):
         self._ring_w32[4 * pos + self._len_w] = written
         flags = (_AVAIL | _USED) if self._used_wrap else 0
         if written:
-            flags |= _WRITE
+            flags |= WRITE
         if not STRONG_ORDER:
             write_barrier()  # id and len before the flags that publish them (virtio 1.2, 2.8.21)
         w16[8 * pos + self._flags_w] = flags

@@ -1,17 +1,19 @@
 """The split virtqueue state machine, device side (virtio 1.2, 2.7).
 
 Theory of operation. ``next_chain()`` reads ``avail.idx`` once; if an entry is pending it reads the
-head from the available ring, then walks the chain, reading each descriptor once as a whole record
-(``struct.unpack_from`` of 16 bytes), validating as it goes, following at most one indirect table.
-The result is a :class:`DescChain` holding the validated buffers. ``DescChain.return_written()``
-comes back here: the used element is written, then ``used.idx``, then the notification decision.
+head from the available ring, then hands a :class:`SplitDescs` cursor (follow ``next`` from the
+head, in the descriptor table or an indirect table) to the one validator,
+:class:`~virtio_schema.queue.walk.Validator`, which reads each descriptor once as a whole record
+and judges it. The result is a :class:`DescChain` holding the validated buffers.
+``DescChain.return_written()`` comes back here: the used element is written, then ``used.idx``,
+then the notification decision.
 
 Rules of this module:
 
 1. Every value read from guest memory is read once and validated before use (threat model: the
    driver may rewrite any ring byte at any moment).
-2. Work per call is bounded: a chain reads at most ``size`` descriptors in total (direct and
-   indirect alike) plus one indirect descriptor, whatever the ring holds.
+2. Work per call is bounded: a chain reads at most ``size + 2`` descriptors in total (direct and
+   indirect alike, the validator's limit), whatever the ring holds.
 3. Ring-level violations latch the queue broken; after that no call reads or writes guest memory
    (returning a chain the device still holds only marks it returned) until :meth:`Queue.reset` or
    :meth:`Queue.restore`.
@@ -24,6 +26,9 @@ another thread are handed back through a thread-safe side list.
 
 from __future__ import annotations
 
+from typing import Final
+
+from virtio_schema.errors import DeviceUsageError
 from virtio_schema.mem import (
     STRONG_ORDER,
     DriverMem,
@@ -31,40 +36,82 @@ from virtio_schema.mem import (
     read_barrier,
     write_barrier,
 )
-from virtio_schema.queue.base import (
-    ADDR_END,
-    MAX_TABLE_LEN,
-    MAX_TOTAL_LEN,
-    QueueBase,
-    sequential_table,
-)
-from virtio_schema.queue.desc_chain import ChainDescriptor, DescChain
+from virtio_schema.queue.base import QueueBase
+from virtio_schema.queue.desc_chain import DescChain
 from virtio_schema.queue.errors import (
     AvailIndexJump,
-    BufferAddressOverflow,
     ChainError,
-    ChainLengthOverflow,
-    ChainTooLong,
     DescIndexOutOfRange,
     HeadOutOfRange,
-    IndirectNotNegotiated,
-    IndirectWithNext,
-    NestedIndirect,
     QueueBroken,
-    ReadableAfterWritable,
 )
 from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState
+from virtio_schema.queue.walk import NEXT, ChainBuffers, CheckedChain, DescSource, Validator
 from virtio_schema.ring import DESC, AvailRing, DescTable, UsedRing
-from virtio_schema.schema import AvailFlags, DescFlags, Feature, UsedFlags
+from virtio_schema.schema import AvailFlags, Feature, UsedFlags
 
-__all__ = ["Queue"]
+__all__ = ["Queue", "SplitDescs"]
 
-_NEXT = int(DescFlags.NEXT)
-_WRITE = int(DescFlags.WRITE)
-_INDIRECT = int(DescFlags.INDIRECT)
-_NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
-_NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
-_new_desc = tuple.__new__
+_NO_NOTIFY: Final = int(UsedFlags.NO_NOTIFY)
+_NO_INTERRUPT: Final = int(AvailFlags.NO_INTERRUPT)
+_unpack_desc: Final = DESC.struct.unpack_from
+
+
+class SplitDescs(DescSource):
+    """The descriptors of a split chain: from the first one, following ``next`` while NEXT is
+    set (virtio 1.2, 2.7.5), in the descriptor table or in an indirect table (whose entries link
+    the same way, 2.7.5.3.2). A ``next`` at or past the table's end is
+    :class:`~virtio_schema.queue.DescIndexOutOfRange`."""
+
+    def __init__(self, queue: int) -> None:
+        super().__init__()
+        self.queue = queue
+        self.view = memoryview(b"")
+        self.offset = 0
+        self.entries = 0
+        self.first_index = 0
+        self.head = 0
+        self.next = 0
+        self.indirect: SplitDescs | None = None  # the cursor for indirect tables, made once
+
+    def start(self, view: memoryview, offset: int, entries: int, first: int, head: int) -> None:
+        """Walk the ``entries``-descriptor table at ``view[offset:]`` from index ``first``
+        (< entries), for the chain named ``head``."""
+        self.view = view
+        self.offset = offset
+        self.entries = entries
+        self.first_index = first
+        self.head = head
+
+    def _read(self, index: int) -> None:
+        self.at = index
+        self.reads = self.reads + 1  # not += on an inherited attribute: mypyc 2.4 fails on it
+        self.addr, self.length, self.flags, self.next = _unpack_desc(
+            self.view, self.offset + DESC.size * index
+        )
+
+    def first(self) -> None:
+        self._read(self.first_index)
+
+    def advance(self) -> bool:
+        if not self.flags & NEXT:
+            return False
+        index = self.next
+        if index >= self.entries:
+            raise DescIndexOutOfRange(self.queue, self.head, self.at, index, self.entries)
+        self.at = index  # _read, inlined: this is the walk's inner loop
+        self.reads = self.reads + 1
+        self.addr, self.length, self.flags, self.next = _unpack_desc(
+            self.view, self.offset + DESC.size * index
+        )
+        return True
+
+    def table(self, view: memoryview, offset: int, entries: int) -> DescSource:
+        table = self.indirect
+        if table is None:
+            table = self.indirect = SplitDescs(self.queue)
+        table.start(view, offset, entries, 0, self.head)
+        return table
 
 
 class Queue(QueueBase):
@@ -111,7 +158,10 @@ class Queue(QueueBase):
         self._avail_flags_w = avail.flags_offset >> 1
         self._ring_w = avail.ring_offset >> 1
         self._used_event_w = avail.used_event_offset >> 1
-        self._unpack_desc = DESC.struct.unpack_from
+        self._descs = SplitDescs(index)
+        self._validator = Validator(
+            index, size, driver_mem, self._locate, indirect=self._indirect, indirect_alone=False
+        )
         self._start(state or QueueState())
 
     # --- state ---------------------------------------------------------------------------------
@@ -128,6 +178,13 @@ class Queue(QueueBase):
     @property
     def next_avail(self) -> int:
         return self._next_avail
+
+    @property
+    def descriptors_read(self) -> int:
+        """Descriptors read from guest memory since the queue was made (each chain's, direct and
+        indirect, each read once): what tests and fuzzers bound."""
+        table = self._descs.indirect
+        return self._descs.reads + (0 if table is None else table.reads)
 
     @property
     def next_used(self) -> int:
@@ -184,125 +241,25 @@ class Queue(QueueBase):
 
     def _walk(self, head: int) -> DescChain:
         """Read and validate the chain starting at descriptor ``head`` (< size)."""
-        size = self.size
-        unpack = self._unpack_desc
-        table = self._desc_view
-        addr, length, flags, nxt = unpack(table, 16 * head)
-        whole = None
-        if flags & (_INDIRECT | _NEXT) == _INDIRECT:  # one indirect descriptor
-            whole = self._lone_table(addr, length, True)
-        if whole is not None:  # ... and a sequential table
-            a, n, readable, r, w = whole
-            return DescChain(self, head, a, n, readable, r, w, None, 1, head, 0)
-        # the general walk, from the head as read: each descriptor is read once, at the end of
-        # the turn before the one that judges it
-        locate = self._locate
-        at = 0  # where the table being walked starts in ``table``
-        limit = size  # entries of the table being walked
-        addrs: list[int] = []
-        lens: list[int] = []
-        where: list[int] = []  # descriptor indices (a snapshot table's are implied: 0, 1, ...)
-        n_readable = 0
-        rlen = wlen = 0
-        count = 0  # buffers read so far, against the chain length limit (the queue size)
-        in_indirect = False
-        table_at = -1
-        i = head
+        source = self._descs
+        source.start(self._desc_view, 0, self.size, head, head)
         try:
-            while True:
-                if flags & _INDIRECT:
-                    # the rules of virtio 1.2, 2.7.5.3 in one test; the call names the broken one
-                    if (
-                        in_indirect
-                        or flags & _NEXT
-                        or not self._indirect
-                        or length & 15
-                        or not 0 < length <= MAX_TABLE_LEN
-                        or addr + length > ADDR_END
-                    ):
-                        self._check_indirect(head, i, addr, length, flags, in_indirect)
-                    found = locate(addr, length) if locate is not None else None
-                    table, at = found or self._indirect_table(head, i, addr, length)
-                    limit = length >> 4
-                    in_indirect = True
-                    table_at = len(addrs)
-                    i = 0
-                    # the common table in one snapshot (base.sequential_table), where the walk
-                    # below would reach the same outcome: the chain length stays within the
-                    # queue size, and no readable entry follows a writable descriptor. (The
-                    # head's own table was tried by _lone_table already, if it could locate it)
-                    if count + limit <= size and (count or locate is None):
-                        whole = sequential_table(table, at, limit, split=True)
-                        if whole is not None and (not whole[2] or len(addrs) == n_readable):
-                            a, n, readable, r, w = whole
-                            addrs += a
-                            lens += n
-                            n_readable += readable
-                            rlen += r
-                            wlen += w
-                            break
-                    addr, length, flags, nxt = unpack(table, at)
-                    continue
-                count += 1  # at most size: the check before following NEXT below keeps it there
-                if addr + length > ADDR_END:
-                    raise BufferAddressOverflow(self.index, head, i, addr, length)
-                if flags & _WRITE:
-                    wlen += length
-                else:
-                    if len(addrs) > n_readable:
-                        raise ReadableAfterWritable(self.index, head, i)
-                    rlen += length
-                    n_readable += 1
-                addrs.append(addr)
-                lens.append(length)
-                where.append(i)
-                if not flags & _NEXT:
-                    break
-                if count >= size:  # the next one would be one too many: do not even read it
-                    raise ChainTooLong(self.index, head, size)
-                if nxt >= limit:
-                    raise DescIndexOutOfRange(self.index, head, i, nxt, limit)
-                i = nxt
-                addr, length, flags, nxt = unpack(table, at + 16 * i)
-            if rlen + wlen > MAX_TOTAL_LEN:
-                raise ChainLengthOverflow(self.index, head, rlen + wlen)
+            return DescChain(self, head, self._validator.walk(head, source))
         except ChainError as error:
-            return DescChain(self, head, [], [], 0, 0, 0, error)
-        return DescChain(
-            self, head, addrs, lens, n_readable, rlen, wlen, None, 1, head, table_at, where
-        )
+            return DescChain(self, head, ChainBuffers(), error)
 
-    def _describe(self, chain: DescChain) -> tuple[ChainDescriptor, ...]:
-        """The public view of a chain's buffers (indices follow ``next`` from the head, and
-        restart at 0 in an indirect table; a table read in one snapshot is in table order)."""
-        where = chain._where or []
-        table_at = chain._table_at
-        n_readable = chain._n_readable
-        return tuple(
-            _new_desc(
-                ChainDescriptor,
-                (
-                    addr,
-                    length,
-                    k >= n_readable,
-                    where[k] if k < len(where) else k - table_at,
-                    0 <= table_at <= k,
-                ),
-            )
-            for k, (addr, length) in enumerate(zip(chain._addrs, chain._lens, strict=True))
-        )
-
-    def _check_indirect(
-        self, head: int, i: int, addr: int, length: int, flags: int, in_indirect: bool
-    ) -> None:
-        """The rules for an INDIRECT descriptor (virtio 1.2, 2.7.5.3)."""
-        if not self._indirect:
-            raise IndirectNotNegotiated(self.index, head, i)
-        if in_indirect:
-            raise NestedIndirect(self.index, head, i)
-        if flags & _NEXT:
-            raise IndirectWithNext(self.index, head, i)
-        self._check_indirect_table(head, i, addr, length)
+    def check_chain(self, head: int) -> CheckedChain:
+        """Validate the chain at descriptor ``head`` as :meth:`next_chain` would, without taking
+        it: nothing is written and the queue's state does not change (for dissectors such as
+        :mod:`virtio_schema.inspect`)."""
+        if not 0 <= head < self.size:
+            raise DeviceUsageError(f"queue {self.index}: head {head} is not below {self.size}")
+        source = SplitDescs(self.index)
+        source.start(self._desc_view, 0, self.size, head, head)
+        try:
+            return CheckedChain(head, self._validator.walk(head, source), None, 1)
+        except ChainError as error:
+            return CheckedChain(head, ChainBuffers(), error, 1)
 
     # --- returning chains ----------------------------------------------------------------------
 

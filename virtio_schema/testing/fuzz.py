@@ -1,20 +1,26 @@
-"""A fuzz harness for the split queue: raw ring memory plus a sequence of device operations.
+"""A fuzz harness for both queue formats: raw ring memory plus a sequence of device operations.
 
 :func:`run_queue_case` decodes one input (any bytes are a valid input) into a ring format (split or
-packed), a queue size, negotiated features (INDIRECT_DESC, EVENT_IDX, IN_ORDER), a starting position, 8 KiB of raw guest memory holding the rings and the buffers, and up
-to 64 operations: the device pops chains, reads and writes them, returns them in any order, toggles
-notifications, resets or restores the queue; the "driver" rewrites arbitrary bytes between device
-operations. After every operation it checks the invariants of the threat model and raises
-:class:`InvariantViolation` (a crash, for the fuzzer) when one fails:
+packed), a queue size, negotiated features (INDIRECT_DESC, EVENT_IDX, IN_ORDER), a starting
+position, 8 KiB of raw guest memory holding the rings and the buffers, and up to 64 operations: the
+device pops chains, reads and writes them, returns them in any order, toggles notifications, resets
+or restores the queue; the "driver" rewrites arbitrary bytes between device operations. After every
+operation it checks the invariants of the threat model and raises :class:`InvariantViolation` (a
+crash, for the fuzzer) when one fails:
 
 * only :class:`~virtio_schema.errors.VirtioError` subclasses come out of the public API (anything
   else propagates as it is, which the fuzzer reports);
 * a ``next_chain()`` reads at most ``size + 2`` descriptors (split: the chain limit, one over it to
   notice, and one indirect descriptor) or ``2 * size + 2`` (packed: ``size`` slots and at most
-  ``size`` indirect entries);
+  ``size`` indirect entries), as the queue's ``descriptors_read`` counts them;
 * the device writes nothing outside the used ring (packed: the descriptor ring and the device event
   area) and the writable buffers of chains it held;
 * once broken, the queue writes nothing at all until reset/restore.
+
+The harness drives the queue through its public API only (:class:`FuzzedQueue`), so it runs the
+same on the pure-Python and the compiled kernel. The queue is made by ``make_queue``
+(:func:`~virtio_schema.queue.create_queue` unless a test passes a :class:`QueueFactory`: the
+harness's own tests hand it a misbehaving queue to show that each check can fail).
 
 ``fuzz/fuzz_queue.py`` runs it under atheris; the test suite replays the corpus and every saved
 finding through the same function, so a finding becomes a regression test by saving its input.
@@ -24,21 +30,34 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 from virtio_schema.chain import ReadableChain, WritableChain
 from virtio_schema.errors import VirtioError
-from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
-from virtio_schema.queue import DescChain, QueueMemory, QueueState, create_queue
+from virtio_schema.mem import DeviceRange, DriverMem, DriverRange, GuestMemory
+from virtio_schema.queue import (
+    DescChain,
+    DriverNotify,
+    QueueMemory,
+    QueueState,
+    RingError,
+    create_queue,
+)
 from virtio_schema.records import BLK_REQ_HDR
 from virtio_schema.schema import Feature, avail_ring, used_ring
 from virtio_schema.util import NotificationCounter
 
-if TYPE_CHECKING:
-    from virtio_schema._buffers import ReadBuffer
-
-__all__ = ["MEM_BASE", "MEM_SIZE", "CaseStats", "InvariantViolation", "run_queue_case"]
+__all__ = [
+    "MEM_BASE",
+    "MEM_SIZE",
+    "CaseStats",
+    "FuzzedQueue",
+    "InvariantViolation",
+    "QueueFactory",
+    "run_queue_case",
+]
 
 MEM_BASE = 0x1000
 MEM_SIZE = 8192
@@ -76,6 +95,45 @@ class _Reader:
         return self.pos >= len(self.data)
 
 
+class FuzzedQueue(Protocol):
+    """What the harness does with a queue: the public API both formats share."""
+
+    @property
+    def broken(self) -> RingError | None: ...
+
+    @property
+    def descriptors_read(self) -> int: ...
+
+    def next_chain(self) -> DescChain | None: ...
+
+    def pending(self) -> int: ...
+
+    def disable_notifications(self) -> None: ...
+
+    def enable_notifications(self) -> bool: ...
+
+    def reset(self) -> None: ...
+
+    def restore(self, state: QueueState) -> None: ...
+
+    def batch(self) -> AbstractContextManager[None]: ...
+
+
+class QueueFactory(Protocol):
+    """How the harness makes its queue: :func:`~virtio_schema.queue.create_queue`'s signature."""
+
+    def __call__(
+        self,
+        memory: QueueMemory,
+        size: int,
+        driver_mem: DriverMem,
+        *,
+        features: int,
+        notify: DriverNotify,
+        state: QueueState | None = None,
+    ) -> FuzzedQueue: ...
+
+
 @dataclass
 class CaseStats:
     """What one case did (for the fuzz run's summary and for tests)."""
@@ -87,8 +145,9 @@ class CaseStats:
     returned: int = 0
 
 
-def run_queue_case(data: bytes) -> CaseStats:
-    """Run one fuzz case; raises :class:`InvariantViolation` if the library misbehaves."""
+def run_queue_case(data: bytes, *, make_queue: QueueFactory = create_queue) -> CaseStats:
+    """Run one fuzz case; raises :class:`InvariantViolation` if the library misbehaves.
+    ``make_queue`` builds the queue under test (the real one by default)."""
     r = _Reader(data)
     sel = r.u8()
     flags = r.u8()
@@ -109,7 +168,7 @@ def run_queue_case(data: bytes) -> CaseStats:
     stats = CaseStats()
     gm = GuestMemory([(MEM_BASE, mem)])
     try:
-        _run(r, mem, gm, size, int(features), state, stats)
+        _run(r, mem, gm, size, int(features), state, stats, make_queue)
     finally:
         gm.close()
     return stats
@@ -123,6 +182,7 @@ def _run(
     features: int,
     state: QueueState,
     stats: CaseStats,
+    make_queue: QueueFactory,
 ) -> None:
     def area(off: int, length: int) -> DeviceRange:
         dr = gm.translate(DriverRange.from_addr_len(MEM_BASE + off, length))
@@ -136,23 +196,13 @@ def _run(
         area(AVAIL_OFF, 4 if packed else avail_ring(size).sizeof()),
         area(USED_OFF, used_len),
     )
-    queue = create_queue(
-        qmem, size, gm, features=features, notify=NotificationCounter(), state=state
-    )
+    queue = make_queue(qmem, size, gm, features=features, notify=NotificationCounter(), state=state)
     # the device writes the used ring (split), or used descriptors in the ring and its event
     # area (packed); a packed chain reads at most size slots plus size indirect entries
     device_spans = [(USED_OFF, USED_OFF + used_len)]
     if packed:
         device_spans.append((DESC_OFF, DESC_OFF + 16 * size))
     max_reads = 2 * size + 2 if packed else size + 2
-    reads = [0]
-    inner = queue._unpack_desc
-
-    def counting(buffer: ReadBuffer, offset: int = 0) -> tuple[Any, ...]:
-        reads[0] += 1
-        return inner(buffer, offset)
-
-    queue._unpack_desc = counting
     held: list[DescChain] = []
 
     def allowed_spans() -> list[tuple[int, int]]:
@@ -187,15 +237,16 @@ def _run(
             was_broken = queue.broken is not None
             try:
                 if op in (0, 1, 2):
-                    reads[0] = 0
+                    reads_before = queue.descriptors_read
                     chain = queue.next_chain()
                     if chain is not None:
                         stats.chains += 1
                         stats.malformed += chain.error is not None
                         held.append(chain)
                         spans = allowed_spans()
-                    if reads[0] > max_reads:
-                        raise InvariantViolation(f"next_chain read {reads[0]} descriptors")
+                    reads = queue.descriptors_read - reads_before
+                    if reads > max_reads:
+                        raise InvariantViolation(f"next_chain read {reads} descriptors")
                 elif op == 3 and held:
                     c = held[r.u8() % len(held)]
                     rc = ReadableChain(c)
