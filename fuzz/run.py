@@ -6,6 +6,10 @@
 Exit status 0 when the run found nothing. A finding (libFuzzer's crash-*/timeout-* file) is copied
 to ``fuzz/findings/``; add it to ``fuzz/regressions/`` with the fix, and the test suite replays it
 (tests/test_fuzz_harness.py).
+
+The summary says which kernel ran: the mypyc-compiled modules (``compiled``; atheris instruments
+Python bytecode only, so there coverage guides the search through the interpreted code around the
+kernel alone) or the pure-Python source (``VIRTIO_SCHEMA_PURE_PYTHON=1``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import virtio_schema
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(f, findings_dir / f.name)
         corpus_size = len(list((Path(work) / "corpus").iterdir()))
     summary = {
+        "compiled": bool(virtio_schema.COMPILED),  # the same interpreter and environment as the run
         "cases": cases,
         "seconds": round(seconds, 1),
         "findings": len(found),
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"fuzz: {cases} cases in {seconds:.0f} s, {len(found)} findings,"
-        f" {corpus_size} new corpus entries (libFuzzer exit {proc.returncode})"
+        f" {corpus_size} new corpus entries (libFuzzer exit {proc.returncode};"
+        f" {'compiled' if summary['compiled'] else 'pure-Python'} kernel)"
     )
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -6,8 +6,16 @@ Layers, bottom to top (imports only go downward): :mod:`~virtio_schema.schema` (
 
 The names re-exported here are the stable public surface; everything else is reached through its
 module.
+
+``COMPILED`` says whether the kernel that runs is the mypyc-compiled one (wheels built where a C
+compiler is present) or the pure-Python source; ``VIRTIO_SCHEMA_PURE_PYTHON=1`` forces the source.
 """
 
+from typing import TYPE_CHECKING
+
+# First of the submodules: with VIRTIO_SCHEMA_PURE_PYTHON=1 it installs the finder that loads the
+# kernel's .py source instead of its compiled modules (virtio_schema/_variant.py).
+from virtio_schema import _variant
 from virtio_schema.errors import (
     AddressOverflow,
     DeviceUsageError,
@@ -34,7 +42,19 @@ from virtio_schema.mem import (
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    COMPILED: bool
+else:
+
+    def __getattr__(name):
+        """``COMPILED``, computed on first use: it imports the whole kernel to say where it came from."""
+        if name == "COMPILED":
+            return _variant.compiled()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "COMPILED",
     "AddressOverflow",
     "DeviceRange",
     "DeviceUsageError",
