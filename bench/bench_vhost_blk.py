@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scenario e: virtio-blk back-ends driven by a vhost-user FRONT-END of our own, without QEMU.
 
-    python bench/bench_vhost_blk.py [--seconds 3] [--json FILE]
+    python bench/bench_vhost_blk.py [--seconds 3] [--variant pure|compiled|both] [--json FILE]
 
 The front-end (:mod:`virtio_schema.testing.frontend`: a real unix socket, SCM_RIGHTS, eventfds,
 shared memfd guest memory) negotiates like QEMU, sets up one split queue of 128 entries, then keeps
@@ -13,7 +13,15 @@ shared memfd guest memory) negotiates like QEMU, sets up one split queue of 128 
 read with ``used``. The same front-end drives our example back-end (``python -m
 virtio_schema.examples.blk``, a separate process) and ``qemu-storage-daemon --export
 type=vhost-user-blk`` (C, Debian package qemu-system-common) on the same image. It prints the
-requests/s of both and the ratio.
+requests/s of both and the ratio; our back-end runs once per variant of the library (pure Python,
+``VIRTIO_SCHEMA_PURE_PYTHON=1``, and compiled: ``python3 dev.py bench bench_vhost_blk.py``), in
+the same run.
+
+Whether the front-end is the bottleneck: each run also counts the CPU time the front-end (this
+process) and the back-end spent. The front-end's CPU time per request is what it costs alone: its
+inverse is the most requests/s it could drive from a back-end that cost nothing, printed as the
+front-end's ceiling; a back-end's rate near that ceiling (or the front-end near 100% busy) means
+the front-end, not the back-end, set the pace.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from bench_queue import VARIANTS, backend_variant
 
 from virtio_schema.mem import full_barrier
 from virtio_schema.records import BLK_REQ_HDR, BlkReqHdr
@@ -96,12 +106,27 @@ class Requests:
         self.ring.push_head(head)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(
-    name: str, start: Start, depth: int, seconds: float, tmp: Path, *, verify: bool = False
+    name: str,
+    start: Start,
+    depth: int,
+    seconds: float,
+    tmp: Path,
+    *,
+    verify: bool = False,
+    cpu: dict[str, float] | None = None,
 ) -> float:
     """Requests/s of the back-end ``start`` launches, ``depth`` reads in flight for ``seconds``.
     Every completion's status must be OK; with ``verify`` (tests) every 4 KiB read must also hold
-    the image's bytes at its sector (kept out of the measured runs: the check costs time)."""
+    the image's bytes at its sector (kept out of the measured runs: the check costs time). With
+    ``cpu``, the CPU seconds the front-end and the back-end spent in the timed loop go into it
+    (``frontend``, ``backend``, ``elapsed``)."""
     image = tmp / "disk.img"
     if not image.exists():
         image.write_bytes(random.Random(7).randbytes(IMAGE_MIB << 20))
@@ -137,6 +162,7 @@ def run(
             poll = select.poll()
             poll.register(call_fd, select.POLLIN)
             t0 = time.perf_counter()
+            fe_cpu, be_cpu = time.process_time(), cpu_seconds(backend.pid)
             end = t0 + seconds
             while time.perf_counter() < end:
                 completed = ring.used()
@@ -164,6 +190,10 @@ def run(
                 full_barrier()
                 os.eventfd_write(kick_fd, 1)
             elapsed = time.perf_counter() - t0
+            if cpu is not None:
+                cpu["frontend"] = time.process_time() - fe_cpu
+                cpu["backend"] = cpu_seconds(backend.pid) - be_cpu
+                cpu["elapsed"] = elapsed
     finally:
         backend.stop()
         ram.close()
@@ -173,20 +203,46 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    variants = list(VARIANTS) if args.variant == "both" else [args.variant]
+    command = " ".join(["bench_vhost_blk.py", *argv])
     out: dict[str, dict[str, float]] = {}
+    print(f"{'4 KiB reads':<12}{'back-end':<22}{'requests/s':>12}{'ours / C':>10}"
+          f"{'back-end busy':>15}{'front-end busy':>16}{'front-end ceiling':>19}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="vs-vblk-") as d:
         for depth in (1, 32):
-            ours = run("ours", start_ours, depth, args.seconds, Path(d))
-            ref = run("qsd", start_qsd, depth, args.seconds, Path(d))
-            out[f"qd{depth}"] = {"virtio_schema": ours, "qemu-storage-daemon": ref}
-    print(f"{'4 KiB reads':<14}{'virtio_schema':>16}{'qemu-storage-daemon':>22}{'ours / C':>10}")
-    for k, v in out.items():
-        ours, ref = v["virtio_schema"], v["qemu-storage-daemon"]
-        print(f"{k:<14}{ours:>13,.0f}/s{ref:>19,.0f}/s{ours / ref:>10.2f}")
+            rates: dict[str, float] = {}
+            for name in [*variants, "qemu-storage-daemon"]:
+                cpu: dict[str, float] = {}
+                if name == "qemu-storage-daemon":
+                    rate = run("qsd", start_qsd, depth, args.seconds, Path(d), cpu=cpu)
+                else:
+                    with backend_variant(name, command):
+                        rate = run(
+                            f"ours-{name}", start_ours, depth, args.seconds, Path(d), cpu=cpu
+                        )
+                rates[name] = rate
+                label = name if name == "qemu-storage-daemon" else f"virtio_schema {name}"
+                per_request = cpu["frontend"] / (rate * cpu["elapsed"])
+                out[f"qd{depth}/{name}"] = {
+                    "requests_s": rate,
+                    "backend_busy": cpu["backend"] / cpu["elapsed"],
+                    "frontend_busy": cpu["frontend"] / cpu["elapsed"],
+                    "frontend_ceiling": 1 / per_request,
+                }
+                r = out[f"qd{depth}/{name}"]
+                print(f"qd{depth:<10}{label:<22}{rate:>12,.0f}{'':>10}{r['backend_busy']:>15.0%}"
+                      f"{r['frontend_busy']:>16.0%}{r['frontend_ceiling']:>17,.0f}/s",
+                      flush=True)  # fmt: skip
+            for name in variants:
+                ratio = rates[name] / rates["qemu-storage-daemon"]
+                out[f"qd{depth}/{name}"]["ours_over_c"] = ratio
+                print(f"qd{depth:<10}{'ours ' + name + ' / C':<22}{'':>12}{ratio:>10.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

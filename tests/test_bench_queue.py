@@ -16,8 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import bench_queue
+import checked_floor
 import pytest
 
+import virtio_schema
 from virtio_schema.chain import ReadableChain
 from virtio_schema.errors import DriverError
 from virtio_schema.queue import (
@@ -79,24 +81,40 @@ def test_a_reference_leaves_guest_memory_as_the_library_does(
 def test_the_script_prints_its_table_and_targets_and_writes_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """One repeat of scenario a in a child process running the variant this pass runs (the
+    compiled one imports the checked floor compiled by mypyc, compiled first if need be)."""
+    variant = "compiled" if virtio_schema.COMPILED else "pure"
     out = tmp_path / "bench.json"
     args = ["--quick", "--repeats", "1", "--format", "split", "--scenario", "a-echo-64"]
-    assert bench_queue.main([*args, "--json", str(out)]) == 0
+    assert bench_queue.main([*args, "--variant", variant, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert f"{variant} ns" in printed
     assert "split a-echo-64        library" in printed
-    assert "split/a-echo-64 <= 2.0x floor" in printed
     doc = json.loads(out.read_text())
-    figures = doc["scenarios"]["split/a-echo-64"]
+    figures = doc["scenarios"]["split/a-echo-64"][variant]
     assert figures["library_ns"] > 0
     assert figures["floor_ns"] > 0
+    assert figures["checked_ns"] > 0
     assert figures["lib_over_floor"] == pytest.approx(figures["library_ns"] / figures["floor_ns"])
     kinds = {t["target"] for t in doc["targets"]}
-    assert kinds == {
-        "split/a-echo-64 <= 2.0x floor",
-        "split/a-echo-64 >= 20x Construct",
-        "memory peak flat",
-    }
+    expected = {f"memory peak flat ({variant})"}
+    if variant == "compiled":
+        assert "split/a-echo-64 compiled <= 1.0x floor" in printed
+        expected.add("split/a-echo-64 compiled <= 1.0x floor")
+    assert kinds == expected
     assert all(isinstance(t["met"], bool) for t in doc["targets"])
+
+
+def test_a_child_that_cannot_run_its_variant_says_how_to_run_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The compiled child where the kernel runs interpreted: one line naming ``dev.py bench``."""
+    if virtio_schema.COMPILED:
+        pytest.skip("the compiled kernel is importable here")
+    monkeypatch.setenv(bench_queue.VARIANT_ENV, "compiled")
+    monkeypatch.setenv(bench_queue.COMMAND_ENV, "bench_queue.py --quick")
+    with pytest.raises(SystemExit, match=r"python3 dev\.py bench bench_queue\.py --quick"):
+        bench_queue.check_variant()
 
 
 # --- the checked floor rejects what the library rejects ------------------------------------------
@@ -319,7 +337,7 @@ def test_the_checked_floor_serves_a_well_formed_ring(packed: bool) -> None:
 @pytest.mark.parametrize("n", [1, 4096, 65536, 65537])
 def test_page_buffer_is_zeroed_writable_and_page_aligned(n: int) -> None:
     """c's implementations copy through it: its start on a page boundary is the point."""
-    view = bench_queue.page_buffer(n)
+    view = checked_floor.page_buffer(n)
     assert len(view) == n
     assert not view.readonly
     assert view.tobytes() == bytes(n)

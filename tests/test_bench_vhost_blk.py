@@ -15,10 +15,14 @@ from conftest import require_e2e
 
 @pytest.mark.parametrize("depth", [1, 32])
 def test_our_backend_serves_the_benchmark_front_end(short_tmp: Path, depth: int) -> None:
+    cpu: dict[str, float] = {}
     rate = bench_vhost_blk.run(
-        "ours", bench_vhost_blk.start_ours, depth, 0.5, short_tmp, verify=True
+        "ours", bench_vhost_blk.start_ours, depth, 0.5, short_tmp, verify=True, cpu=cpu
     )
     assert rate > 0
+    # the CPU time each side spent, for the front-end's ceiling: both worked, within the run
+    assert 0 < cpu["frontend"] <= cpu["elapsed"] * 1.5
+    assert 0 < cpu["backend"] <= cpu["elapsed"] * 1.5
 
 
 @pytest.mark.parametrize("depth", [1, 32])
