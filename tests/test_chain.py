@@ -876,6 +876,77 @@ def test_record_across_a_region_boundary_queue_built_by_hand(packed: bool) -> No
     assert notifier.count == 1
 
 
+# --- buffers adjacent in driver memory ------------------------------------------------------------
+
+
+def adjacent_chain(packed: bool, flag: int) -> tuple[AnyFakeQueue, list[int], list[int]]:
+    """A chain of buffers at ``addrs``/``lengths``: three adjacent ones (with an empty one among
+    them), one elsewhere, then two adjacent across the region boundary."""
+    fq = two_regions(packed)
+    mem = fq.memory
+    run = mem.alloc(40, region=0)
+    lone = mem.alloc(8, region=0)
+    mem.alloc_at(BOUNDARY - 24, 16)  # [BOUNDARY-24, BOUNDARY-8) continues into SPANNING
+    addrs = [run, run + 10, run + 30, run + 30, lone, BOUNDARY - 24, SPANNING]
+    lengths = [10, 20, 0, 10, 8, 16, 16]
+    raw_chain(fq.driver, [(a, n, flag) for a, n in zip(addrs, lengths, strict=True)])
+    return fq, addrs, lengths
+
+
+def test_a_copy_moves_a_run_of_adjacent_buffers_as_one_piece(packed: bool) -> None:
+    """Buffers that continue each other in driver memory are one piece for the copies and
+    transfers (one slice per run), but ``next()`` still hands out a buffer at a time, and a run
+    that crosses a region boundary is taken a buffer at a time."""
+    data = bytes(range(1, 81))
+
+    def rig() -> AnyFakeQueue:
+        fq, addrs, lengths = adjacent_chain(packed, 0)
+        for a, piece in zip(addrs, cut(data, lengths), strict=True):
+            if piece:
+                fq.memory.write(a, piece)
+        return fq
+
+    with take(rig()) as chain:
+        seen: list[bytes] = []
+
+        def keep(view: memoryview) -> int:
+            seen.append(bytes(view))
+            return len(view)
+
+        assert ReadableChain(chain).read_to(keep) == 80
+        # a run across the region boundary goes a buffer at a time, cut at the boundary
+        assert seen == [data[:40], data[40:48], data[48:64], data[64:72], data[72:]]
+    with take(rig()) as chain:
+        r = ReadableChain(chain)
+        ranges = []
+        while (rng := r.next()) is not None:
+            ranges.append(len(rng))
+            rng.release()
+        assert ranges == [10, 20, 10, 8, 16, 8, 8]
+    with take(rig()) as chain:  # copies in odd sizes stop inside a run and go on from there
+        r = ReadableChain(chain)
+        got = b""
+        while chunk := r.read(7):
+            got += chunk
+            assert r.remaining().bytes == 80 - len(got)
+        assert got == data
+
+
+def test_a_write_over_a_run_of_adjacent_buffers_stays_inside_them(packed: bool) -> None:
+    fq, addrs, _ = adjacent_chain(packed, WRITE)
+    mem = fq.memory
+    before = mem.read(addrs[0] - 8, 8)
+    after = mem.read(addrs[4] + 8, 8)
+    with take(fq) as chain, WritableChain(chain) as w:
+        assert w.write(b"x" * 25) == 25  # stops inside the second buffer of the run
+        assert w.write(b"y" * 100) == 55
+        assert w.written == 80
+    assert mem.read(addrs[0], 40) == b"x" * 25 + b"y" * 15
+    assert mem.read(addrs[4], 8) == b"y" * 8
+    assert mem.read(BOUNDARY - 24, 32) == b"y" * 32
+    assert (mem.read(addrs[0] - 8, 8), mem.read(addrs[4] + 8, 8)) == (before, after)
+
+
 # --- driver faults -------------------------------------------------------------------------------
 
 

@@ -6,10 +6,11 @@ Theory of operation. A :class:`~virtio_schema.queue.DescChain` holds validated b
 each with a cursor (:class:`_Cursor`: the current buffer, the bytes consumed of it, the bytes left
 in the part). The cursor moves in one place, :meth:`_Cursor.take`, as rust-vmm's
 ``DescriptorChainConsumer::consume`` does: it hands out the next *piece* of the chain, at most
-``limit`` bytes of the current buffer as a view of guest memory, translated when it is reached
-(the memory's :data:`~virtio_schema.mem.Locate` lookup, else a translation), and moves past it. A
-buffer that crosses two regions of guest memory comes out as two pieces (and ``next()`` as two
-device ranges). Every operation is a loop over pieces: copies (``readinto``, ``write``), records,
+``limit`` bytes of the current buffer (and, for a copy, of the buffers after it that continue it
+in driver memory: a blk request's data buffers often do) as a view of guest memory, translated
+when it is reached (the memory's :data:`~virtio_schema.mem.Locate` lookup, else a translation),
+and moves past it. A buffer that crosses two regions of guest memory comes out as two pieces (and
+``next()``, which hands out one buffer at a time, as two device ranges). Every operation is a loop over pieces: copies (``readinto``, ``write``), records,
 transfers to a file's ``write``/``readinto``, vectored ``preadv``/``pwritev`` (a batch of pieces),
 ``next()``. An operation that moves fewer bytes than it took (a short transfer, an error) puts the
 cursor back where it was and takes again what moved. Both classes speak the standard binary I/O
@@ -157,32 +158,37 @@ class _Cursor:
     cur: DeviceRange | None
     cur_addr: int
 
-    def take(self, limit: int) -> tuple[memoryview, int, int, int]:
+    def take(self, limit: int, join: bool = True) -> tuple[memoryview, int, int, int]:
         """THE primitive: the next piece of the part, and the position moved past it.
 
-        A piece is at most ``limit`` (> 0) bytes of the current buffer that lie in one memory
-        region, returned as ``(view, off, n, addr)``: its ``n`` bytes are ``view[off : off + n]``
-        (a view of guest memory, sliced by the caller for one copy or handed out), at driver
-        address ``addr``; ``n`` is 0 at the end of the part. The position steps past the buffer a
-        piece finishes, and over zero-length buffers. Raises
-        :class:`~virtio_schema.queue.UnmappedBuffer` (the position unmoved) if the piece's first
-        byte is not in memory."""
+        A piece is at most ``limit`` (> 0) bytes that lie in one memory region: the rest of the
+        current buffer and, if ``join``, of the buffers after it that continue it in driver
+        memory (a copy moves a run of adjacent buffers at once; :meth:`_Walker.next` does not
+        join, it hands out a buffer at a time). It is returned as ``(view, off, n, addr)``: its
+        ``n`` bytes are ``view[off : off + n]`` (a view of guest memory, sliced by the caller for
+        one copy or handed out), at driver address ``addr``; ``n`` is 0 at the end of the part.
+        The position steps past the buffers a piece finishes, and over zero-length buffers.
+        Raises :class:`~virtio_schema.queue.UnmappedBuffer` (the position unmoved) if the piece's
+        first byte is not in memory."""
         i = self.i
         pos = self.pos
+        lens = self.lens
         while True:
             if i >= self.end:
                 self.i = i
                 self.pos = 0
                 return _END
-            length = self.lens[i]
+            length = lens[i]
             if pos < length:
                 break
             i += 1
             pos = 0
+        addr = self.addrs[i] + pos
         n = length - pos
         if n > limit:
             n = limit
-        addr = self.addrs[i] + pos
+        elif join and n < limit and i + 1 < self.end and self.addrs[i + 1] == addr + n:
+            return self._take_run(i, addr, n, limit)
         locate = self.locate
         found = None if locate is None else locate(addr, n)
         if found is None:
@@ -198,6 +204,33 @@ class _Cursor:
             self.i = i + 1
             self.pos = 0
         return view, off, n, addr
+
+    def _take_run(self, i: int, addr: int, n: int, limit: int) -> tuple[memoryview, int, int, int]:
+        """:meth:`take` of a piece that goes on past buffer ``i`` (whose last ``n`` bytes start
+        at ``addr``) into the buffers continuing it in driver memory, up to ``limit`` bytes; a
+        run one lookup does not find in one region is taken a buffer at a time."""
+        addrs = self.addrs
+        lens = self.lens
+        last = i
+        pos = lens[i]
+        while last + 1 < self.end and addrs[last + 1] == addr + n and n < limit:
+            last += 1
+            pos = lens[last]
+            if n + pos > limit:
+                pos = limit - n
+            n += pos
+        locate = self.locate
+        found = None if locate is None else locate(addr, n)
+        if found is None:
+            return self.take(n, False)
+        self.left -= n
+        if pos < lens[last]:
+            self.i = last
+            self.pos = pos
+        else:
+            self.i = last + 1
+            self.pos = 0
+        return found[0], found[1], n, addr
 
     def _translate(self, addr: int, n: int, rest: int) -> tuple[memoryview, int, int]:
         """The general path of :meth:`take`: ``(view, off, k)`` for the first ``k`` of the ``n``
@@ -376,7 +409,7 @@ class _Walker:
         if limit is not None and limit <= 0:
             raise DeviceUsageError(f"next(limit={limit}): the limit must be positive")
         cursor = self._cursor
-        _, _, n, addr = cursor.take(cursor.left if limit is None else limit)
+        _, _, n, addr = cursor.take(cursor.left if limit is None else limit, False)
         if not n:
             return None
         # the piece lies in one region, so this translation (a tracked range) covers it
@@ -485,8 +518,9 @@ class ReadableChain(_Walker):
 
     def read_to(self, write: Callable[[memoryview], int | None], n: int | None = None) -> int:
         """Zero-copy out: pass up to ``n`` readable bytes (default: all) to ``write`` (e.g. a
-        file's ``write``), buffer by buffer, straight from guest memory. Returns the bytes
-        written; stops early if ``write`` takes fewer than offered."""
+        file's ``write``), piece by piece (a run of buffers adjacent in guest memory is one
+        piece), straight from guest memory. Returns the bytes written; stops early if ``write``
+        takes fewer than offered."""
         return self._transfer(self._part(n), write)
 
     def read_to_fd(self, fd: int, offset: int, n: int | None = None) -> int:
@@ -599,8 +633,9 @@ class WritableChain(_Walker):
 
     def write_from(self, readinto: Callable[[memoryview], int | None], n: int | None = None) -> int:
         """Zero-copy in: let ``readinto`` (e.g. a file's) fill up to ``n`` writable bytes
-        (default: all) straight in guest memory, buffer by buffer. The bytes it reports count as
-        written; stops early at a short read (end of file)."""
+        (default: all) straight in guest memory, piece by piece (a run of buffers adjacent in
+        guest memory is one piece). The bytes it reports count as written; stops early at a
+        short read (end of file)."""
         return self._transfer(self._part(n), readinto)
 
     def write_from_fd(self, fd: int, offset: int, n: int | None = None) -> int:
