@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, TypeVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Self, TypeVar, final
 
 from virtio_schema.errors import DeviceUsageError, DriverError
 from virtio_schema.layout import Layout
@@ -298,10 +298,12 @@ class _Walker:
 
     __slots__ = ("_cursor", "chain")
 
+    WRITES: ClassVar[bool] = False
+    """Which part of the chain the walker has: the writable buffers, or the readable ones."""
     chain: DescChain
     _cursor: _Cursor
 
-    def __init__(self, chain: DescChain, start: int, end: int, left: int) -> None:
+    def __init__(self, chain: DescChain) -> None:
         if chain.error is not None:
             raise chain.error
         if chain.returned:
@@ -313,11 +315,16 @@ class _Walker:
         cursor.locate = chain.locate
         cursor.addrs = buffers.addrs
         cursor.lens = buffers.lens
-        cursor.end = end
-        cursor.i = start
         cursor.pos = 0
-        cursor.left = left
         cursor.cur = None
+        if self.WRITES:  # the part: the writable buffers after the readable ones
+            cursor.i = buffers.n_readable
+            cursor.end = len(buffers.addrs)
+            cursor.left = buffers.writable_len
+        else:
+            cursor.i = 0
+            cursor.end = buffers.n_readable
+            cursor.left = buffers.readable_len
 
     def _landed(self, n: int) -> None:
         """``n`` bytes moved by a transfer; a writable chain counts them as written."""
@@ -428,10 +435,6 @@ class ReadableChain(_Walker):
     """
 
     __slots__ = ()
-
-    def __init__(self, chain: DescChain) -> None:
-        buffers = chain.buffers
-        _Walker.__init__(self, chain, 0, buffers.n_readable, buffers.readable_len)
 
     def readable(self) -> bool:
         return True
@@ -569,9 +572,7 @@ class WritableChain(_Walker):
 
     __slots__ = ()
 
-    def __init__(self, chain: DescChain) -> None:
-        buffers = chain.buffers
-        _Walker.__init__(self, chain, buffers.n_readable, len(buffers.addrs), buffers.writable_len)
+    WRITES = True
 
     def writable(self) -> bool:
         return True

@@ -214,18 +214,20 @@ class DescChain:
 
     @written.setter
     def written(self, n: int) -> None:
+        self.add_written(n - self._written)
+
+    def add_written(self, n: int) -> None:
+        """Count ``n`` more bytes written: ``written += n`` (the chain writers count through
+        it). Refuses a total beyond the writable space and a returned chain; a malformed chain
+        counts nothing (it goes back with 0)."""
         if self._returned:
             raise ChainAlreadyReturned(self._queue.index, self.head)
         if self.error is not None:
-            return  # a malformed chain goes back with 0, whatever the device counted
-        if not 0 <= n <= self.writable_len:
-            raise WrittenTooMuch(self._queue.index, self.head, n, self.writable_len)
-        self._written = n
-
-    def add_written(self, n: int) -> None:
-        """Count ``n`` more bytes written: ``written += n``, with the same checks (the chain
-        writers count through it)."""
-        self.written = self._written + n
+            return
+        total = self._written + n
+        if not 0 <= total <= self.writable_len:
+            raise WrittenTooMuch(self._queue.index, self.head, total, self.writable_len)
+        self._written = total
 
     def return_written(self, n: int | None = None) -> None:
         """Return the chain to the driver with ``n`` bytes written (default: :attr:`written`).

@@ -75,9 +75,12 @@ class PackedTable(DescSource):
         self.entries = 0
 
     def start(self, view: memoryview, offset: int, entries: int) -> None:
+        """Stand on (read) the first entry of the ``entries``-descriptor table at
+        ``view[offset:]``."""
         self.view = view
         self.offset = offset
         self.entries = entries
+        self._read(0)
 
     def _read(self, index: int) -> None:
         self.at = index
@@ -85,9 +88,6 @@ class PackedTable(DescSource):
         self.addr, self.length, _id, self.flags = _unpack_desc(
             self.view, self.offset + PACKED_DESC.size * index
         )
-
-    def first(self) -> None:
-        self._read(0)
 
     def advance(self) -> bool:
         index = self.at + 1
@@ -121,10 +121,11 @@ class PackedSlots(DescSource):
         self.indirect = PackedTable()
 
     def start(self, view: memoryview, head: int) -> None:
-        """Walk the chain whose first descriptor is in slot ``head``."""
+        """Stand on (read) slot ``head``, the first descriptor of a chain."""
         self.view = view
         self.head = head
         self.taken = 0
+        self._read(head)
 
     def _read(self, pos: int) -> None:
         self.at = pos
@@ -133,9 +134,6 @@ class PackedSlots(DescSource):
         self.addr, self.length, self.buffer_id, self.flags = _unpack_desc(
             self.view, PACKED_DESC.size * pos
         )
-
-    def first(self) -> None:
-        self._read(self.head)
 
     def advance(self) -> bool:
         if not self.flags & NEXT:
@@ -302,11 +300,11 @@ class PackedQueue(QueueBase):
         extent and buffer id read, so that it can go back; one that has neither raises the
         :class:`~virtio_schema.queue.RingError` (never ends, buffer id out of range)."""
         slots.start(self._ring_view, start)
-        buffers = ChainBuffers()
         error: ChainError | None = None
         try:
             buffers = self._validator.walk(start, slots)
         except ChainError as exc:
+            buffers = ChainBuffers()
             error = exc
         slots.finish()
         if slots.buffer_id >= self.size:

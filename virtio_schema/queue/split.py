@@ -69,19 +69,18 @@ class SplitDescs(DescSource):
         self.view = memoryview(b"")
         self.offset = 0
         self.entries = 0
-        self.first_index = 0
         self.head = 0
         self.next = 0
         self.indirect: SplitDescs | None = None  # the cursor for indirect tables, made once
 
     def start(self, view: memoryview, offset: int, entries: int, first: int, head: int) -> None:
-        """Walk the ``entries``-descriptor table at ``view[offset:]`` from index ``first``
-        (< entries), for the chain named ``head``."""
+        """Stand on (read) descriptor ``first`` (< entries) of the ``entries``-descriptor table
+        at ``view[offset:]``, for a walk of the chain named ``head``."""
         self.view = view
         self.offset = offset
         self.entries = entries
-        self.first_index = first
         self.head = head
+        self._read(first)
 
     def _read(self, index: int) -> None:
         self.at = index
@@ -89,9 +88,6 @@ class SplitDescs(DescSource):
         self.addr, self.length, self.flags, self.next = _unpack_desc(
             self.view, self.offset + DESC.size * index
         )
-
-    def first(self) -> None:
-        self._read(self.first_index)
 
     def advance(self) -> bool:
         if not self.flags & NEXT:

@@ -128,11 +128,13 @@ class CheckedChain:
 class DescSource:
     """A cursor over the descriptors of one chain, in the ring format's order.
 
-    :meth:`first` and :meth:`advance` read the descriptor the cursor moves to, once, into ``at``
-    (its index or ring position), ``addr``, ``length`` and ``flags``, and count it in ``reads``
-    (the queues' :attr:`~virtio_schema.queue.Queue.descriptors_read`, which the hostile-driver
-    tests and the fuzz harness bound). :meth:`table` gives the format's cursor over an indirect
-    table. Formats subclass it; the walk never asks which one it has."""
+    The walk gets it standing on the chain's first descriptor (each format's ``start`` puts it
+    there). Moving to a descriptor, the cursor reads it once into ``at`` (its index or ring
+    position), ``addr``, ``length`` and ``flags``, and counts it in ``reads`` (the queues'
+    :attr:`~virtio_schema.queue.Queue.descriptors_read`, which the hostile-driver tests and the
+    fuzz harness bound). :meth:`advance` moves to the next descriptor; :meth:`table` gives the
+    format's cursor over an indirect table, standing on its first entry. Formats subclass it;
+    the walk never asks which one it has."""
 
     at: int
     addr: int
@@ -147,16 +149,13 @@ class DescSource:
         self.flags = 0
         self.reads = 0
 
-    def first(self) -> None:
-        """Read the chain's first descriptor."""
-        raise NotImplementedError
-
     def advance(self) -> bool:
         """Read the chain's next descriptor; ``False`` if the current one ends the chain."""
         raise NotImplementedError
 
     def table(self, view: memoryview, offset: int, entries: int) -> DescSource:
-        """The cursor over the indirect table of ``entries`` descriptors at ``view[offset:]``."""
+        """The cursor over the indirect table of ``entries`` (> 0) descriptors at
+        ``view[offset:]``, standing on (having read) its first entry."""
         raise NotImplementedError
 
 
@@ -187,7 +186,8 @@ class Validator:
         self.indirect_alone = indirect_alone
 
     def walk(self, head: int, source: DescSource) -> ChainBuffers:
-        """The buffers of the chain that ``source`` reads (named ``head`` in errors), or the
+        """The buffers of the chain that ``source`` reads, from the descriptor it stands on
+        (named ``head`` in errors), or the
         :class:`~virtio_schema.queue.ChainError` that names the first rule it breaks."""
         chain = ChainBuffers()
         addrs = chain.addrs
@@ -195,7 +195,6 @@ class Validator:
         where = chain.desc_index
         size = self.size
         n_readable = readable_len = writable_len = 0
-        source.first()
         while True:
             flags = source.flags
             if flags & INDIRECT:
@@ -252,9 +251,7 @@ class Validator:
             raise UnmappedIndirectTable(self.queue, head, at, addr, length)
         view, offset = self._table_memory(head, at, addr, length)
         chain.table_start = len(chain.addrs)
-        table = source.table(view, offset, entries)
-        table.first()
-        return table
+        return source.table(view, offset, entries)
 
     def _table_memory(self, head: int, at: int, addr: int, length: int) -> tuple[memoryview, int]:
         """A view holding the table ``[addr, addr + length)`` and the table's offset in it: the
