@@ -105,6 +105,7 @@ def serving(
     trace: bool = False,
     capture: Path | None = None,
     io_timeout: float = 0.5,
+    busy_poll: float = 0.0,
 ) -> Iterator[VhostUserServer]:
     """A server listening on ``path``, its loop in a daemon thread; stopped and joined on exit."""
     assert len(str(path)) < 100, f"unix socket path too long: {path}"
@@ -114,6 +115,7 @@ def serving(
         trace=trace,
         capture=None if capture is None else str(capture),
         io_timeout=io_timeout,
+        busy_poll=busy_poll,
     )
     server.listen()
     thread = threading.Thread(target=server.serve_forever, name="vhost-user-server", daemon=True)
@@ -1320,3 +1322,103 @@ def test_a_dribbling_front_end_stalls_no_one_and_is_dropped_at_the_message_deadl
             assert time.monotonic() - t0 < 3
         assert re.search(r"message cut short: \d+ of \d+ bytes in 0.5 s", blk_server.errors[-1])
         serve_blk_read(bystander, image, 5)
+
+
+# --- busy polling --------------------------------------------------------------------------------
+
+
+def publish_unkicked_read(s: Session, sector: int) -> int:
+    """Publish a read and do not kick: only a polling back-end serves it."""
+    return publish_blk_read(s.ring, sector, SECTOR)
+
+
+def test_a_busy_polled_ring_is_served_without_kicks_until_idle_then_waits_for_kicks(
+    tmp_path: Path, blk: BlkDevice, image: io.FileIO
+) -> None:
+    with (
+        serving(tmp_path / "vu.sock", lambda: VhostUserBlk(blk), busy_poll=0.5) as server,
+        session(server.path) as s,
+    ):
+        serve_blk_read(s, image, 1)  # a kick, a turn with work: the ring is polled from now on
+        for sector in (2, 3, 4):
+            head = publish_unkicked_read(s, sector)
+            assert wait_signalled(s.call_fd), "a polled ring was not served without a kick"
+            (used,) = s.ring.used()
+            assert used.head == head
+            check_blk_read(used, image, sector, SECTOR)
+        # kicks off meanwhile: avail_event (EVENT_IDX) stayed behind the chains taken
+        assert s.ring.avail_event != s.ring.avail_idx
+        # idle for busy_poll seconds: back to kicks, avail_event follows the ring again
+        assert wait_for(lambda: s.ring.avail_event == s.ring.avail_idx, timeout=5)
+        head = publish_unkicked_read(s, 5)
+        assert not wait_signalled(s.call_fd, timeout=0.3), "served without a kick while idle"
+        kick(s.kick_fd)
+        assert wait_signalled(s.call_fd)
+        assert [u.head for u in s.ring.used()] == [head]
+    assert server.errors == []
+
+
+def test_without_busy_poll_a_ring_is_served_only_when_kicked(
+    blk_server: VhostUserServer, image: io.FileIO
+) -> None:
+    with session(blk_server.path) as s:
+        serve_blk_read(s, image, 1)
+        # the read may have been served by the turn of the ring's enabling: wait until the server
+        # took the kick, then for a reply to a later message (the kick's turn is over by then)
+        assert wait_for(lambda: not is_readable(s.kick_fd))
+        roundtrip(s.fe)
+        assert s.ring.avail_event == s.ring.avail_idx  # kicks stay wanted
+        head = publish_unkicked_read(s, 2)
+        assert not wait_signalled(s.call_fd, timeout=0.3), "served without a kick"
+        kick(s.kick_fd)
+        assert wait_signalled(s.call_fd)
+        assert [u.head for u in s.ring.used()] == [head]
+
+
+def test_a_busy_polled_ring_stalls_no_other_connection_and_may_go_away(
+    tmp_path: Path, blk: BlkDevice, image: io.FileIO
+) -> None:
+    """A driver that keeps its ring busy (a read every 10 ms, never a kick) keeps it polled; a
+    second front-end connects, negotiates and is served meanwhile; the busy one disconnects while
+    polled and the server goes on."""
+    with serving(tmp_path / "vu.sock", lambda: VhostUserBlk(blk), busy_poll=1.0) as server:
+        stop = threading.Event()
+        served: list[int] = []
+        failures: list[BaseException] = []
+        with session(server.path, ram_name="vu-busy") as busy:
+            serve_blk_read(busy, image, 1)
+
+            def stream() -> None:
+                try:
+                    while not stop.is_set():
+                        publish_unkicked_read(busy, len(served) % SECTORS)
+                        if not wait_signalled(busy.call_fd):
+                            raise AssertionError("the polled ring stopped being served")
+                        served.extend(u.head for u in busy.ring.used())
+                        time.sleep(0.01)
+                except BaseException as exc:
+                    failures.append(exc)
+
+            streamer = threading.Thread(target=stream, daemon=True)
+            streamer.start()
+            try:
+                with session(server.path, ram_name="vu-other") as other:
+                    for sector in range(1000):  # both go on side by side
+                        serve_blk_read(other, image, sector % SECTORS)
+                        if len(served) >= 10 or failures:
+                            break
+            finally:
+                stop.set()
+                streamer.join(timeout=10)
+            assert not streamer.is_alive()
+            assert failures == []
+            assert len(served) >= 10
+        with session(server.path, ram_name="vu-after") as after:
+            serve_blk_read(after, image, 7)
+    assert server.errors == []
+
+
+@pytest.mark.parametrize("busy_poll", [-0.001, 1.5])
+def test_a_busy_poll_outside_0_to_1_second_is_refused(tmp_path: Path, busy_poll: float) -> None:
+    with pytest.raises(DeviceUsageError, match="busy_poll"):
+        VhostUserServer(str(tmp_path / "vu.sock"), RngDevice, busy_poll=busy_poll)

@@ -523,6 +523,60 @@ def test_budget_below_one_is_refused() -> None:
         Backend(RecordingDevice(), host=FakeHost(), budget=0)
 
 
+# --- busy polling: kicks paused and resumed --------------------------------------------------------
+
+
+def test_paused_kicks_ask_the_driver_not_to_kick_and_resuming_re_checks_the_ring(
+    conn: Harness,
+) -> None:
+    conn.running()
+    conn.publish(2)
+    assert conn.backend.serve(0).taken == 2
+    assert kicks_wanted(conn)
+    conn.backend.pause_kicks(0)
+    assert not kicks_wanted(conn)  # used.flags NO_NOTIFY (no EVENT_IDX here)
+    assert conn.backend.resume_kicks(0) is False  # nothing arrived meanwhile
+    assert kicks_wanted(conn)
+    conn.backend.pause_kicks(0)
+    conn.publish(1)  # the driver published without kicking, as asked
+    assert conn.backend.resume_kicks(0) is True  # the server must give the ring a turn
+    assert kicks_wanted(conn)
+    assert conn.backend.serve(0).taken == 1
+
+
+def kicks_wanted(h: Harness) -> bool:
+    """The device has not set ``used.flags`` NO_NOTIFY (a function: mypy narrows properties)."""
+    return not h.driver.no_notify
+
+
+def test_paused_kicks_with_event_idx_freeze_avail_event(conn: Harness) -> None:
+    conn.negotiate(WANTED | int(Feature.EVENT_IDX))
+    assert conn.set_mem_table() == 0
+    conn.start_ring()
+    conn.publish(1)
+    conn.backend.serve(0)
+    assert conn.driver.avail_event == 1  # following the taken index: the next chain kicks
+    conn.backend.pause_kicks(0)
+    conn.publish(3)
+    assert conn.backend.serve(0).taken == 3
+    assert conn.driver.avail_event == 1  # left behind: publishing past index 4 wants no kick
+    assert conn.backend.resume_kicks(0) is False
+    assert conn.driver.avail_event == 4  # following again: the next chain kicks
+
+
+def test_pausing_and_resuming_a_ring_that_is_not_served_does_nothing(conn: Harness) -> None:
+    conn.negotiate()
+    assert conn.set_mem_table() == 0
+    conn.backend.pause_kicks(0)  # not started
+    assert conn.backend.resume_kicks(0) is False
+    conn.start_ring(enable=False)
+    conn.publish(1)
+    conn.backend.pause_kicks(0)  # started, disabled: no chain for anyone
+    assert kicks_wanted(conn)
+    assert conn.backend.resume_kicks(0) is False
+    assert conn.backend.serve(0) == Turn(0, ())
+
+
 def test_a_disabled_ring_hands_out_no_chains_even_to_a_device_that_kept_its_queue(
     conn: Harness,
 ) -> None:

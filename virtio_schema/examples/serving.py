@@ -1,7 +1,8 @@
 """The vhost-user server options every example's command line shares.
 
 ``add_server_arguments(parser)`` adds ``--vhost-user``, ``--trace``, ``--max-connections`` and the
-server's defences (``--io-timeout``, ``--budget``, ``--max-clients``, ``--memory-policy``);
+server's defences (``--io-timeout``, ``--budget``, ``--max-clients``, ``--memory-policy``) and
+``--busy-poll``;
 ``make_server(args, factory)`` builds the :class:`~virtio_schema.vhost_user.VhostUserServer` they
 describe.
 """
@@ -16,7 +17,8 @@ from virtio_schema.vhost_user import MemoryPolicy, VhostUserDevice, VhostUserSer
 __all__ = ["add_server_arguments", "make_server"]
 
 
-def add_server_arguments(p: argparse.ArgumentParser) -> None:
+def add_server_arguments(p: argparse.ArgumentParser, *, busy_poll: float = 0.0) -> None:
+    """Add the options; ``busy_poll`` is the example's default for ``--busy-poll``."""
     p.add_argument("--vhost-user", metavar="SOCKET", required=True, help="unix socket to listen on")
     p.add_argument("--trace", action="store_true", help="log every vhost-user message decoded")
     p.add_argument("--max-connections", type=int, default=None, help="exit after N front-ends")
@@ -42,6 +44,14 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         help="guest memory that cannot be sealed against shrinking: trust the front-end (and log"
         " it) or refuse it (default trust)",
     )
+    p.add_argument(
+        "--busy-poll",
+        type=float,
+        default=busy_poll,
+        metavar="SECONDS",
+        help="keep polling a ring, its kicks off, for this long after its last turn that found"
+        f" work (0: wait for kicks; default {busy_poll:g})",
+    )
 
 
 def make_server(
@@ -59,4 +69,5 @@ def make_server(
         budget=args.budget,
         max_clients=args.max_clients,
         memory_policy=MemoryPolicy(args.memory_policy),
+        busy_poll=args.busy_poll,
     )

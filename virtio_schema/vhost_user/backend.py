@@ -31,13 +31,16 @@ Rules of this module:
    its ``handle`` runs only for a started and enabled ring. A queue that is not enabled hands out
    no chain (its budget is 0), even to a device that kept it.
 4. A turn serves one ring with a budget of chains (the queue size by default) inside one batch:
-   one used-index update and at most one notification per turn.
+   one used-index update and at most one notification per turn. While the server busy-polls a
+   ring (:meth:`~Backend.pause_kicks`, :meth:`~Backend.resume_kicks`) the driver is asked not to
+   kick it; giving it back to kicks re-checks the ring.
 5. A new SET_MEM_TABLE takes the running queues off the old mapping before releasing it; they are
    rebuilt on the new memory at the position they had reached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections.abc import Callable, Sequence
@@ -842,10 +845,10 @@ class Backend:
         """One turn of ring ``index`` (after a kick, a wake-up, a poll or a spent budget): the
         device's ``handle`` with the queue's budget renewed, in one batch. Driver errors are
         logged, never raised; the device's own exceptions propagate."""
-        vr = self.vrings[index]
-        queue = vr.queue
-        if queue is None or vr.state is not RingState.STARTED_ENABLED:
+        queue = self._running(index)
+        if queue is None:
             return Turn(0, ())
+        vr = self.vrings[index]
         budget = self._budget_of(queue)
         queue.set_budget(budget)
         try:
@@ -858,6 +861,31 @@ class Backend:
         except DriverError as exc:
             log.warning("%s: ring %d: %s", self.name, index, exc)
         return Turn(budget - (queue.budget or 0), self._spent())
+
+    def pause_kicks(self, index: int) -> None:
+        """The server polls ring ``index`` for a while (busy polling after a turn with work):
+        ask the driver not to kick it meanwhile (virtio 1.2, 2.7.10; 2.8.21 packed)."""
+        queue = self._running(index)
+        if queue is not None:
+            with contextlib.suppress(QueueBroken):  # a broken ring is not served: nothing to do
+                queue.disable_notifications()
+
+    def resume_kicks(self, index: int) -> bool:
+        """The server stops polling ring ``index``: ask the driver to kick again. ``True`` if
+        chains arrived before the request was visible (give the ring a turn, or they wait for a
+        kick that never comes)."""
+        queue = self._running(index)
+        if queue is None:
+            return False
+        try:
+            return queue.enable_notifications()
+        except QueueBroken:
+            return False
+
+    def _running(self, index: int) -> VirtQueue | None:
+        """The queue of ring ``index`` if it is started and enabled (the device serves it)."""
+        vr = self.vrings[index]
+        return vr.queue if vr.state is RingState.STARTED_ENABLED else None
 
     def poll(self) -> Turn:
         """The device's periodic poll (for devices that produce without being kicked)."""
