@@ -2,7 +2,8 @@
 """virtio-net throughput: our back-end against DPDK's C ``net_vhost``, on the same testpmd front-end.
 
     python bench/bench_net.py [--seconds 6] [--sizes 64,1500] [--directions to-device,...]
-                              [--variant pure|compiled|both] [--quick] [--json FILE]
+                              [--variant pure|compiled|both] [--busy-poll 0,0.0005] [--quick]
+                              [--json FILE]
 
 The front-end is always ``dpdk-testpmd --vdev net_virtio_user0`` (DPDK's virtio driver), forwarding
 on CPU 1. The back-end is either ``python -m virtio_schema.examples.net`` pinned to CPU 0, or
@@ -16,8 +17,9 @@ frame size (64 and 1500 bytes), ring format (split, packed) and direction:
 it reports the median packets/s the front-end's periodic statistics show (Tx-pps for to-device,
 Rx-pps otherwise), Gbit/s of frames, and our figure as a fraction of the C back-end's. Our
 back-end runs once per variant of the library, in the same run: pure Python
-(``VIRTIO_SCHEMA_PURE_PYTHON=1``) and compiled (``python3 dev.py bench bench_net.py``). Issue 19's
-target is 10% of the C back-end in reflect mode. ``--quick``: reflect only, 64-byte frames, 4 s.
+(``VIRTIO_SCHEMA_PURE_PYTHON=1``) and compiled (``python3 dev.py bench bench_net.py``), each
+with every ``--busy-poll`` setting (by default 0, kicks only, and 0.5 ms of adaptive polling; the
+C back-end always polls). Issue 19's target is 10% of the C back-end in reflect mode. ``--quick``: reflect only, 64-byte frames, 4 s.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def pps(output: str, key: str, forwarded: float) -> float:
     return int(totals[-1]) / forwarded if totals and forwarded > 0 else 0.0
 
 
-def start_ours(sock: Path, mode: str, size: int, log: Path) -> BackendProcess:
+def start_ours(sock: Path, mode: str, size: int, log: Path, busy_poll: float) -> BackendProcess:
     extra = (
         ["--frames", "100000000", "--size", str(size), "--start-delay", "1"]
         if mode == "source"
@@ -93,12 +95,12 @@ def start_ours(sock: Path, mode: str, size: int, log: Path) -> BackendProcess:
     )
     return BackendProcess(
         ["-m", "virtio_schema.examples.net", "--vhost-user", str(sock), "--mode", mode,
-         "--cpu", "0", *extra],
+         "--cpu", "0", "--busy-poll", str(busy_poll), *extra],
         sock, log,
     )  # fmt: skip
 
 
-def start_c(sock: Path, mode: str, size: int, log: Path) -> BackendProcess:
+def start_c(sock: Path, mode: str, size: int, log: Path, busy_poll: float = 0.0) -> BackendProcess:
     assert TESTPMD is not None
     fwd = {"sink": "rxonly", "source": "txonly", "reflect": "io"}[mode]
     return BackendProcess(
@@ -109,12 +111,21 @@ def start_c(sock: Path, mode: str, size: int, log: Path) -> BackendProcess:
     )  # fmt: skip
 
 
-def run(backend: str, direction: str, size: int, vdev: str, seconds: float, tmp: Path) -> float:
-    """Packets/s of one run: ``backend`` is ``ours`` or ``c``."""
+def run(
+    backend: str,
+    direction: str,
+    size: int,
+    vdev: str,
+    seconds: float,
+    tmp: Path,
+    busy_poll: float = 0.0,
+) -> float:
+    """Packets/s of one run: ``backend`` is ``ours`` (with ``busy_poll``) or ``c`` (which always
+    polls)."""
     sock = tmp / f"{backend}-{direction}-{size}-{len(vdev)}.sock"
     log = tmp / "backend.log"
     mode = {"to-device": "sink", "to-driver": "source", "reflect": "reflect"}[direction]
-    proc = (start_ours if backend == "ours" else start_c)(sock, mode, size, log)
+    proc = (start_ours if backend == "ours" else start_c)(sock, mode, size, log, busy_poll)
     try:
         fe_mode = {
             "to-device": ["--forward-mode=txonly"],
@@ -139,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=None, help="frame sizes (default 64,1500; quick 64)")
     p.add_argument("--directions", default=None, help="default all three; quick: reflect")
     p.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
+    p.add_argument(
+        "--busy-poll",
+        default="0,0.0005",
+        metavar="SECONDS,...",
+        help="our back-end's --busy-poll settings, each run in turn (default 0,0.0005: kicks"
+        " only, then adaptive polling)",
+    )
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if TESTPMD is None:
@@ -147,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in (args.sizes or ("64" if args.quick else "64,1500")).split(",")]
     directions = (args.directions or ("reflect" if args.quick else ",".join(DIRECTIONS))).split(",")
     variants = list(VARIANTS) if args.variant == "both" else [args.variant]
+    polls = [float(v) for v in args.busy_poll.split(",")]
+    setups = [(v, bp) for v in variants for bp in polls]
+
+    def name(variant: str, bp: float) -> str:
+        return variant if len(polls) == 1 else f"{variant}/poll {bp * 1e6:.0f}us"
+
     command = " ".join(["bench_net.py", *argv])
     rows = []
     with tempfile.TemporaryDirectory(prefix="vs-net-") as d:
@@ -154,30 +178,32 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 for direction in directions:
                     ours: dict[str, float] = {}
-                    for variant in variants:
+                    for variant, bp in setups:
                         with backend_variant(variant, command):
-                            ours[variant] = run("ours", direction, size, vdev, seconds, Path(d))
+                            ours[name(variant, bp)] = run(
+                                "ours", direction, size, vdev, seconds, Path(d), bp
+                            )
                     c = run("c", direction, size, vdev, seconds, Path(d))
                     row: dict[str, str | int | float] = {
                         "ring": ring, "size": size, "direction": direction, "c_pps": c
                     }  # fmt: skip
                     line = f"{ring:<7}{size:>5} B {direction:<10}"
-                    for variant, rate in ours.items():
+                    print(f"{line} C {c:>12,.0f} pps {c * size * 8 / 1e9:6.2f} Gbit/s", flush=True)
+                    for setup, rate in ours.items():
                         ratio = rate / c if c else 0.0
-                        row[f"{variant}_pps"], row[f"{variant}_ratio"] = rate, ratio
-                        line += f" {variant} {rate:>10,.0f} pps ({ratio:.3f} of C)"
+                        row[f"{setup}_pps"], row[f"{setup}_ratio"] = rate, ratio
+                        print(f"{'':24}{setup:<22} {rate:>10,.0f} pps ({ratio:.3f} of C)")
                     rows.append(row)
-                    print(
-                        f"{line}   C {c:>12,.0f} pps {c * size * 8 / 1e9:6.2f} Gbit/s", flush=True
-                    )
     print(f"issue 19's target, reflect >= {TARGET:.0%} of C (reported, never asserted):")
     for row in rows:
         if row["direction"] != "reflect":
             continue
-        for variant in variants:
-            ratio = float(row[f"{variant}_ratio"])
+        for variant, bp in setups:
+            ratio = float(row[f"{name(variant, bp)}_ratio"])
             verdict = "met    " if ratio >= TARGET else "not met"
-            print(f"  {verdict} {row['ring']} {row['size']} B {variant}: {ratio:.1%} of C")
+            print(
+                f"  {verdict} {row['ring']} {row['size']} B {name(variant, bp)}: {ratio:.1%} of C"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 RX, TX = 0, 1
 HDR = NET_HDR.size
 DEFAULT_MAC = bytes.fromhex("525400123456")
+ONE_BUFFER_HDR = NET_HDR.pack(NetHdr(0, 0, 0, 0, 0, 0, 1))
+"""The header of a received frame in one chain (``num_buffers`` 1, no offloads)."""
 BUSY_POLL = 0.0005
 """Seconds the transmit ring stays polled after its last burst (``--busy-poll``)."""
 
@@ -103,6 +105,7 @@ class NetDevice(VhostUserDevice):
         self.queues: dict[int, VirtQueue] = {}
         self.pending: collections.deque[bytes] = collections.deque()
         self._partial: list[DescChain] = []  # MRG_RXBUF: receive chains held for the next frame
+        self._mrg = False  # MRG_RXBUF negotiated on the receive queue (set when it is enabled)
         self._source_left = frames if mode == "source" else 0
         self._source_size = size
         self._source_seq = 0
@@ -147,8 +150,10 @@ class NetDevice(VhostUserDevice):
         # queues are kept only while enabled: a started but disabled receive ring must not be
         # given frames (vhost-user.rst, "Ring states")
         self.queues[index] = queue
-        if index == RX and self._source_at is None:
-            self._source_at = time.monotonic() + self._start_delay
+        if index == RX:
+            self._mrg = bool(queue.features & NetFeature.MRG_RXBUF)
+            if self._source_at is None:
+                self._source_at = time.monotonic() + self._start_delay
 
     def disabled(self, index: int) -> None:
         self.queues.pop(index, None)
@@ -226,11 +231,12 @@ class NetDevice(VhostUserDevice):
 
     def _put(self, rxq: VirtQueue, frame: bytes) -> bool:
         """Deliver one frame; ``False`` if the receive queue has no room yet (nothing lost)."""
-        mrg = bool(rxq.features & NetFeature.MRG_RXBUF)
         need = HDR + len(frame)
         chains = self._partial
-        space = sum(c.writable_len for c in chains)
-        while not chains or (mrg and space < need):
+        space = 0
+        for held in chains:
+            space += held.writable_len
+        while not chains or (self._mrg and space < need):
             chain = rxq.next_chain()
             if chain is None:
                 return False  # wait for buffers; held chains stay held
@@ -253,12 +259,17 @@ class NetDevice(VhostUserDevice):
             for c in chains:
                 c.return_written(0)
             return True
-        data = memoryview(NET_HDR.pack(NetHdr(0, 0, 0, 0, 0, 0, len(chains))) + frame)
-        at = 0
-        for c in chains:
-            writer = WritableChain(c)
-            at += writer.write(data[at:])
-            c.return_written()
+        if len(chains) == 1:  # the frame fits one chain: header and frame, no concatenation
+            writer = WritableChain(chains[0])
+            writer.write(ONE_BUFFER_HDR)
+            writer.write(frame)
+            chains[0].return_written()
+        else:
+            data = memoryview(NET_HDR.pack(NetHdr(0, 0, 0, 0, 0, 0, len(chains))) + frame)
+            at = 0
+            for c in chains:
+                at += WritableChain(c).write(data[at:])
+                c.return_written()
         st.rx_frames += 1
         st.rx_bytes += len(frame)
         st.rx_chains += len(chains)
