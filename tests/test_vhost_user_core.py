@@ -539,9 +539,11 @@ def test_paused_kicks_ask_the_driver_not_to_kick_and_resuming_re_checks_the_ring
     assert kicks_wanted(conn)
     conn.backend.pause_kicks(0)
     conn.publish(1)  # the driver published without kicking, as asked
+    assert conn.backend.has_work(0)  # what a polling server looks at, every round
     assert conn.backend.resume_kicks(0) is True  # the server must give the ring a turn
     assert kicks_wanted(conn)
     assert conn.backend.serve(0).taken == 1
+    assert not conn.backend.has_work(0)
 
 
 def kicks_wanted(h: Harness) -> bool:
@@ -569,10 +571,12 @@ def test_pausing_and_resuming_a_ring_that_is_not_served_does_nothing(conn: Harne
     assert conn.set_mem_table() == 0
     conn.backend.pause_kicks(0)  # not started
     assert conn.backend.resume_kicks(0) is False
+    assert not conn.backend.has_work(0)
     conn.start_ring(enable=False)
     conn.publish(1)
     conn.backend.pause_kicks(0)  # started, disabled: no chain for anyone
     assert kicks_wanted(conn)
+    assert not conn.backend.has_work(0)
     assert conn.backend.resume_kicks(0) is False
     assert conn.backend.serve(0) == Turn(0, ())
 

@@ -882,6 +882,18 @@ class Backend:
         except QueueBroken:
             return False
 
+    def has_work(self, index: int) -> bool:
+        """Whether ring ``index`` is served and has a chain available: what a busy-polling
+        server looks at before it gives the ring a turn (one read of the ring, no device code).
+        ``True`` for a ring the driver just broke, so that a turn reports it."""
+        queue = self._running(index)
+        if queue is None:
+            return False
+        try:
+            return queue.pending() > 0
+        except QueueBroken:
+            return True
+
     def _running(self, index: int) -> VirtQueue | None:
         """The queue of ring ``index`` if it is started and enabled (the device serves it)."""
         vr = self.vrings[index]

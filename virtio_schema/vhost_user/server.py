@@ -14,8 +14,10 @@ factory). One thread runs one loop over non-blocking sockets and fds with ``sele
 * every round serves each ring in the line once, after looking at every socket and fd again: no
   queue and no connection waits for another's work to finish;
 * with ``busy_poll`` (seconds), a kicked ring whose turn found work is *busy-polled*: the driver
-  is asked not to kick it (:meth:`~virtio_schema.vhost_user.backend.Backend.pause_kicks`) and it
-  gets a turn every round until ``busy_poll`` seconds pass without one that finds work; then it
+  is asked not to kick it (:meth:`~virtio_schema.vhost_user.backend.Backend.pause_kicks`), and
+  every round looks at its ring (:meth:`~virtio_schema.vhost_user.backend.Backend.has_work`, no
+  device code) and gives it a turn when a chain is there, until ``busy_poll`` seconds pass
+  without a turn that finds work; then it
   goes back to kicks (:meth:`~virtio_schema.vhost_user.backend.Backend.resume_kicks`, which
   re-checks the ring: what arrived meanwhile gets a turn at once). The polling adapts to the
   traffic: a ring spins while its driver keeps it busy (no kick and no wake-up per burst, as
@@ -287,8 +289,9 @@ class VhostUserServer:
             self.close()
 
     def _timeout(self) -> float | None:
-        """Until the next deadline, poll or turn (``None``: only an event can wake us)."""
-        if self._ready:
+        """Until the next deadline, poll or turn (``None``: only an event can wake us); 0 while
+        rings wait for a turn or are busy-polled."""
+        if self._ready or self._spinning:
             return 0.0
         if not self._timed and self._accept_at is None:
             return None
@@ -595,14 +598,16 @@ class VhostUserServer:
                     conn.spin[index] = time.monotonic() + self.busy_poll
 
     def _spin_round(self, now: float) -> None:
-        """Line up the busy-polled rings for the next round; give back to kicks those idle for
-        ``busy_poll`` seconds (a ring that has chains by then gets a turn all the same)."""
+        """Line up the busy-polled rings that have a chain for the next round; give back to
+        kicks those idle for ``busy_poll`` seconds (a ring that has chains by then gets a turn
+        all the same)."""
         for conn in list(self._spinning):
             for index, until in list(conn.spin.items()):
                 if not conn.alive:
                     break
                 if now < until:
-                    self._enqueue(conn, index)
+                    if conn.core.has_work(index):
+                        self._enqueue(conn, index)
                     continue
                 del conn.spin[index]
                 if conn.core.resume_kicks(index):
