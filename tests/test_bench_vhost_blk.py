@@ -12,6 +12,8 @@ import bench_vhost_blk
 import pytest
 from conftest import require_e2e
 
+from virtio_schema.testing.process import BackendProcess
+
 
 @pytest.mark.parametrize("depth", [1, 32])
 def test_our_backend_serves_the_benchmark_front_end(short_tmp: Path, depth: int) -> None:
@@ -31,3 +33,17 @@ def test_the_c_reference_serves_the_same_front_end(short_tmp: Path, depth: int) 
         require_e2e("qemu-storage-daemon not found (Debian package qemu-system-common)")
     rate = bench_vhost_blk.run("qsd", bench_vhost_blk.start_qsd, depth, 0.5, short_tmp, verify=True)
     assert rate > 0
+
+
+def test_a_busy_polling_backend_serves_the_front_end_with_few_kicks(short_tmp: Path) -> None:
+    """With ``--busy-poll`` the back-end turns kicks off while requests stream, and the front-end
+    (which kicks only when EVENT_IDX asks) stops kicking: every read still verifies."""
+    cpu: dict[str, float] = {}
+
+    def start(sock: Path, image: Path, log: Path) -> BackendProcess:
+        return bench_vhost_blk.start_ours(sock, image, log, busy_poll=0.05)
+
+    rate = bench_vhost_blk.run("ours-poll", start, 32, 0.5, short_tmp, verify=True, cpu=cpu)
+    assert rate > 0
+    requests = rate * cpu["elapsed"]
+    assert cpu["kicks"] < requests / 2, f"{cpu['kicks']} kicks for {requests:.0f} requests"

@@ -16,9 +16,9 @@ With MRG_RXBUF a frame larger than one receive buffer is spread over several rec
 dropped silently: frames are dropped only when a single buffer without MRG_RXBUF cannot hold one, or
 when the backlog exceeds ``--backlog``, and both are counted). A burst of transmit chains (a turn's
 budget) is served per kick and returned with one used-index update and at most one notification
-per queue (the server's turn, and ``queue.batch()`` for the receive queue). While frames keep
-coming the server busy-polls the transmit ring with its kicks off (``--busy-poll``, default
-0.0005 s): a driver that streams is served without a kick per burst.
+per queue (the server's turn, and ``queue.batch()`` for the receive queue). With ``--busy-poll``
+the server polls a ring with its kicks off while frames keep coming: a driver that streams is then
+served without a kick per burst.
 """
 
 from __future__ import annotations
@@ -54,8 +54,6 @@ HDR = NET_HDR.size
 DEFAULT_MAC = bytes.fromhex("525400123456")
 ONE_BUFFER_HDR = NET_HDR.pack(NetHdr(0, 0, 0, 0, 0, 0, 1))
 """The header of a received frame in one chain (``num_buffers`` 1, no offloads)."""
-BUSY_POLL = 0.0005
-"""Seconds the transmit ring stays polled after its last burst (``--busy-poll``)."""
 
 
 @dataclass
@@ -175,7 +173,7 @@ class NetDevice(VhostUserDevice):
 
     def _transmit(self, txq: VirtQueue) -> None:
         """Drain the transmit ring: a burst, up to the turn's budget (the server gives the ring
-        another turn if that leaves chains, and busy-polls it while frames keep coming)."""
+        another turn if that leaves chains, and, with ``--busy-poll``, polls it while frames keep coming)."""
         while (chain := txq.next_chain()) is not None:
             with chain:
                 try:
@@ -287,7 +285,7 @@ _OPTIONAL = {
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m virtio_schema.examples.net", description=__doc__)
-    add_server_arguments(p, busy_poll=BUSY_POLL)
+    add_server_arguments(p)
     p.add_argument("--mode", choices=["reflect", "sink", "source"], default="reflect")
     p.add_argument("--frames", type=int, default=0, help="source: how many frames")
     p.add_argument("--size", type=int, default=64, help="source: frame size in bytes")
