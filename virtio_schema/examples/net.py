@@ -173,7 +173,8 @@ class NetDevice(VhostUserDevice):
 
     def _transmit(self, txq: VirtQueue) -> None:
         """Drain the transmit ring: a burst, up to the turn's budget (the server gives the ring
-        another turn if that leaves chains, and, with ``--busy-poll``, polls it while frames keep coming)."""
+        another turn if that leaves chains and, with ``--busy-poll``, polls it while frames keep
+        coming)."""
         while (chain := txq.next_chain()) is not None:
             with chain:
                 try:
