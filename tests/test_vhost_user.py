@@ -49,6 +49,7 @@ from virtio_schema.testing.frontend import (
     wait_signalled,
 )
 from virtio_schema.vhost_user import ServerAddressInUse, VhostUserDevice, VhostUserServer
+from virtio_schema.vhost_user.backend import Backend
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -1416,6 +1417,23 @@ def test_a_busy_polled_ring_stalls_no_other_connection_and_may_go_away(
         with session(server.path, ram_name="vu-after") as after:
             serve_blk_read(after, image, 7)
     assert server.errors == []
+
+
+def test_an_error_while_busy_polling_ends_that_connection_only(
+    tmp_path: Path, blk: BlkDevice, image: io.FileIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Backend, index: int) -> bool:
+        raise RuntimeError("the ring cannot be looked at")
+
+    with serving(tmp_path / "vu.sock", lambda: VhostUserBlk(blk), busy_poll=0.5) as server:
+        with session(server.path, ram_name="vu-first") as s:
+            monkeypatch.setattr(Backend, "has_work", broken)
+            serve_blk_read(s, image, 1)  # the turn found work: the next round polls, and fails
+            assert s.fe.wait_closed() == b""
+        assert wait_for(lambda: any("busy polling: RuntimeError" in e for e in server.errors))
+        monkeypatch.undo()
+        with session(server.path, ram_name="vu-second") as after:
+            serve_blk_read(after, image, 2)
 
 
 @pytest.mark.parametrize("busy_poll", [-0.001, 1.5])

@@ -17,12 +17,12 @@ factory). One thread runs one loop over non-blocking sockets and fds with ``sele
   is asked not to kick it (:meth:`~virtio_schema.vhost_user.backend.Backend.pause_kicks`), and
   every round looks at its ring (:meth:`~virtio_schema.vhost_user.backend.Backend.has_work`, no
   device code) and gives it a turn when a chain is there, until ``busy_poll`` seconds pass
-  without a turn that finds work; then it
-  goes back to kicks (:meth:`~virtio_schema.vhost_user.backend.Backend.resume_kicks`, which
-  re-checks the ring: what arrived meanwhile gets a turn at once). The polling adapts to the
-  traffic: a ring spins while its driver keeps it busy (no kick and no wake-up per burst, as
-  DPDK's and Linux's vhost back-ends poll) and costs nothing once it is idle. Polling rounds still
-  look at every socket and fd first, so nobody else waits for a spinning ring.
+  without a turn that finds work; then it goes back to kicks
+  (:meth:`~virtio_schema.vhost_user.backend.Backend.resume_kicks`, which re-checks the ring: what
+  arrived meanwhile gets a turn at once). The polling adapts to the traffic: a ring spins while
+  its driver keeps it busy (no kick and no wake-up per burst, as DPDK's and Linux's vhost
+  back-ends poll) and costs nothing once it is idle. Polling rounds still look at every socket
+  and fd first, so nobody else waits for a spinning ring.
 
 Rules of this module:
 
@@ -589,32 +589,39 @@ class VhostUserServer:
         for _ in range(len(self._ready)):
             conn, index = self._ready.popleft()
             conn.queued.discard(index)
-            if conn.alive and self._turn(conn, index) > 0 and self.busy_poll:
-                if index not in conn.spin and index not in conn.polls:
+            if not conn.alive or self._turn(conn, index) <= 0:
+                continue
+            if self.busy_poll and index not in conn.polls:  # (a NOFD ring is polled anyway)
+                if index not in conn.spin:
                     conn.core.pause_kicks(index)
                     self._spinning.add(conn)
-                    conn.spin[index] = 0.0
-                if index in conn.spin:
-                    conn.spin[index] = time.monotonic() + self.busy_poll
+                conn.spin[index] = time.monotonic() + self.busy_poll
 
     def _spin_round(self, now: float) -> None:
         """Line up the busy-polled rings that have a chain for the next round; give back to
         kicks those idle for ``busy_poll`` seconds (a ring that has chains by then gets a turn
-        all the same)."""
+        all the same). An error ends that connection only, as in a turn."""
         for conn in list(self._spinning):
-            for index, until in list(conn.spin.items()):
-                if not conn.alive:
-                    break
-                if now < until:
-                    if conn.core.has_work(index):
-                        self._enqueue(conn, index)
-                    continue
-                del conn.spin[index]
-                if conn.core.resume_kicks(index):
-                    self._enqueue(conn, index)
-            if not conn.spin or not conn.alive:
-                conn.spin.clear()
+            error = None
+            try:
+                self._spin_rings(conn, now)
+            except Exception as exc:
+                log.exception("%s: busy polling", conn.name)
+                error = f"busy polling: {type(exc).__name__}: {exc}"
+            if error is not None:  # outside the except block (see _on_readable)
+                self._drop(conn, error)
+            elif not conn.spin:
                 self._spinning.discard(conn)
+
+    def _spin_rings(self, conn: _Conn, now: float) -> None:
+        for index, until in list(conn.spin.items()):
+            if now < until:
+                if conn.core.has_work(index):
+                    self._enqueue(conn, index)
+                continue
+            del conn.spin[index]
+            if conn.core.resume_kicks(index):
+                self._enqueue(conn, index)
 
     def _turn(self, conn: _Conn, index: int) -> int:
         """Serve ring ``index`` once; the chains it took (-1 if the connection was dropped)."""
