@@ -50,6 +50,7 @@ import array
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import os
 import selectors
@@ -62,7 +63,7 @@ from types import TracebackType
 from typing import Self, TextIO
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.vhost_user.backend import Backend, FrontendError, check_budget
+from virtio_schema.vhost_user.backend import Backend, FrontendError, Turn, check_budget
 from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.framing import Message, MessageReader
 from virtio_schema.vhost_user.host import MemoryPolicy, OsHost, classify, signal
@@ -602,15 +603,8 @@ class VhostUserServer:
         kicks those idle for ``busy_poll`` seconds (a ring that has chains by then gets a turn
         all the same). An error ends that connection only, as in a turn."""
         for conn in list(self._spinning):
-            error = None
-            try:
-                self._spin_rings(conn, now)
-            except Exception as exc:
-                log.exception("%s: busy polling", conn.name)
-                error = f"busy polling: {type(exc).__name__}: {exc}"
-            if error is not None:  # outside the except block (see _on_readable)
-                self._drop(conn, error)
-            elif not conn.spin:
+            spin = functools.partial(self._spin_rings, conn, now)
+            if self._guarded(conn, "busy polling", spin) and not conn.spin:
                 self._spinning.discard(conn)
 
     def _spin_rings(self, conn: _Conn, now: float) -> None:
@@ -625,21 +619,15 @@ class VhostUserServer:
 
     def _turn(self, conn: _Conn, index: int) -> int:
         """Serve ring ``index`` once; the chains it took (-1 if the connection was dropped)."""
-        error = None
-        taken = 0
-        try:
-            turn = conn.core.serve(index)
-            taken = turn.taken
-            for again in turn.again:
-                self._enqueue(conn, again)
-        except Exception as exc:
-            log.exception("%s: ring %d: device error", conn.name, index)
-            error = f"device error on ring {index}: {type(exc).__name__}: {exc}"
-        if error is not None:  # outside the except block (see _on_readable)
-            self._drop(conn, error)
+        turns: list[Turn] = []
+        if not self._guarded(
+            conn, f"device error on ring {index}", lambda: turns.append(conn.core.serve(index))
+        ):
             return -1
+        for again in turns[0].again:
+            self._enqueue(conn, again)
         _signal_calls(conn.core)
-        return taken
+        return turns[0].taken
 
     def _poll_rings(self, conn: _Conn, now: float) -> None:
         """Rings started without a kick fd: a turn when due, sooner while they have work."""
@@ -653,18 +641,26 @@ class VhostUserServer:
             conn.polls[index] = (now + interval, interval)
 
     def _poll_device(self, conn: _Conn) -> None:
+        turns: list[Turn] = []
+        if not self._guarded(conn, "device error in poll", lambda: turns.append(conn.core.poll())):
+            return
+        for index in turns[0].again:
+            self._enqueue(conn, index)
+        _signal_calls(conn.core)
+
+    def _guarded(self, conn: _Conn, what: str, action: Callable[[], None]) -> bool:
+        """Run ``action`` (device code, or the core on a ring the driver may have broken); an
+        exception ends ``conn`` only, logged and recorded as ``what: Type: message``."""
         error = None
         try:
-            turn = conn.core.poll()
-            for index in turn.again:
-                self._enqueue(conn, index)
+            action()
         except Exception as exc:
-            log.exception("%s: device poll", conn.name)
-            error = f"device error in poll: {type(exc).__name__}: {exc}"
-        if error is not None:  # outside the except block (see _on_readable)
-            self._drop(conn, error)
-            return
-        _signal_calls(conn.core)
+            log.exception("%s: %s", conn.name, what)
+            error = f"{what}: {type(exc).__name__}: {exc}"
+        if error is None:
+            return True
+        self._drop(conn, error)  # outside the except block (see _on_readable)
+        return False
 
 
 def _signal_calls(core: Backend) -> None:
