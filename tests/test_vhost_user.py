@@ -73,7 +73,9 @@ from virtio_schema.vhost_user.server import NotAFactory
 SECTORS = 64
 SECTOR = 512
 QUEUE_SIZE = 16
-PROTOCOL = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG)
+PROTOCOL = int(
+    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
+)
 """What the back-end offers and QEMU's vhost-user-blk accepts of it."""
 WANTED = int(
     Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX | Feature.PROTOCOL_FEATURES

@@ -72,7 +72,9 @@ UVA = 0x7F00_0000_0000
 """The front-end's address of that RAM (what SET_VRING_ADDR carries)."""
 RAM_SIZE = 1 << 16
 QUEUE_SIZE = 16
-PROTOCOL = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ)
+PROTOCOL = int(
+    ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ | ProtocolFeature.STATUS
+)
 WANTED = int(Feature.VERSION_1 | Feature.PROTOCOL_FEATURES)
 """What the test front-end acks: split ring, no EVENT_IDX (every used batch is notified)."""
 NEED_REPLY = int(HeaderFlags.NEED_REPLY)
@@ -521,6 +523,49 @@ def test_budget_above_the_queue_size_is_capped_at_the_queue_size(
 def test_budget_below_one_is_refused() -> None:
     with pytest.raises(DeviceUsageError, match="budget 0"):
         Backend(RecordingDevice(), host=FakeHost(), budget=0)
+
+
+# --- device status (VHOST_USER_PROTOCOL_F_STATUS) ----------------------------------------------------
+
+
+def test_the_device_status_is_recorded_and_answered(conn: Harness) -> None:
+    conn.negotiate()
+    assert conn.get_u64(Request.GET_STATUS) == 0
+    assert conn.ack(Request.SET_STATUS, _u64(0x0B)) == 0  # ACKNOWLEDGE | DRIVER | FEATURES_OK
+    assert conn.get_u64(Request.GET_STATUS) == 0x0B
+    assert conn.backend.status == 0x0B
+
+
+def test_status_0_before_get_vring_base_keeps_the_rings_position(conn: Harness) -> None:
+    """QEMU 7.2 stops a device with SET_STATUS 0 *before* GET_VRING_BASE: the answer must still
+    be where the ring got to, and the ring must still stop cleanly."""
+    conn.running()
+    conn.publish(3)
+    assert conn.backend.serve(0).taken == 3
+    assert conn.ack(Request.SET_STATUS, _u64(0x0F)) == 0
+    assert conn.ack(Request.SET_STATUS, _u64(0)) == 0
+    assert conn.ack(Request.SET_VRING_ENABLE, _state(0, 0)) == 0
+    assert conn.get_vring_base().num == 3
+    assert conn.get_u64(Request.GET_STATUS) == 0
+
+
+def test_a_status_beyond_a_byte_ends_the_connection(conn: Harness) -> None:
+    conn.negotiate()
+    with pytest.raises(FrontendError, match="not a status byte"):
+        conn.send(Request.SET_STATUS, _u64(0x100))
+
+
+def test_status_requests_without_the_protocol_feature_are_refused(conn: Harness) -> None:
+    offered = conn.get_u64(Request.GET_FEATURES)
+    conn.send(Request.SET_PROTOCOL_FEATURES, _u64(PROTOCOL & ~int(ProtocolFeature.STATUS)))
+    conn.send(Request.SET_OWNER)
+    assert conn.ack(Request.SET_FEATURES, _u64(offered & WANTED)) == 0
+    assert (
+        conn.ack(Request.SET_STATUS, _u64(1)) == 1
+    )  # refused, with an ack: the connection goes on
+    with pytest.raises(RequestRefused, match="GET_STATUS without protocol feature STATUS"):
+        conn.send(Request.GET_STATUS)  # its reply is its own: no ack can say no
+    assert conn.backend.status == 0
 
 
 # --- busy polling: kicks paused and resumed --------------------------------------------------------

@@ -79,7 +79,9 @@ FLOOD_RING = 4096
 """Size of the flooding guest's ring: half of it published ahead of the device is milliseconds of
 work, so a flood outlasts the flooder's own pauses (a shared machine deschedules it now and
 then)."""
-PROTOCOL = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG)
+PROTOCOL = int(
+    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
+)
 """The protocol features the front-end wants (QEMU's vhost-user-blk: these, of what is offered)."""
 WANTED = int(
     Feature.VERSION_1 | Feature.INDIRECT_DESC | Feature.EVENT_IDX | Feature.PROTOCOL_FEATURES

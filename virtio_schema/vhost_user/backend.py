@@ -102,7 +102,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OFFERED_PROTOCOL_FEATURES = int(
-    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
+    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
 )
 """Protocol features this back-end implements."""
 
@@ -286,6 +286,8 @@ class Backend:
         self.acked_features = 0
         self.protocol_features = 0
         self.owner = False
+        self.status = 0
+        """The virtio device status byte the front-end last set (SET_STATUS; 0 until then)."""
         self.memory: GuestMemory | None = None
         self.refusals: list[str] = []
         """Requests answered with a non-zero ack (newest last): the connection went on."""
@@ -311,6 +313,8 @@ class Backend:
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
         }
 
     # --- the message entry point ---------------------------------------------------------------
@@ -419,6 +423,31 @@ class Backend:
     def _get_queue_num(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         _expect_size(request, payload, 0)
         return _reply(request, U64.pack(U64Rec(self.device.num_queues)))
+
+    def _set_status(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        """Record the device status (VHOST_USER_PROTOCOL_F_STATUS). Nothing else changes: QEMU
+        7.2 sends status 0 when it stops the device *before* GET_VRING_BASE, whose answer must
+        still be the rings' positions, so a reset of the rings is left to the ring messages."""
+        self._need_protocol(request, ProtocolFeature.STATUS)
+        value = _u64(request, payload)
+        if value > 0xFF:
+            raise FrontendError(f"{self.name}: SET_STATUS {value:#x} is not a status byte")
+        if value != self.status:
+            log.info("%s: device status %#04x", self.name, value)
+        self.status = value
+        return None
+
+    def _get_status(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
+        self._need_protocol(request, ProtocolFeature.STATUS)
+        _expect_size(request, payload, 0)
+        return _reply(request, U64.pack(U64Rec(self.status)))
+
+    def _need_protocol(self, request: int, feature: ProtocolFeature) -> None:
+        """Refuse ``request`` unless protocol ``feature`` was negotiated."""
+        if not self.protocol_features & feature:
+            raise RequestRefused(
+                f"{self.name}: {_name(request)} without protocol feature {feature.name}"
+            )
 
     # --- memory --------------------------------------------------------------------------------
 

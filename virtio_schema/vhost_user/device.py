@@ -48,9 +48,14 @@ class VhostUserDevice:
 
     def protocol_features(self) -> int:
         """vhost-user protocol features the device wants offered (the back-end implements MQ,
-        REPLY_ACK and CONFIG). A device whose front-end keeps the configuration space itself
-        (QEMU's virtio-net) leaves CONFIG out."""
-        return int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG)
+        REPLY_ACK, CONFIG and STATUS). A device whose front-end keeps the configuration space
+        itself (QEMU's virtio-net) leaves CONFIG out."""
+        return int(
+            ProtocolFeature.MQ
+            | ProtocolFeature.REPLY_ACK
+            | ProtocolFeature.CONFIG
+            | ProtocolFeature.STATUS
+        )
 
     writable_config: tuple[range, ...] = ()
     """Byte ranges of :meth:`config` the driver may write (SET_CONFIG). A write must lie inside
