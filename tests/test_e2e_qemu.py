@@ -185,6 +185,10 @@ def test_firmware_start_stop_then_linux_restart(guest: GuestTools, short_tmp: Pa
     assert log.count("ring 0 started") >= 2, why  # firmware, then Linux
     assert log.count("ring 0 stopped") >= 1, why
     assert "closing the connection" not in log, why
+    # protocol feature STATUS: QEMU 7.2 sets FEATURES_OK with the features, DRIVER_OK at each
+    # start, and 0 at each stop (before GET_VRING_BASE, whose answer carried the position across)
+    assert "device status 0x0f" in log, why
+    assert "device status 0x00" in log, why
 
 
 def test_linux_virtio_rng_reads_the_bytes_the_device_produced(
