@@ -555,16 +555,17 @@ def test_a_status_beyond_a_byte_ends_the_connection(conn: Harness) -> None:
         conn.send(Request.SET_STATUS, _u64(0x100))
 
 
-def test_status_requests_without_the_protocol_feature_are_refused(conn: Harness) -> None:
+@pytest.mark.parametrize("request_", [Request.SET_STATUS, Request.GET_STATUS])
+def test_status_requests_without_the_protocol_feature_end_the_connection(
+    conn: Harness, request_: Request
+) -> None:
     offered = conn.get_u64(Request.GET_FEATURES)
     conn.send(Request.SET_PROTOCOL_FEATURES, _u64(PROTOCOL & ~int(ProtocolFeature.STATUS)))
     conn.send(Request.SET_OWNER)
     assert conn.ack(Request.SET_FEATURES, _u64(offered & WANTED)) == 0
-    assert (
-        conn.ack(Request.SET_STATUS, _u64(1)) == 1
-    )  # refused, with an ack: the connection goes on
-    with pytest.raises(RequestRefused, match="GET_STATUS without protocol feature STATUS"):
-        conn.send(Request.GET_STATUS)  # its reply is its own: no ack can say no
+    payload = _u64(1) if request_ == Request.SET_STATUS else b""
+    with pytest.raises(FrontendError, match="STATUS without the STATUS protocol feature"):
+        conn.send(request_, payload, need_reply=True)
     assert conn.backend.status == 0
 
 

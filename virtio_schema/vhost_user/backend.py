@@ -443,10 +443,11 @@ class Backend:
         return _reply(request, U64.pack(U64Rec(self.status)))
 
     def _need_protocol(self, request: int, feature: ProtocolFeature) -> None:
-        """Refuse ``request`` unless protocol ``feature`` was negotiated."""
+        """``request`` belongs to protocol ``feature``: a front-end that did not negotiate it
+        does not speak the protocol we agreed on (the connection ends)."""
         if not self.protocol_features & feature:
-            raise RequestRefused(
-                f"{self.name}: {_name(request)} without protocol feature {feature.name}"
+            raise FrontendError(
+                f"{self.name}: {_name(request)} without the {feature.name} protocol feature"
             )
 
     # --- memory --------------------------------------------------------------------------------
@@ -791,10 +792,7 @@ class Backend:
     # --- config --------------------------------------------------------------------------------
 
     def _config_hdr(self, request: int, payload: bytes) -> ConfigHdrRec:
-        if not self.protocol_features & ProtocolFeature.CONFIG:
-            raise FrontendError(
-                f"{self.name}: {_name(request)} without the CONFIG protocol feature"
-            )
+        self._need_protocol(request, ProtocolFeature.CONFIG)
         if len(payload) < CONFIG_HDR.size:
             raise FrontendError(
                 f"{self.name}: {_name(request)} payload of {len(payload)} bytes, expected at"
