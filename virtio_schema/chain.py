@@ -10,9 +10,10 @@ in the part). The cursor moves in one place, :meth:`_Cursor.take`, as rust-vmm's
 in driver memory: a blk request's data buffers often do) as a view of guest memory, translated
 when it is reached (the memory's :data:`~virtio_schema.mem.Locate` lookup, else a translation),
 and moves past it. A buffer that crosses two regions of guest memory comes out as two pieces (and
-``next()``, which hands out one buffer at a time, as two device ranges). Every operation is a loop over pieces: copies (``readinto``, ``write``), records,
-transfers to a file's ``write``/``readinto``, vectored ``preadv``/``pwritev`` (a batch of pieces),
-``next()``. An operation that moves fewer bytes than it took (a short transfer, an error) puts the
+``next()``, which hands out one buffer at a time, as two device ranges). Every operation is a
+loop over pieces: copies (``readinto``, ``write``), records, transfers to a file's
+``write``/``readinto``, vectored ``preadv``/``pwritev`` (a batch of pieces), ``next()``. An
+operation that moves fewer bytes than it took (a short transfer, an error) puts the
 cursor back where it was and takes again what moved. Both classes speak the standard binary I/O
 protocol (``read``/``readinto``/``readall``, ``write``), so ``shutil.copyfileobj`` works in both
 directions, and both move schema-typed records (:meth:`ReadableChain.read_record`,
