@@ -12,6 +12,7 @@ from typing import NoReturn
 import pytest
 from hypothesis import HealthCheck, settings
 
+from virtio_schema.queue import VirtQueue
 from virtio_schema.testing.qemu import GuestTools, find_guest_tools
 
 # bench/ holds scripts, not a package: the tests that check a benchmark import its module by name
@@ -51,3 +52,21 @@ def short_tmp() -> Iterator[Path]:
     """A short directory for unix sockets (sun_path is ~107 bytes; pytest's tmp_path can be long)."""
     with tempfile.TemporaryDirectory(prefix="vs-e2e-") as d:
         yield Path(d)
+
+
+class DescReads:
+    """Counts the descriptor records the queue reads, through its ``descriptors_read`` counter
+    (every descriptor, ring and indirect, is read through the format's cursor, which counts it);
+    setting ``count`` starts a new count."""
+
+    def __init__(self, queue: VirtQueue) -> None:
+        self._queue = queue
+        self._base = queue.descriptors_read
+
+    @property
+    def count(self) -> int:
+        return self._queue.descriptors_read - self._base
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._base = self._queue.descriptors_read - value

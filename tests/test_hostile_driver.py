@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from conftest import DescReads
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -144,24 +145,6 @@ class CountingMem:
     def translate(self, driver_range: DriverRange) -> DeviceRange | None:
         self.calls += 1
         return self.inner.translate(driver_range)
-
-
-class DescReads:
-    """Counts the descriptor records the queue reads, through its ``descriptors_read`` counter
-    (every descriptor, ring and indirect, is read through the format's cursor, which counts it);
-    setting ``count`` starts a new count."""
-
-    def __init__(self, queue: Queue) -> None:
-        self._queue = queue
-        self._base = queue.descriptors_read
-
-    @property
-    def count(self) -> int:
-        return self._queue.descriptors_read - self._base
-
-    @count.setter
-    def count(self, value: int) -> None:
-        self._base = self._queue.descriptors_read - value
 
 
 def counting_fake(

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+from conftest import DescReads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -109,24 +110,6 @@ def device_call(call: Callable[[], T]) -> T | VirtioError:
         return error
     except Exception as error:
         raise AssertionError(f"a non-VirtioError escaped the public API: {error!r}") from error
-
-
-class DescReads:
-    """Counts the descriptor records the queue reads, through its ``descriptors_read`` counter
-    (every descriptor, ring and indirect, is read through the format's cursor, which counts it);
-    setting ``count`` starts a new count."""
-
-    def __init__(self, queue: PackedQueue) -> None:
-        self._queue = queue
-        self._base = queue.descriptors_read
-
-    @property
-    def count(self) -> int:
-        return self._queue.descriptors_read - self._base
-
-    @count.setter
-    def count(self, value: int) -> None:
-        self._base = self._queue.descriptors_read - value
 
 
 def snapshot(mem: FakeMemory) -> Snapshot:
