@@ -1442,3 +1442,36 @@ def test_an_error_while_busy_polling_ends_that_connection_only(
 def test_a_busy_poll_outside_0_to_1_second_is_refused(tmp_path: Path, busy_poll: float) -> None:
     with pytest.raises(DeviceUsageError, match="busy_poll"):
         VhostUserServer(str(tmp_path / "vu.sock"), RngDevice, busy_poll=busy_poll)
+
+
+def test_a_front_end_waits_for_a_full_listen_backlog_instead_of_failing(tmp_path: Path) -> None:
+    """A unix connect with a timeout fails at once with EAGAIN while the server's backlog is full
+    (a busy server, one that paused accepting): the front-end retries until its timeout."""
+    path = str(tmp_path / "busy.sock")
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        listener.bind(path)
+        listener.listen(0)
+        for _ in range(8):  # fill the backlog
+            waiting = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            waiting.setblocking(False)
+            try:
+                waiting.connect(path)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the listen backlog never filled")
+
+        def accept_later() -> None:
+            time.sleep(0.3)
+            listener.settimeout(1)
+            with contextlib.suppress(TimeoutError):
+                while True:  # everything that waits, the front-end's connection included
+                    conn, _ = listener.accept()
+                    stack.callback(conn.close)
+
+        accepting = threading.Thread(target=accept_later, daemon=True)
+        accepting.start()
+        with Frontend(path, timeout=5):  # connected once the server accepted: no EAGAIN
+            pass
+        accepting.join(timeout=10)

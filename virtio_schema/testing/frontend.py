@@ -303,10 +303,21 @@ class Frontend:
     """One vhost-user connection to the back-end listening on ``path``."""
 
     def __init__(self, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Connect within ``timeout`` seconds. A unix socket whose listen backlog is full answers
+        a connect with a timeout at once with EAGAIN, where a blocking one would wait for the
+        server to accept: the connect is retried until the timeout."""
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + timeout
         try:
             self.sock.settimeout(timeout)
-            self.sock.connect(path)
+            while True:
+                try:
+                    self.sock.connect(path)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
         except BaseException:
             self.sock.close()
             raise
