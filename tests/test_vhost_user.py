@@ -58,6 +58,7 @@ from virtio_schema.vhost_user.messages import (
     VERSION,
     VRING_ADDR,
     VRING_STATE,
+    BackendRequest,
     ConfigHdrRec,
     HeaderRec,
     ProtocolFeature,
@@ -74,7 +75,12 @@ SECTORS = 64
 SECTOR = 512
 QUEUE_SIZE = 16
 PROTOCOL = int(
-    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
 )
 """What the back-end offers and QEMU's vhost-user-blk accepts of it."""
 WANTED = int(
@@ -488,6 +494,51 @@ def test_new_mem_table_unmaps_the_old_memory_even_when_the_device_keeps_its_queu
 # --- virtio-rng --------------------------------------------------------------------------------
 
 
+def test_a_grown_image_is_announced_on_the_backend_channel_and_get_config_shows_it(
+    tmp_path: Path, image: io.FileIO
+) -> None:
+    blk = BlkDevice(image)
+    with (
+        serving(tmp_path / "vu.sock", lambda: VhostUserBlk(blk, watch=0.01)),
+        session(str(tmp_path / "vu.sock"), start=False) as s,
+    ):
+        negotiate(s.fe)
+        assert s.fe.set_backend_req_fd(need_reply=True) == 0
+        assert s.fe.use_ram(s.ram, need_reply=True) == 0
+        start_ring(s, enable=True)
+        os.ftruncate(image.fileno(), (SECTORS + 8) * SECTOR)
+        assert s.fe.backend_request() == HeaderRec(BackendRequest.CONFIG_CHANGE_MSG, VERSION, 0)
+        got = s.fe.get_config(0, BLK_CONFIG.size)
+        assert got is not None
+        assert BLK_CONFIG.unpack(got[1]).capacity == SECTORS + 8
+        hdr = BLK_REQ_HDR.pack(BlkReqHdr(BlkType.IN, 0, SECTORS + 7))  # in the new sectors
+        s.ring.publish([hdr], [SECTOR, 1])
+        kick(s.kick_fd)
+        assert wait_signalled(s.call_fd)
+        (used,) = s.ring.used()
+        assert used.data[SECTOR] == BlkStatus.OK
+        with pytest.raises(TimeoutError):  # one change, one notification
+            s.fe.backend_request(timeout=0.1)
+
+
+def test_a_backend_channel_the_front_end_closes_is_dropped_and_the_connection_goes_on(
+    tmp_path: Path, image: io.FileIO
+) -> None:
+    blk = BlkDevice(image)
+    with (
+        serving(tmp_path / "vu.sock", lambda: VhostUserBlk(blk, watch=0.01)) as server,
+        session(str(tmp_path / "vu.sock")) as s,
+    ):
+        assert s.fe.set_backend_req_fd(need_reply=True) == 0
+        assert s.fe.channel is not None
+        s.fe.channel.close()
+        s.fe.channel = None
+        os.ftruncate(image.fileno(), (SECTORS + 8) * SECTOR)  # a notification to a closed channel
+        wait_for(lambda: blk.capacity == SECTORS + 8)
+        serve_blk_read(s, image, SECTORS + 7)
+        assert server.errors == []
+
+
 def test_rng_fills_writable_chains_with_the_seeded_generator_stream(tmp_path: Path) -> None:
     seed = 20240607
     device = RngDevice(seed=seed)
@@ -658,8 +709,8 @@ CASES = [
     ),
     Case(
         "unoffered-protocol-feature",
-        lambda h: h.fe.set_protocol_features(PROTOCOL | ProtocolFeature.BACKEND_REQ),
-        r"SET_PROTOCOL_FEATURES acks unoffered 0x20",
+        lambda h: h.fe.set_protocol_features(PROTOCOL | ProtocolFeature.PAGEFAULT),
+        r"SET_PROTOCOL_FEATURES acks unoffered 0x100",
     ),
     Case(
         "fd-on-SET_FEATURES",

@@ -54,6 +54,7 @@ from virtio_schema.vhost_user.messages import (
     VERSION,
     VRING_ADDR,
     VRING_STATE,
+    BackendRequest,
     ConfigHdrRec,
     HeaderFlags,
     HeaderRec,
@@ -73,7 +74,12 @@ UVA = 0x7F00_0000_0000
 RAM_SIZE = 1 << 16
 QUEUE_SIZE = 16
 PROTOCOL = int(
-    ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ | ProtocolFeature.STATUS
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
 )
 WANTED = int(Feature.VERSION_1 | Feature.PROTOCOL_FEATURES)
 """What the test front-end acks: split ring, no EVENT_IDX (every used batch is notified)."""
@@ -166,6 +172,9 @@ class RecordingDevice(VhostUserDevice):
 
     def stopped(self, index: int) -> None:
         self.calls.append(("stopped", index))
+
+    def reset(self) -> None:
+        self.calls.append(("reset", -1))
 
     def handle(self, index: int, queue: VirtQueue) -> None:
         taken = 0
@@ -567,6 +576,127 @@ def test_status_requests_without_the_protocol_feature_end_the_connection(
     with pytest.raises(FrontendError, match="STATUS without the STATUS protocol feature"):
         conn.send(request_, payload, need_reply=True)
     assert conn.backend.status == 0
+
+
+# --- RESET_DEVICE and the back-end channel ---------------------------------------------------------
+
+
+def test_reset_device_stops_the_rings_closes_their_fds_and_forgets_the_setup(conn: Harness) -> None:
+    conn.running()
+    conn.publish(2)
+    assert conn.ack(Request.RESET_DEVICE) == 0
+    assert conn.device.calls == [("disabled", 0), ("stopped", 0), ("reset", -1)]
+    assert conn.kick_fd in conn.host.closed
+    assert conn.call_fd in conn.host.closed
+    assert conn.host.live_mappings() == []  # the memory table is gone with the rest
+    assert conn.backend.acked_features == 0
+    assert conn.backend.status == 0
+    assert conn.backend.owner  # ownership stays (vhost-user.rst, RESET_DEVICE)
+    assert conn.get_vring_base().num == 0  # not where the ring got to: a fresh device
+    with pytest.raises(FrontendError, match="before its size, addresses and the memory table"):
+        conn.send(Request.SET_VRING_KICK, _u64(0), [conn.fd()])
+
+
+def test_a_reset_device_is_set_up_again_and_serves_from_the_start(conn: Harness) -> None:
+    conn.running()
+    conn.publish(2)
+    assert conn.backend.serve(0).taken == 2
+    assert conn.ack(Request.RESET_DEVICE) == 0
+    conn.driver = FakeDriver(conn.memory, QUEUE_SIZE)  # the driver's new ring after its reset
+    assert conn.ack(Request.SET_FEATURES, _u64(WANTED)) == 0
+    assert conn.set_mem_table() == 0
+    conn.start_ring()
+    conn.publish(1)
+    assert conn.backend.serve(0).taken == 1
+    assert conn.used_idx_in() == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [(b"", "RESET_DEVICE without the RESET_DEVICE protocol feature"), (b"x", "payload of 1")],
+)
+def test_a_reset_device_without_the_feature_or_with_a_payload_ends_the_connection(
+    conn: Harness, payload: bytes, match: str
+) -> None:
+    offered = conn.get_u64(Request.GET_FEATURES)
+    protocol = PROTOCOL if payload else PROTOCOL & ~int(ProtocolFeature.RESET_DEVICE)
+    conn.send(Request.SET_PROTOCOL_FEATURES, _u64(protocol))
+    assert conn.ack(Request.SET_FEATURES, _u64(offered & WANTED)) == 0
+    with pytest.raises(FrontendError, match=match):
+        conn.send(Request.RESET_DEVICE, payload)
+    assert conn.backend.acked_features != 0  # nothing was reset
+
+
+CONFIG_CHANGE = HEADER.pack(HeaderRec(BackendRequest.CONFIG_CHANGE_MSG, VERSION, 0))
+"""The notification on the back-end channel: a header, no payload, no NEED_REPLY."""
+
+
+def test_a_config_change_is_sent_on_the_backend_channel_once_a_ring_started(
+    conn: Harness,
+) -> None:
+    conn.negotiate()
+    channel = conn.fd(FdKind.SOCKET)
+    assert conn.ack(Request.SET_BACKEND_REQ_FD, b"", [channel]) == 0
+    assert conn.backend.backend_req_fd == channel.num
+    conn.device.config_changed()  # before the device runs: QEMU 7.2 would drop it
+    assert conn.backend.take_backend_messages() == b""
+    assert conn.set_mem_table() == 0
+    conn.start_ring()
+    assert conn.backend.take_backend_messages() == CONFIG_CHANGE  # sent once it started
+    conn.device.config_changed()
+    conn.device.config_changed()
+    assert conn.backend.take_backend_messages() == CONFIG_CHANGE * 2
+    assert conn.backend.take_backend_messages() == b""
+
+
+def test_a_config_change_without_a_backend_channel_is_not_sent(conn: Harness) -> None:
+    conn.running()
+    conn.device.config_changed()
+    assert conn.backend.take_backend_messages() == b""
+
+
+def test_a_new_backend_channel_replaces_and_closes_the_old_one(conn: Harness) -> None:
+    conn.running()
+    first, second = conn.fd(FdKind.SOCKET), conn.fd(FdKind.SOCKET)
+    conn.send(Request.SET_BACKEND_REQ_FD, b"", [first])
+    conn.send(Request.SET_BACKEND_REQ_FD, b"", [second])
+    assert first.num in conn.host.closed
+    assert second.num not in conn.host.closed
+    conn.backend.backend_channel_failed("closed by the test")
+    assert second.num in conn.host.closed
+    assert conn.backend.backend_req_fd is None
+    conn.device.config_changed()
+    assert conn.backend.take_backend_messages() == b""
+
+
+@pytest.mark.parametrize(
+    ("kinds", "payload", "match"),
+    [
+        ((), b"", "0 fds, not one socket"),
+        ((FdKind.EVENTFD,), b"", "is an eventfd, not one socket"),
+        ((FdKind.SOCKET, FdKind.SOCKET), b"", "2 fds, not one socket"),
+        ((FdKind.SOCKET,), _u64(0), "payload of 8 bytes, expected 0"),
+    ],
+)
+def test_a_malformed_set_backend_req_fd_ends_the_connection_and_its_fds_are_closed(
+    conn: Harness, kinds: tuple[FdKind, ...], payload: bytes, match: str
+) -> None:
+    conn.negotiate()
+    fds = [conn.fd(kind) for kind in kinds]
+    with pytest.raises(FrontendError, match=match):
+        conn.send(Request.SET_BACKEND_REQ_FD, payload, fds)
+    assert all(fd.num in conn.host.closed for fd in fds)
+    assert conn.backend.backend_req_fd is None
+
+
+def test_set_backend_req_fd_without_the_protocol_feature_ends_the_connection(
+    conn: Harness,
+) -> None:
+    conn.send(Request.SET_PROTOCOL_FEATURES, _u64(PROTOCOL & ~int(ProtocolFeature.BACKEND_REQ)))
+    channel = conn.fd(FdKind.SOCKET)
+    with pytest.raises(FrontendError, match="without the BACKEND_REQ protocol feature"):
+        conn.send(Request.SET_BACKEND_REQ_FD, b"", [channel])
+    assert channel.num in conn.host.closed
 
 
 # --- busy polling: kicks paused and resumed --------------------------------------------------------

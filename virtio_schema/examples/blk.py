@@ -8,6 +8,12 @@ in one system call per request: :meth:`~virtio_schema.chain.WritableChain.write_
 :meth:`~virtio_schema.chain.ReadableChain.read_to_fd` hand the chain's buffers to ``os.preadv`` /
 ``os.pwritev`` at the request's offset (the file position is never used).
 
+The disk may grow (or shrink) under a running guest: :meth:`BlkDevice.refresh_capacity` reads the
+image's size again, and the vhost-user device (``--watch``) then tells the front-end
+(:meth:`~virtio_schema.vhost_user.VhostUserDevice.config_changed`), which tells the driver: Linux
+shows the new size in ``/sys/block/vda/size`` without a reboot. It serves as many request queues as
+the front-end sets up (``VIRTIO_BLK_F_MQ``, QEMU's ``num-queues``), up to ``--max-queues``.
+
 The device never trusts the driver: a malformed chain, a request past the end of the disk or a
 writable part too small for the status byte is logged, and the chain is returned (with length 0 when
 no status could be written), so the driver never loses a slot and the device never crashes.
@@ -45,6 +51,8 @@ SIZE_MAX = 65536
 """Largest single buffer the driver may use (``size_max``)."""
 SEG_MAX = 126
 """Most data buffers in one request (``seg_max``); 126 * 64 KiB / 512 fits SeaBIOS's 16 bits."""
+MAX_QUEUES = 8
+"""Request queues offered by default (the front-end uses as many as it likes of them)."""
 _WCE = BLK_CONFIG.offsets["writeback"]
 WRITEBACK = range(_WCE, _WCE + 1)
 """The ``writeback`` byte of the configuration space."""
@@ -64,18 +72,33 @@ class BlkDevice:
         *,
         read_only: bool = False,
         serial: bytes = b"virtio-schema",
+        num_queues: int = 1,
     ) -> None:
         self.image = image
         self._fd = image.fileno()
         self.read_only = read_only
         self.serial = serial[:BLK_ID_BYTES].ljust(BLK_ID_BYTES, b"\0")
-        size = os.fstat(image.fileno()).st_size
-        self.capacity = size // BLK_SECTOR_SIZE
+        if not 1 <= num_queues <= 0xFFFF:
+            raise ValueError(f"num_queues {num_queues} outside 1..65535")
+        self.num_queues = num_queues
+        self.capacity = 0
+        self.refresh_capacity()
         self.requests = 0
         self.errors = 0
         self.writeback = 1
         """The ``writeback`` config field (CONFIG_WCE): 1 write-back (data is made durable by
         FLUSH), 0 write-through (every write is made durable before it completes)."""
+
+    def refresh_capacity(self) -> bool:
+        """Read the image's size again; whether the capacity (whole sectors) changed. Requests
+        are checked against the new capacity from now on."""
+        capacity = os.fstat(self._fd).st_size // BLK_SECTOR_SIZE
+        if capacity == self.capacity:
+            return False
+        if self.capacity:
+            log.info("virtio-blk: capacity %d -> %d sectors", self.capacity, capacity)
+        self.capacity = capacity
+        return True
 
     @property
     def features(self) -> int:
@@ -94,6 +117,8 @@ class BlkDevice:
         )
         if self.read_only:
             f |= BlkFeature.RO
+        if self.num_queues > 1:
+            f |= BlkFeature.MQ
         return int(f)
 
     def config(self) -> bytes:
@@ -105,7 +130,7 @@ class BlkDevice:
             seg_max=SEG_MAX,
             blk_size=BLK_SECTOR_SIZE,
             writeback=self.writeback,
-            num_queues=1,
+            num_queues=self.num_queues,
         )
         return BLK_CONFIG.pack(BlkConfig(**zeros))
 
@@ -202,12 +227,26 @@ class BlkDevice:
 
 
 class VhostUserBlk(VhostUserDevice):
-    """:class:`BlkDevice` served over vhost-user (one request queue)."""
+    """:class:`BlkDevice` served over vhost-user: its ``num_queues`` request queues, each served
+    the same way. With ``watch`` (seconds), the image's size is read again that often and a
+    change is announced to the front-end (a configuration change notification)."""
 
-    num_queues = 1
-
-    def __init__(self, blk: BlkDevice) -> None:
+    def __init__(self, blk: BlkDevice, *, watch: float | None = None) -> None:
         self.blk = blk
+        self.num_queues = blk.num_queues
+        self.poll_interval = watch
+        self._capacity = blk.capacity  # what this front-end was last told
+        self.served = [0] * self.num_queues
+        """Requests served on each queue (logged when the ring stops)."""
+
+    def poll(self) -> None:
+        self.blk.refresh_capacity()
+        if self.blk.capacity != self._capacity:
+            self._capacity = self.blk.capacity
+            self.config_changed()
+
+    def reset(self) -> None:
+        self.blk.writeback = 1  # the initial mode (virtio 1.2, 5.2.5.1)
 
     def device_features(self) -> int:
         return self.blk.features
@@ -224,7 +263,10 @@ class VhostUserBlk(VhostUserDevice):
         log.info("virtio-blk: %s", "write-back" if self.blk.writeback else "write-through")
 
     def handle(self, index: int, queue: VirtQueue) -> None:
-        self.blk.serve(queue)
+        self.served[index] += self.blk.serve(queue)
+
+    def stopped(self, index: int) -> None:
+        log.info("virtio-blk: queue %d: %d requests served", index, self.served[index])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,11 +287,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--capture", metavar="FILE", default=None, help="append every vhost-user message, raw"
     )
+    p.add_argument(
+        "--max-queues",
+        type=int,
+        default=MAX_QUEUES,
+        metavar="N",
+        help=f"request queues offered; the front-end uses up to N (default {MAX_QUEUES})",
+    )
+    p.add_argument(
+        "--watch",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="read the image's size again this often and tell the driver when it changed"
+        " (default 1; 0: never)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with open(args.image, "rb" if args.read_only else "r+b", buffering=0) as image:
-        blk = BlkDevice(image, read_only=args.read_only, serial=args.serial.encode())
-        server = make_server(args, lambda: VhostUserBlk(blk), capture=args.capture)
+        blk = BlkDevice(
+            image,
+            read_only=args.read_only,
+            serial=args.serial.encode(),
+            num_queues=args.max_queues,
+        )
+        watch = args.watch or None
+        server = make_server(args, lambda: VhostUserBlk(blk, watch=watch), capture=args.capture)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
         log.info("virtio-blk on %s: %s, %d sectors", args.vhost_user, args.image, blk.capacity)

@@ -51,6 +51,7 @@ from virtio_schema.vhost_user.messages import (
     MEM_REGION,
     MEMORY_HDR,
     NOFD,
+    SINGLE_MEM_REGION,
     U64,
     VERSION,
     VRING_ADDR,
@@ -307,6 +308,9 @@ class Frontend:
         a connect with a timeout at once with EAGAIN, where a blocking one would wait for the
         server to accept: the connect is retried until the timeout."""
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.timeout = timeout
+        self.channel: socket.socket | None = None
+        """Our end of the back-end request channel (:meth:`set_backend_req_fd`)."""
         deadline = time.monotonic() + timeout
         try:
             self.sock.settimeout(timeout)
@@ -399,6 +403,8 @@ class Frontend:
 
     def close(self) -> None:
         self.sock.close()
+        if self.channel is not None:
+            self.channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -511,3 +517,49 @@ class Frontend:
 
     def set_vring_err(self, index: int, fd: int | None, *, need_reply: bool = False) -> int | None:
         return self._vring_fd(Request.SET_VRING_ERR, index, fd, need_reply)
+
+    def reset_device(self) -> None:
+        self.send(Request.RESET_DEVICE)
+
+    def set_backend_req_fd(self, *, need_reply: bool = False) -> int | None:
+        """SET_BACKEND_REQ_FD with one end of a new socket pair; the other end is
+        :attr:`channel` (replacing, and closing, the one before)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.send(Request.SET_BACKEND_REQ_FD, fds=[theirs.fileno()], need_reply=need_reply)
+        finally:
+            theirs.close()
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = ours
+        return self.ack(Request.SET_BACKEND_REQ_FD) if need_reply else None
+
+    def backend_request(self, timeout: float | None = None) -> HeaderRec:
+        """The next request the back-end sent on :attr:`channel` (its header; payloads are
+        read and checked empty: the requests this library sends have none)."""
+        assert self.channel is not None, "no back-end channel: call set_backend_req_fd()"
+        self.channel.settimeout(self.timeout if timeout is None else timeout)
+        raw = b""
+        while len(raw) < HEADER.size:
+            chunk = self.channel.recv(HEADER.size - len(raw))
+            if not chunk:
+                raise ConnectionError("back-end closed its request channel")
+            raw += chunk
+        h = HEADER.unpack(raw)
+        assert h.size == 0, f"back-end request {h.request} with a {h.size}-byte payload"
+        return h
+
+    def get_max_mem_slots(self) -> int:
+        return self.get_u64(Request.GET_MAX_MEM_SLOTS)
+
+    def add_mem_reg(self, ram: GuestRam, *, need_reply: bool = False, **changes: int) -> int | None:
+        """ADD_MEM_REG of ``ram`` (its memfd; region fields overridable for hostile tests)."""
+        payload = SINGLE_MEM_REGION.pack(ram.region(**changes))
+        self.send(Request.ADD_MEM_REG, payload, fds=[ram.fd], need_reply=need_reply)
+        return self.ack(Request.ADD_MEM_REG) if need_reply else None
+
+    def rem_mem_reg(self, ram: GuestRam, *, need_reply: bool = False, **changes: int) -> int | None:
+        """REM_MEM_REG of ``ram`` (no fd, ``mmap_offset`` 0, as QEMU 7.2 sends it)."""
+        payload = SINGLE_MEM_REGION.pack(ram.region(**changes))
+        self.send(Request.REM_MEM_REG, payload, need_reply=need_reply)
+        return self.ack(Request.REM_MEM_REG) if need_reply else None

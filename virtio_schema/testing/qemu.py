@@ -298,12 +298,16 @@ def qemu_command(
     qemu: str | None = None,
     mem_path: Path | None = None,
     qmp: Path | None = None,
+    smp: int = 1,
+    hotplug_slots: int = 0,
 ) -> list[str]:
     """The QEMU command line :func:`run_guest` and :func:`start_guest` run.
 
     Guest memory is a shared memfd, or with ``mem_path`` a shared file (e.g. in ``/dev/shm``) that
     another process, such as :mod:`virtio_schema.inspect`, can map; ``qmp`` adds a QMP server on
-    that unix socket path (QEMU creates it and does not wait for a client)."""
+    that unix socket path (QEMU creates it and does not wait for a client). ``smp``: virtual
+    CPUs. ``hotplug_slots``: DIMM slots for memory added while the guest runs (up to 1 GiB in
+    all; QMP ``object_add`` of a shared memory backend, then ``device_add pc-dimm``)."""
     binary = qemu or qemu_binary()
     if binary is None:
         raise FileNotFoundError("qemu-system-x86_64 is not installed")
@@ -315,9 +319,9 @@ def qemu_command(
         binary,
         "-accel", "tcg",
         "-machine", "pc,memory-backend=mem",
-        "-m", f"{memory_mib}M",
+        "-m", f"{memory_mib}M" + (f",slots={hotplug_slots},maxmem=1G" if hotplug_slots else ""),
         "-object", backend,
-        "-smp", "1",
+        "-smp", str(smp),
         "-display", "none",
         "-vga", "none",
         "-serial", "stdio",
@@ -428,12 +432,14 @@ def start_guest(
     qemu: str | None = None,
     mem_path: Path | None = None,
     qmp: Path | None = None,
+    smp: int = 1,
+    hotplug_slots: int = 0,
 ) -> RunningGuest:
     """Start the guest without waiting for it (see :func:`qemu_command` for the options): for a
     test that talks to the running VM (QMP, reading its memory) before it ends it."""
     cmd = qemu_command(
         kit, initrd, device_args, memory_mib=memory_mib, append=append, qemu=qemu,
-        mem_path=mem_path, qmp=qmp,
+        mem_path=mem_path, qmp=qmp, smp=smp, hotplug_slots=hotplug_slots,
     )  # fmt: skip
     return RunningGuest(cmd, timeout)
 
@@ -449,12 +455,13 @@ def run_guest(
     qemu: str | None = None,
     mem_path: Path | None = None,
     qmp: Path | None = None,
+    smp: int = 1,
 ) -> GuestResult:
     """Boot the guest with ``device_args`` (``-chardev``/``-device`` pairs for vhost-user
     devices) and wait for it to power off, at most ``timeout`` seconds (then QEMU is killed)."""
     guest = start_guest(
         kit, initrd, device_args, timeout=timeout, memory_mib=memory_mib, append=append,
-        qemu=qemu, mem_path=mem_path, qmp=qmp,
+        qemu=qemu, mem_path=mem_path, qmp=qmp, smp=smp,
     )  # fmt: skip
     try:
         return guest.wait()

@@ -57,7 +57,7 @@ from virtio_schema.schema import (
     check_split_queue_size,
     used_ring,
 )
-from virtio_schema.vhost_user.device import VhostUserDevice
+from virtio_schema.vhost_user.device import OFFERED_PROTOCOL_FEATURES, VhostUserDevice
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -67,9 +67,11 @@ from virtio_schema.vhost_user.messages import (
     NOFD,
     OWN_REPLIES,
     U64,
+    VERSION,
     VRING_ADDR,
     VRING_INDEX_MASK,
     VRING_STATE,
+    BackendRequest,
     ConfigHdrRec,
     HeaderFlags,
     HeaderRec,
@@ -101,17 +103,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OFFERED_PROTOCOL_FEATURES = int(
-    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.STATUS
-)
-"""Protocol features this back-end implements."""
-
 LOG_ALL = 1 << 26
 """``VHOST_F_LOG_ALL``: the one feature bit a front-end may change while rings run (QEMU toggles it
 for migration)."""
 
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
-                Request.SET_VRING_ERR}  # fmt: skip
+                Request.SET_VRING_ERR, Request.SET_BACKEND_REQ_FD}  # fmt: skip
 _KNOWN_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)  # int: ~ flips every bit
 _CONFIG_FRONTEND, _CONFIG_MIGRATION = 0, 1  # SET_CONFIG flags (vhost-user.rst, config space)
 
@@ -169,6 +166,7 @@ class FdKind(enum.Enum):
     PIPE = "a pipe"
     FILE = "a file"
     """A regular file or a memfd: something guest memory can be mapped from."""
+    SOCKET = "a socket"
     OTHER = "something else"
 
 
@@ -288,6 +286,12 @@ class Backend:
         self.owner = False
         self.status = 0
         """The virtio device status byte the front-end last set (SET_STATUS; 0 until then)."""
+        self.backend_req_fd: int | None = None
+        """The back-end request channel (SET_BACKEND_REQ_FD), a socket the server writes
+        :meth:`take_backend_messages` to."""
+        self._backend_out = bytearray()
+        self._config_change_pending = False
+        device.config_notifier = self.config_changed
         self.memory: GuestMemory | None = None
         self.refusals: list[str] = []
         """Requests answered with a non-zero ack (newest last): the connection went on."""
@@ -315,6 +319,8 @@ class Backend:
             Request.SET_CONFIG: self._set_config,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
+            Request.RESET_DEVICE: self._reset_device,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
         }
 
     # --- the message entry point ---------------------------------------------------------------
@@ -348,6 +354,7 @@ class Backend:
         finally:
             for fd in left:
                 self.host.close(fd.num)
+        self._send_config_change()  # a ring may have started
         if reply is not None:
             return reply
         return _reply(request, U64.pack(U64Rec(0))) if acks else None
@@ -407,6 +414,74 @@ class Backend:
             self._stop(vr)
         self.owner = False
         return None
+
+    def _reset_device(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        """RESET_DEVICE (VHOST_USER_PROTOCOL_F_RESET_DEVICE): every ring stops and forgets its
+        setup, the features and status go back to 0, the memory is released and the device
+        resets its own state; ownership, protocol features and the back-end channel stay. (QEMU
+        7.2 sends it only for vhost-user-scsi; a blk reset comes as stops and a new start.)"""
+        self._need_protocol(request, ProtocolFeature.RESET_DEVICE)
+        _expect_size(request, payload, 0)
+        for vr in self.vrings:
+            self._stop(vr)
+            self._close(vr.call_fd)
+            self._close(vr.err_fd)
+        self.vrings = [_Vring(i) for i in range(len(self.vrings))]
+        self._release_memory()
+        self.acked_features = 0
+        self.status = 0
+        self._config_change_pending = False
+        log.info("%s: device reset", self.name)
+        self.device.reset()
+        return None
+
+    def _set_backend_req_fd(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        """The back-end request channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ): one end of a
+        stream socket pair; a new one replaces the old (what was queued for it is dropped)."""
+        self._need_protocol(request, ProtocolFeature.BACKEND_REQ)
+        _expect_size(request, payload, 0)
+        if len(fds) != 1 or fds[0].kind is not FdKind.SOCKET:
+            what = f"{len(fds)} fds" if len(fds) != 1 else f"fd {fds[0].num} is {fds[0].kind.value}"
+            raise FrontendError(f"{self.name}: SET_BACKEND_REQ_FD: {what}, not one socket")
+        self._close(self.backend_req_fd)
+        self.backend_req_fd = fds.pop().num
+        self._backend_out.clear()
+        return None
+
+    def config_changed(self) -> None:
+        """The device's configuration space changed: notify the front-end (CONFIG_CHANGE_MSG on
+        the back-end channel) once a ring has started; QEMU 7.2 drops the notification of a
+        device that has not (and reads the space only at start-up otherwise)."""
+        self._config_change_pending = True
+        self._send_config_change()
+
+    def _send_config_change(self) -> None:
+        if not (
+            self._config_change_pending
+            and self.backend_req_fd is not None
+            and any(vr.state.started for vr in self.vrings)
+        ):
+            return
+        self._config_change_pending = False
+        # no NEED_REPLY: QEMU answers it only after a GET_CONFIG of its own on the main socket,
+        # and the server never waits for a front-end (vhost-user.rst, back-end communication)
+        header = HeaderRec(BackendRequest.CONFIG_CHANGE_MSG, VERSION, 0)
+        self._backend_out += HEADER.pack(header)
+        log.info("%s: configuration change sent to the front-end", self.name)
+
+    def take_backend_messages(self) -> bytes:
+        """Bytes the server must write to the back-end channel (``b""`` if none)."""
+        out = bytes(self._backend_out)
+        self._backend_out.clear()
+        return out
+
+    def backend_channel_failed(self, reason: str) -> None:
+        """The back-end channel cannot be used any more (closed by the front-end, full): it is
+        closed; the connection goes on without it."""
+        log.warning("%s: back-end channel: %s; closed", self.name, reason)
+        self._close(self.backend_req_fd)
+        self.backend_req_fd = None
+        self._backend_out.clear()
 
     def _get_protocol_features(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         _expect_size(request, payload, 0)
@@ -965,6 +1040,8 @@ class Backend:
             self._close(vr.call_fd)
             self._close(vr.err_fd)
             vr.call_fd = vr.err_fd = None
+        self._close(self.backend_req_fd)
+        self.backend_req_fd = None
         self._release_memory()
         if failure is not None:
             raise failure

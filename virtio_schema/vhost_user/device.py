@@ -16,14 +16,26 @@ arrive from elsewhere) keeps them from :meth:`~VhostUserDevice.enabled` to
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from virtio_schema.queue import VirtQueue
 from virtio_schema.schema import Feature
 from virtio_schema.vhost_user.messages import ProtocolFeature
 
-__all__ = ["VhostUserDevice"]
+__all__ = ["OFFERED_PROTOCOL_FEATURES", "VhostUserDevice"]
 
 log = logging.getLogger(__name__)
+
+OFFERED_PROTOCOL_FEATURES = int(
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
+)
+"""Protocol features the back-end implements (a device may offer fewer:
+:meth:`VhostUserDevice.protocol_features`)."""
 
 
 class VhostUserDevice:
@@ -47,15 +59,11 @@ class VhostUserDevice:
         )
 
     def protocol_features(self) -> int:
-        """vhost-user protocol features the device wants offered (the back-end implements MQ,
-        REPLY_ACK, CONFIG and STATUS). A device whose front-end keeps the configuration space
-        itself (QEMU's virtio-net) leaves CONFIG out."""
-        return int(
-            ProtocolFeature.MQ
-            | ProtocolFeature.REPLY_ACK
-            | ProtocolFeature.CONFIG
-            | ProtocolFeature.STATUS
-        )
+        """vhost-user protocol features the device wants offered (default: all the back-end
+        implements, :data:`OFFERED_PROTOCOL_FEATURES`). A
+        device whose front-end keeps the configuration space itself (QEMU's virtio-net) leaves
+        CONFIG out."""
+        return OFFERED_PROTOCOL_FEATURES
 
     writable_config: tuple[range, ...] = ()
     """Byte ranges of :meth:`config` the driver may write (SET_CONFIG). A write must lie inside
@@ -71,6 +79,18 @@ class VhostUserDevice:
         :attr:`writable_config`, or by the front-end restoring a migrated device (any field).
         Ignored by default."""
         log.info("SET_CONFIG offset=%d size=%d ignored", offset, len(data))
+
+    config_notifier: Callable[[], None] | None = None
+    """Set by the transport: what :meth:`config_changed` calls."""
+
+    def config_changed(self) -> None:
+        """Call this when the configuration space changed on the device's side (the disk grew):
+        the front-end is sent a configuration change notification (the back-end request channel,
+        ``VHOST_USER_PROTOCOL_F_BACKEND_REQ``) as soon as a ring has started, reads the space
+        again and tells the driver. On a connection without that channel nothing is sent (the
+        driver sees the new space only when it reads it again)."""
+        if self.config_notifier is not None:
+            self.config_notifier()
 
     def handle(self, index: int, queue: VirtQueue) -> None:
         """Serve what is available on queue ``index``: called for each turn of a started and
@@ -95,6 +115,11 @@ class VhostUserDevice:
     def disabled(self, index: int) -> None:
         """Ring ``index`` is no longer enabled (SET_VRING_ENABLE 0, a stop, a rebuild): drop
         its queue and write nothing more to it."""
+
+    def reset(self) -> None:
+        """The front-end reset the device (RESET_DEVICE), after every ring stopped: return what
+        the driver configured (writable configuration fields, negotiated modes) to its initial
+        state; the front-end sets the device up again from the start."""
 
     def stopped(self, index: int) -> None:
         """Ring ``index`` stopped (GET_VRING_BASE, reset, disconnect), or its queue is about to

@@ -60,7 +60,7 @@ class MemoryPolicy(enum.Enum):
 
 def classify(fd: int) -> Fd:
     """What ``fd`` is, by ``fstat`` (an eventfd is an anonymous inode named ``[eventfd]``).
-    Eventfds and pipes are made non-blocking (a saturated or empty one never blocks the
+    Eventfds, pipes and sockets are made non-blocking (a saturated or empty one never blocks the
     server)."""
     try:
         mode = os.fstat(fd).st_mode
@@ -71,11 +71,13 @@ def classify(fd: int) -> Fd:
         kind = FdKind.FILE
     elif stat.S_ISFIFO(mode):
         kind = FdKind.PIPE
+    elif stat.S_ISSOCK(mode):
+        kind = FdKind.SOCKET
     elif stat.S_IFMT(mode) == 0:
         with contextlib.suppress(OSError):
             if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]":
                 kind = FdKind.EVENTFD
-    if kind in (FdKind.PIPE, FdKind.EVENTFD):
+    if kind in (FdKind.PIPE, FdKind.EVENTFD, FdKind.SOCKET):
         with contextlib.suppress(OSError):
             os.set_blocking(fd, False)
     return Fd(fd, kind)

@@ -49,6 +49,7 @@ __all__ = [
     "VRING_ADDR",
     "VRING_INDEX_MASK",
     "VRING_STATE",
+    "BackendRequest",
     "CaptureFormatError",
     "CapturedMessage",
     "ConfigHdr",
@@ -133,6 +134,17 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+
+
+class BackendRequest(enum.IntEnum):
+    """Requests the back-end sends on the back-end request channel (SET_BACKEND_REQ_FD;
+    ``VHOST_USER_BACKEND_*``, ``VHOST_USER_SLAVE_*`` in QEMU 7.2)."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    """The device configuration space changed: the front-end reads it again (GET_CONFIG) and
+    tells the driver. Header only, no payload."""
+    VRING_HOST_NOTIFIER_MSG = 3
 
 
 class HeaderFlags(enum.IntFlag):
@@ -406,6 +418,15 @@ def _describe_payload(request: int, payload: bytes) -> str:
             for r in t.regions
         )
         return f"regions={t.num_regions} {regs}"
+    if (
+        request in (Request.ADD_MEM_REG, Request.REM_MEM_REG)
+        and len(payload) == SingleMemoryRegion.sizeof()
+    ):
+        r = SingleMemoryRegion.parse(payload)
+        return (
+            f"gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} uva={r.userspace_addr:#x}"
+            f" off={r.mmap_offset:#x}"
+        )
     if request in (Request.GET_CONFIG, Request.SET_CONFIG):
         c = ConfigSpace.parse(payload)
         return f"offset={c.offset} size={c.size} flags={c.flags} data={bytes(c.payload)[:64].hex()}"

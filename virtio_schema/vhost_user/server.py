@@ -112,6 +112,8 @@ class _Conn:
         self.polls: dict[int, tuple[float, float]] = {}  # polled ring -> (next turn, interval)
         self.queued: set[int] = set()  # rings waiting for a turn in the server's line
         self.spin: dict[int, float] = {}  # busy-polled ring -> when it goes back to kicks
+        self.channel: int | None = None  # the watched back-end channel (SET_BACKEND_REQ_FD)
+        self.channel_out = bytearray()  # back-end messages the channel has not taken yet
         self.next_poll = 0.0
         self.alive = True
 
@@ -279,6 +281,8 @@ class VhostUserServer:
                             self._flush(conn)
                         if mask & selectors.EVENT_READ and conn.alive:
                             self._on_readable(conn)
+                    elif kind == "channel":
+                        self._on_channel(conn, mask)
                     else:
                         self._on_kick(conn, key.fd)
                 if self._timed or self._accept_at is not None:
@@ -548,14 +552,81 @@ class VhostUserServer:
         for index in polled:
             conn.polls.setdefault(index, (0.0, _POLL_BACKOFF[0]))
         self._retime(conn)
-        _signal_calls(core)
+        self._deliver(conn)
         for index in core.take_wakeups():
             self._enqueue(conn, index)
 
     def _unwatch(self, conn: _Conn, fd: int) -> None:
-        if conn.kicks.pop(fd, None) is not None:
+        if conn.kicks.pop(fd, None) is not None or fd == conn.channel:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(fd)
+        if fd == conn.channel:
+            conn.channel = None
+            conn.channel_out.clear()
+
+    # --- what goes to the front-end besides replies --------------------------------------------
+
+    def _deliver(self, conn: _Conn) -> None:
+        """After a message, a turn or a poll: signal the call fds the queues asked for, and send
+        what the core queued for the back-end channel."""
+        core = conn.core
+        _signal_calls(core)
+        fd = core.backend_req_fd
+        if fd is not None and fd != conn.channel:  # new (the old one was closed via the host)
+            try:
+                self._sel.register(fd, selectors.EVENT_READ, ("channel", conn))
+            except (OSError, ValueError, KeyError) as exc:
+                core.backend_channel_failed(f"cannot watch it: {exc}")
+                return
+            conn.channel = fd
+        conn.channel_out += core.take_backend_messages()
+        if conn.channel_out:
+            self._flush_channel(conn)
+
+    def _flush_channel(self, conn: _Conn) -> None:
+        """Write what the channel takes now; a front-end that lets ``max_output`` bytes pile up
+        loses its channel (never the server's time)."""
+        assert conn.channel is not None
+        try:
+            sent = os.write(conn.channel, conn.channel_out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._channel_failed(conn, f"writing: {exc}")
+            return
+        del conn.channel_out[:sent]
+        if len(conn.channel_out) > self.max_output:
+            self._channel_failed(conn, f"the front-end does not read it ({len(conn.channel_out)}"
+                                       " bytes queued)")  # fmt: skip
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.channel_out else 0)
+        if self._sel.get_key(conn.channel).events != events:
+            self._sel.modify(conn.channel, events, ("channel", conn))
+
+    def _on_channel(self, conn: _Conn, mask: int) -> None:
+        """The back-end channel is writable (send the rest) or readable: replies come only to
+        requests with NEED_REPLY, which this back-end never sets, so anything read is dropped;
+        end-of-file closes the channel."""
+        if conn.channel is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush_channel(conn)
+        if not mask & selectors.EVENT_READ or conn.channel is None:
+            return
+        try:
+            data = os.read(conn.channel, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._channel_failed(conn, f"reading: {exc}")
+            return
+        if not data:
+            self._channel_failed(conn, "closed by the front-end")
+        else:
+            log.debug("%s: back-end channel: %d unexpected bytes dropped", conn.name, len(data))
+
+    def _channel_failed(self, conn: _Conn, reason: str) -> None:
+        conn.core.backend_channel_failed(reason)  # closes it through the host: _unwatch
 
     # --- kicks and turns -----------------------------------------------------------------------
 
@@ -626,7 +697,7 @@ class VhostUserServer:
             return -1
         for again in turns[0].again:
             self._enqueue(conn, again)
-        _signal_calls(conn.core)
+        self._deliver(conn)
         return turns[0].taken
 
     def _poll_rings(self, conn: _Conn, now: float) -> None:
@@ -646,7 +717,7 @@ class VhostUserServer:
             return
         for index in turns[0].again:
             self._enqueue(conn, index)
-        _signal_calls(conn.core)
+        self._deliver(conn)
 
     def _guarded(self, conn: _Conn, what: str, action: Callable[[], None]) -> bool:
         """Run ``action`` (device code, or the core on a ring the driver may have broken); an

@@ -1,0 +1,153 @@
+"""End to end: what happens to a running guest's devices in real deployments (docs/operations.rst).
+
+A disk that grows under the running guest (the configuration change notification on the back-end
+channel), a guest with two vCPUs doing file-system I/O on two request queues (multi-queue), as
+Linux in QEMU (TCG) sees them, against the example blk back-end started as a separate process.
+Every guest has a hard timeout; skipped with the reason where QEMU, busybox or the kernel is
+missing (a failure in CI, which installs them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from pathlib import Path
+
+from virtio_schema.testing.process import BackendProcess
+from virtio_schema.testing.qemu import (
+    INIT_EPILOGUE,
+    INIT_PRELUDE,
+    GuestResult,
+    GuestTools,
+    build_initramfs,
+    start_guest,
+)
+
+GUEST_TIMEOUT = 150.0
+SECTOR = 512
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _blk_backend(tmp: Path, image: Path, *args: str) -> BackendProcess:
+    sock = tmp / "blk.sock"
+    return BackendProcess(
+        ["-m", "virtio_schema.examples.blk", "--vhost-user", str(sock), str(image), *args],
+        sock,
+        tmp / "backend.log",
+        timeout=GUEST_TIMEOUT + 30,
+    )
+
+
+def _explain(result: GuestResult, backend: BackendProcess) -> str:
+    return (
+        f"guest exit={result.returncode} timed_out={result.timed_out} after {result.seconds:.1f}s\n"
+        f"--- guest console (tail) ---\n{result.tail()}\n--- back-end log (tail) ---\n"
+        + "\n".join(backend.log().splitlines()[-30:])
+    )
+
+
+# --- a disk that grows under the guest ----------------------------------------------------------
+
+GROW_MIB = 1
+RESIZE_WORKLOAD = f"""
+before=$(cat /sys/block/vda/size)
+echo "E2E-SIZE-BEFORE $before"
+i=0
+while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $i -lt 300 ]; do usleep 100000; i=$((i+1)); done
+after=$(cat /sys/block/vda/size)
+echo "E2E-SIZE-AFTER $after"
+dd if=/dev/vda bs=4096 skip=$((before / 8)) count={GROW_MIB * 256} iflag=direct 2>/dev/null | sha256sum | sed 's/^/E2E-SHA-NEW /'
+"""
+
+
+def test_a_disk_grown_on_the_host_reaches_the_running_guest(
+    guest: GuestTools, short_tmp: Path
+) -> None:
+    """The image grows while the guest runs: the back-end (``--watch``) sends a configuration
+    change on the back-end channel, QEMU reads the new capacity and tells Linux, which shows it
+    in ``/sys/block/vda/size`` and reads the new sectors, without a reboot."""
+    rng = random.Random(20)
+    image = short_tmp / "disk.img"
+    image.write_bytes(rng.randbytes(8 << 20))
+    grown = rng.randbytes(GROW_MIB << 20)
+    initrd = build_initramfs(
+        short_tmp / "initrd.cpio",
+        init_script=INIT_PRELUDE + RESIZE_WORKLOAD + INIT_EPILOGUE,
+        busybox=guest.busybox,
+        modules=guest.kit.module_paths(["virtio_pci", "virtio_blk"]),
+    )
+    with _blk_backend(short_tmp, image, "--watch", "0.2") as backend:
+        chardev = f"socket,id=dev0,path={short_tmp / 'blk.sock'}"
+        device = ["-chardev", chardev, "-device", "vhost-user-blk-pci,chardev=dev0"]
+        with start_guest(guest.kit, initrd, device, timeout=GUEST_TIMEOUT) as vm:
+            assert vm.wait_for("E2E-SIZE-BEFORE"), vm.console()[-3000:]
+            with image.open("ab") as f:
+                f.write(grown)
+            result = vm.wait()
+        backend.stop()
+    why = _explain(result, backend)
+    assert result.lines("E2E-SIZE-BEFORE") == [str((8 << 20) // SECTOR)], why
+    assert result.lines("E2E-SIZE-AFTER") == [str((9 << 20) // SECTOR)], why
+    assert result.lines("E2E-SHA-NEW") == [f"{_sha(grown)}  -"], why
+    assert result.lines("E2E-DONE") == [""], why
+    assert "configuration change sent to the front-end" in backend.log(), why
+
+
+# --- two request queues, two vCPUs ----------------------------------------------------------------
+
+FILE_KIB = 512
+MQ_WORKLOAD = """
+echo "E2E-MQ $(ls /sys/block/vda/mq | tr '\\n' ' ')"
+mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo E2E-MOUNTED
+for cpu in 0 1; do
+  (taskset -c $cpu dd if=/data/f$cpu of=/mnt/f$cpu bs=4096 oflag=direct 2>/dev/null;
+   taskset -c $cpu dd if=/mnt/f$cpu bs=4096 iflag=direct 2>/dev/null | sha256sum | sed "s/^/E2E-SHA-F$cpu /") &
+done
+wait
+umount /mnt && mount -t ext4 -o ro /dev/vda /mnt
+for cpu in 0 1; do sha256sum /mnt/f$cpu | sed "s/^/E2E-SHA-AGAIN-F$cpu /"; done
+umount /mnt
+"""
+
+
+def test_two_vcpus_do_file_system_io_on_two_request_queues(
+    guest: GuestTools, short_tmp: Path
+) -> None:
+    """QEMU's ``num-queues=2`` on a two-vCPU guest: Linux maps a request queue to each CPU; a
+    writer pinned to each CPU writes and reads back its file on an ext2 file system (O_DIRECT,
+    so the requests leave from that CPU), and the back-end serves requests on both queues."""
+    image = short_tmp / "disk.img"
+    image.write_bytes(bytes(32 << 20))
+    rng = random.Random(21)
+    files = {f"/data/f{cpu}": rng.randbytes(FILE_KIB << 10) for cpu in (0, 1)}
+    initrd = build_initramfs(
+        short_tmp / "initrd.cpio",
+        init_script=INIT_PRELUDE + MQ_WORKLOAD + INIT_EPILOGUE,
+        busybox=guest.busybox,
+        modules=guest.kit.module_paths(["virtio_pci", "virtio_blk"]),
+        files=files,
+    )
+    with _blk_backend(short_tmp, image) as backend:
+        chardev = f"socket,id=dev0,path={short_tmp / 'blk.sock'}"
+        device = ["-chardev", chardev, "-device", "vhost-user-blk-pci,chardev=dev0,num-queues=2"]
+        with start_guest(guest.kit, initrd, device, timeout=GUEST_TIMEOUT, smp=2) as vm:
+            result = vm.wait()
+        backend.stop()
+    why = _explain(result, backend)
+    assert result.lines("E2E-MQ") == ["0 1"], why
+    assert result.lines("E2E-MOUNTED") == [""], why
+    for cpu in (0, 1):
+        want = _sha(files[f"/data/f{cpu}"])
+        assert result.lines(f"E2E-SHA-F{cpu}") == [f"{want}  -"], why
+        assert result.lines(f"E2E-SHA-AGAIN-F{cpu}") == [f"{want}  /mnt/f{cpu}"], why
+    served = {
+        int(m[1]): int(m[2])
+        for m in re.finditer(r"queue (\d+): (\d+) requests served", backend.log())
+    }
+    assert served.keys() == {0, 1}, why
+    assert min(served.values()) > 0, why
+    assert result.lines("E2E-DONE") == [""], why
