@@ -14,6 +14,7 @@ import random
 import re
 from pathlib import Path
 
+from virtio_schema.qmp import QMPClient
 from virtio_schema.testing.process import BackendProcess
 from virtio_schema.testing.qemu import (
     INIT_EPILOGUE,
@@ -150,4 +151,78 @@ def test_two_vcpus_do_file_system_io_on_two_request_queues(
     }
     assert served.keys() == {0, 1}, why
     assert min(served.values()) > 0, why
+    assert result.lines("E2E-DONE") == [""], why
+
+
+# --- memory hot-added to the running guest -------------------------------------------------------
+
+HOT_MIB = 128  # one memory block of the x86-64 guest (block_size_bytes)
+HOT_PATTERN_SECTOR = 2048  # 1 MiB into the disk
+HOTPLUG_WORKLOAD = """
+before=$(ls -d /sys/devices/system/memory/memory* | wc -l)
+echo "E2E-READY $before"
+i=0
+while [ $(ls -d /sys/devices/system/memory/memory* | wc -l) -le $before ] && [ $i -lt 600 ]; do usleep 100000; i=$((i+1)); done
+for m in /sys/devices/system/memory/memory*; do
+  [ "$(cat $m/state)" = offline ] && echo online_movable > $m/state && echo "E2E-ONLINED $(basename $m)"
+done
+for i in 1 2 3 4; do
+  dd if=/dev/vda bs=1M skip=1 count=1 iflag=direct 2>/dev/null | sha256sum | sed 's/^/E2E-SHA-PATTERN /'
+done
+sha256sum /dev/vda | sed 's/^/E2E-SHA-DISK /'
+"""
+
+
+def test_memory_hot_added_to_the_running_guest_is_mapped_and_served(
+    guest: GuestTools, short_tmp: Path
+) -> None:
+    """QMP ``object-add`` (a shared memory file) and ``device_add pc-dimm`` while the guest runs:
+    QEMU sends the new region (ADD_MEM_REG), the guest onlines it (movable: user pages come
+    from it first) and reads the disk with O_DIRECT into buffers there. The back-end's writes
+    land in the hot-added memory: the test finds the disk's bytes in the DIMM's file."""
+    rng = random.Random(22)
+    disk = rng.randbytes(8 << 20)
+    image = short_tmp / "disk.img"
+    image.write_bytes(disk)
+    pattern = disk[HOT_PATTERN_SECTOR * SECTOR : HOT_PATTERN_SECTOR * SECTOR + (1 << 20)]
+    dimm = Path("/dev/shm") / f"{short_tmp.name}-dimm"
+    initrd = build_initramfs(
+        short_tmp / "initrd.cpio",
+        init_script=INIT_PRELUDE + HOTPLUG_WORKLOAD + INIT_EPILOGUE,
+        busybox=guest.busybox,
+        modules=guest.kit.module_paths(["virtio_pci", "virtio_blk"]),
+    )
+    qmp_sock = short_tmp / "qmp.sock"
+    try:
+        with _blk_backend(short_tmp, image) as backend:
+            chardev = f"socket,id=dev0,path={short_tmp / 'blk.sock'}"
+            device = ["-chardev", chardev, "-device", "vhost-user-blk-pci,chardev=dev0"]
+            with start_guest(
+                guest.kit, initrd, device, timeout=GUEST_TIMEOUT, qmp=qmp_sock, hotplug_slots=4
+            ) as vm:
+                assert vm.wait_for("E2E-READY"), vm.console()[-3000:]
+                with QMPClient(str(qmp_sock)) as qmp:
+                    qmp.execute(
+                        "object-add",
+                        {"qom-type": "memory-backend-file", "id": "hot0",
+                         "size": HOT_MIB << 20, "mem-path": str(dimm), "share": True},
+                    )  # fmt: skip
+                    qmp.execute(
+                        "device_add", {"driver": "pc-dimm", "id": "dimm0", "memdev": "hot0"}
+                    )
+                result = vm.wait()
+            backend.stop()
+        hot = dimm.read_bytes()
+    finally:
+        dimm.unlink(missing_ok=True)
+    why = _explain(result, backend)
+    assert result.lines("E2E-ONLINED"), why
+    assert result.lines("E2E-SHA-PATTERN") == [f"{_sha(pattern)}  -"] * 4, why
+    assert result.lines("E2E-SHA-DISK") == [f"{_sha(disk)}  /dev/vda"], why
+    added = re.findall(r"memory region added: gpa (0x[0-9a-f]+) size (0x[0-9a-f]+)", backend.log())
+    assert (hex(1 << 32), hex(HOT_MIB << 20)) in added, why  # the DIMM, above 4 GiB
+    # the back-end wrote into the hot-added memory: pages of the disk's bytes are in it
+    pages = {pattern[k : k + 4096] for k in range(0, len(pattern), 4096)}
+    found = sum(1 for k in range(0, len(hot), 4096) if hot[k : k + 4096] in pages)
+    assert found > 0, f"no page of the data read is in the hot-added memory\n{why}"
     assert result.lines("E2E-DONE") == [""], why

@@ -1005,3 +1005,66 @@ def test_swapped_words_store_and_load_in_the_byte_order_opposite_to_the_host(
     assert words[1] == value
     words.release()
     native.release()
+
+
+# --- regions added and removed while the memory is in use (memory hotplug) ----------------------
+
+
+def test_an_added_region_is_translated_and_located_at_once() -> None:
+    mem = GuestMemory([(0x1000, bytearray(0x1000))])
+    assert mem.locate(0x9000, 4) is None
+    mem.add_region(0x9000, bytearray(b"\xaa" * 0x1000))
+    assert [r.start for r in mem.regions] == [0x1000, 0x9000]
+    found = mem.locate(0x9000, 4)
+    assert found is not None
+    assert bytes(found[0][found[1] : found[1] + 4]) == b"\xaa" * 4
+    assert mem.read(0x1000, 2) == b"\0\0"  # the first region still answers (two regions now)
+    mem.close()
+
+
+def test_an_added_region_overlapping_another_is_refused_and_changes_nothing() -> None:
+    mem = GuestMemory([(0x1000, bytearray(0x2000))])
+    with pytest.raises(InvalidMemoryTable, match="overlap"):
+        mem.add_region(0x2000, bytearray(0x1000))
+    assert len(mem.regions) == 1
+    assert mem.locate(0x2000, 4) is not None  # the old fast path still serves
+    mem.close()
+
+
+def test_a_removed_region_is_no_longer_reached_and_its_buffer_is_released() -> None:
+    keep, gone = bytearray(0x1000), bytearray(0x1000)
+    mem = GuestMemory([(0x1000, keep), (0x8000, gone)])
+    mem.remove_region(mem.regions[1])
+    assert mem.locate(0x8000, 1) is None
+    assert mem.translate(DriverRange.from_addr_len(0x8000, 1)) is None
+    with pytest.raises(UnmappedRange):
+        mem.read(0x8000, 1)
+    gone.extend(b"x")  # no export of it is left: the buffer may be resized (or unmapped)
+    assert mem.read(0x1000, 1) == b"\0"
+    mem.close()
+
+
+def test_a_region_with_a_live_view_is_removed_but_stays_exported_until_the_view_is_released() -> (
+    None
+):
+    gone = bytearray(0x1000)
+    mem = GuestMemory([(0x1000, bytearray(0x1000)), (0x8000, gone)])
+    dr = mem.translate(DriverRange.from_addr_len(0x8010, 16))
+    assert dr is not None
+    mem.remove_region(mem.regions[1])
+    dr.view[:4] = b"live"  # the view still works: nothing was unmapped under it
+    assert gone[0x10:0x14] == b"live"
+    with pytest.raises(BufferError):  # what mmap.close() raises too: the owner waits
+        gone.extend(b"x")
+    dr.release()
+    gone.extend(b"x")
+    mem.close()
+
+
+def test_removing_a_region_of_another_memory_is_a_usage_error() -> None:
+    a = GuestMemory([(0x1000, bytearray(0x1000))])
+    b = GuestMemory([(0x1000, bytearray(0x1000))])
+    with pytest.raises(DeviceUsageError, match="not a region of this memory"):
+        a.remove_region(b.regions[0])
+    a.close()
+    b.close()

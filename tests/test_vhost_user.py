@@ -30,9 +30,10 @@ from hypothesis import strategies as st
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.examples.blk import BlkDevice, VhostUserBlk
 from virtio_schema.examples.rng import RngDevice
+from virtio_schema.mem import DriverRange
 from virtio_schema.queue import VirtQueue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
-from virtio_schema.schema import BlkStatus, BlkType, Feature
+from virtio_schema.schema import BlkStatus, BlkType, DescFlags, Feature
 from virtio_schema.testing.frontend import (
     GPA_BASE,
     NOFD,
@@ -80,6 +81,7 @@ PROTOCOL = int(
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
 )
 """What the back-end offers and QEMU's vhost-user-blk accepts of it."""
@@ -537,6 +539,68 @@ def test_a_backend_channel_the_front_end_closes_is_dropped_and_the_connection_go
         wait_for(lambda: blk.capacity == SECTORS + 8)
         serve_blk_read(s, image, SECTORS + 7)
         assert server.errors == []
+
+
+class KeepingBlk(VhostUserBlk):
+    """The blk device, keeping its queue where the test can reach it."""
+
+    queue: VirtQueue | None = None
+
+    def enabled(self, index: int, queue: VirtQueue) -> None:
+        self.queue = queue
+
+
+def test_hot_added_memory_is_served_and_removed_memory_is_unmapped_once_no_view_is_alive(
+    tmp_path: Path, image: io.FileIO
+) -> None:
+    """ADD_MEM_REG / REM_MEM_REG over a real socket with memfds: a running ring reaches a
+    region added after it started; a removed region a device view still reaches stays mapped
+    under that view and is unmapped once the view is released."""
+    blk = BlkDevice(image)
+    devices: list[KeepingBlk] = []
+
+    def factory() -> KeepingBlk:
+        devices.append(KeepingBlk(blk))
+        return devices[-1]
+
+    with (
+        serving(tmp_path / "vu.sock", factory),
+        session(str(tmp_path / "vu.sock"), start=False) as s,
+        GuestRam(1 << 16, gpa=GPA_BASE + (1 << 30), uva=UVA_BASE + (1 << 30), name="vu-hot") as hot,
+    ):
+        negotiate(s.fe)
+        assert s.fe.get_max_mem_slots() == 32
+        assert s.fe.add_mem_reg(s.ram, need_reply=True) == 0  # no SET_MEM_TABLE at all
+        start_ring(s, enable=True)
+        serve_blk_read(s, image, 3)
+        assert s.fe.add_mem_reg(hot, need_reply=True) == 0
+        assert hot.mappings() == 2  # ours and the back-end's
+        # a read whose data buffer lies in the hot-added RAM
+        hdr = s.ring.alloc_buffer(BLK_REQ_HDR.pack(BlkReqHdr(BlkType.IN, 0, 5)))
+        status = s.ring.alloc_buffer(1)
+        descs = [s.ring.take_descriptor() for _ in range(3)]
+        w, more = DescFlags.WRITE, DescFlags.NEXT
+        chain = [(hdr, BLK_REQ_HDR.size, more), (hot.gpa + 0x200, SECTOR, w | more), (status, 1, w)]
+        for k, (addr, length, flags) in enumerate(chain):
+            s.ring.write_desc(descs[k], addr, length, flags, descs[min(k + 1, 2)])
+        s.ring.push_head(descs[0])
+        kick(s.kick_fd)
+        assert wait_signalled(s.call_fd)
+        assert s.ring.used()[0].len == SECTOR + 1
+        assert hot.read(hot.gpa + 0x200, SECTOR) == _image_bytes(image, 5, SECTOR)
+        # a view the device keeps into the region keeps it mapped after REM_MEM_REG
+        queue = devices[0].queue
+        assert queue is not None
+        view = queue.driver_mem.translate(DriverRange.from_addr_len(hot.gpa, 16))
+        assert view is not None
+        assert s.fe.rem_mem_reg(hot, need_reply=True) == 0
+        assert hot.mappings() == 2
+        view.view[:4] = b"kept"  # still mapped: nothing was unmapped under the view
+        assert hot.read(hot.gpa, 4) == b"kept"
+        view.release()
+        roundtrip(s.fe)  # the next message unmaps what is no longer in use
+        assert hot.mappings() == 1
+        serve_blk_read(s, image, 7)  # the ring goes on in the memory that stayed
 
 
 def test_rng_fills_writable_chains_with_the_seeded_generator_stream(tmp_path: Path) -> None:

@@ -28,12 +28,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from virtio_schema.chain import WritableChain
-from virtio_schema.errors import DeviceUsageError
+from virtio_schema.errors import DeviceUsageError, DriverError
 from virtio_schema.fake_queue import FakeDriver, FakeMemory
 from virtio_schema.queue import VirtQueue
-from virtio_schema.schema import Feature
+from virtio_schema.schema import DescFlags, Feature
 from virtio_schema.vhost_user import backend as backend_module
 from virtio_schema.vhost_user.backend import (
+    MAX_MEM_SLOTS,
     Backend,
     Fd,
     FdKind,
@@ -50,6 +51,7 @@ from virtio_schema.vhost_user.messages import (
     MEM_REGION,
     MEMORY_HDR,
     NOFD,
+    SINGLE_MEM_REGION,
     U64,
     VERSION,
     VRING_ADDR,
@@ -79,6 +81,7 @@ PROTOCOL = int(
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
 )
 WANTED = int(Feature.VERSION_1 | Feature.PROTOCOL_FEATURES)
@@ -697,6 +700,181 @@ def test_set_backend_req_fd_without_the_protocol_feature_ends_the_connection(
     with pytest.raises(FrontendError, match="without the BACKEND_REQ protocol feature"):
         conn.send(Request.SET_BACKEND_REQ_FD, b"", [channel])
     assert channel.num in conn.host.closed
+
+
+# --- memory added and removed one region at a time (CONFIGURE_MEM_SLOTS) ---------------------------
+
+GPA2, UVA2 = GPA + 0x10_0000, UVA + 0x10_0000
+"""Where the test's second RAM (hot-added) lives."""
+
+
+def _add_region(conn: Harness, ram: bytearray, gpa: int, uva: int) -> tuple[bytes, Fd]:
+    """An ADD_MEM_REG / REM_MEM_REG payload for ``ram`` and a new FILE fd of it."""
+    fd = conn.fd(FdKind.FILE)
+    conn.host.files[fd.num] = ram
+    return SINGLE_MEM_REGION.pack(MemoryRegionRec(gpa, len(ram), uva, 0)), fd
+
+
+def _raw_writable_chain(conn: Harness, addr: int, length: int) -> int:
+    """A one-descriptor writable chain at any address (the fake driver's raw calls)."""
+    head = conn.driver.take_descriptor()
+    conn.driver.write_desc(head, addr, length, DescFlags.WRITE, 0)
+    conn.driver.push_head(head)
+    return head
+
+
+def test_get_max_mem_slots_answers_the_slots_a_front_end_may_fill(conn: Harness) -> None:
+    conn.negotiate()
+    assert conn.get_u64(Request.GET_MAX_MEM_SLOTS) == MAX_MEM_SLOTS
+
+
+def test_memory_added_region_by_region_serves_rings_without_any_mem_table(conn: Harness) -> None:
+    """QEMU 7.2 with CONFIGURE_MEM_SLOTS sends no SET_MEM_TABLE at all, only ADD_MEM_REG."""
+    conn.negotiate()
+    payload, fd = _add_region(conn, conn.ram, GPA, UVA)
+    assert conn.ack(Request.ADD_MEM_REG, payload, [fd]) == 0
+    conn.start_ring()
+    conn.publish(2)
+    assert conn.backend.serve(0).taken == 2
+    assert conn.used_idx_in() == 2
+
+
+def test_a_region_added_while_a_ring_runs_is_reached_by_the_next_chain(conn: Harness) -> None:
+    conn.running()
+    ram2 = bytearray(RAM_SIZE)
+    _raw_writable_chain(conn, GPA2 + 0x100, len(REPLY_DATA))
+    assert conn.backend.serve(0).taken == 1  # not in memory yet: a driver error, returned
+    assert conn.driver.used()[0].len == 0
+    payload, fd = _add_region(conn, ram2, GPA2, UVA2)
+    assert conn.ack(Request.ADD_MEM_REG, payload, [fd]) == 0
+    _raw_writable_chain(conn, GPA2 + 0x100, len(REPLY_DATA))
+    assert conn.backend.serve(0).taken == 1
+    assert conn.driver.used()[0].len == len(REPLY_DATA)
+    assert ram2[0x100 : 0x100 + len(REPLY_DATA)] == REPLY_DATA
+    assert conn.device.calls == []  # the ring was never stopped or rebuilt
+
+
+def test_the_same_region_added_again_is_ignored_and_its_fd_closed(conn: Harness) -> None:
+    """QEMU 7.2 sends each ADD once per queue pair of a multi-queue vhost-user-net device."""
+    conn.running()
+    ram2 = bytearray(RAM_SIZE)
+    for _ in range(2):
+        payload, fd = _add_region(conn, ram2, GPA2, UVA2)
+        assert conn.ack(Request.ADD_MEM_REG, payload, [fd]) == 0
+        assert fd.num in conn.host.closed  # the mapping keeps what it needs
+    assert len([m for m in conn.host.live_mappings() if m.view.obj is ram2]) == 1
+
+
+def test_a_removed_region_is_unmapped_and_a_held_chain_there_gets_a_driver_error(
+    conn: Harness,
+) -> None:
+    conn.running()
+    ram2 = bytearray(RAM_SIZE)
+    payload, fd = _add_region(conn, ram2, GPA2, UVA2)
+    assert conn.ack(Request.ADD_MEM_REG, payload, [fd]) == 0
+    head = _raw_writable_chain(conn, GPA2 + 0x100, len(REPLY_DATA))
+    queue = conn.device.kept[0]
+    chain = queue.next_chain()  # the device holds it across the removal
+    assert chain is not None
+    assert chain.head == head
+    assert conn.ack(Request.REM_MEM_REG, payload) == 0
+    assert [m for m in conn.host.live_mappings() if m.view.obj is ram2] == []
+    with pytest.raises(DriverError), chain:  # never written past what is mapped
+        WritableChain(chain).write(REPLY_DATA)
+    assert conn.backend.serve(0).taken == 0  # the turn publishes the returned chain
+    (used,) = conn.driver.used()
+    assert (used.head, used.len) == (head, 0)  # returned: no slot lost
+    assert ram2[0x100 : 0x100 + len(REPLY_DATA)] == bytes(len(REPLY_DATA))
+    conn.publish(1)  # the ring goes on in the memory that stayed
+    assert conn.backend.serve(0).taken == 1
+
+
+def test_removing_the_region_of_a_running_ring_stops_that_ring(conn: Harness) -> None:
+    conn.negotiate()
+    payload, fd = _add_region(conn, conn.ram, GPA, UVA)
+    assert conn.ack(Request.ADD_MEM_REG, payload, [fd]) == 0
+    conn.start_ring()
+    conn.device.calls.clear()
+    assert conn.ack(Request.REM_MEM_REG, payload) == 0
+    assert conn.device.calls == [("disabled", 0), ("stopped", 0)]
+    assert conn.host.live_mappings() == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "payload", "nfds", "match"),
+    [
+        (Request.ADD_MEM_REG, "region", 0, "ADD_MEM_REG with 0 fds, expected 1"),
+        (Request.ADD_MEM_REG, "region", 2, "ADD_MEM_REG with 2 fds, expected 1"),
+        (Request.ADD_MEM_REG, "short", 1, "payload of 32 bytes, expected 40"),
+        (Request.ADD_MEM_REG, "empty", 1, "is not a valid range"),
+        (Request.ADD_MEM_REG, "gpa-overlap", 1, "overlap"),
+        (Request.ADD_MEM_REG, "uva-overlap", 1, "user range .* overlaps"),
+        (Request.REM_MEM_REG, "short", 0, "payload of 32 bytes, expected 40"),
+    ],
+)
+def test_malformed_region_messages_end_the_connection_and_change_nothing(
+    conn: Harness, request_: Request, payload: str, nfds: int, match: str
+) -> None:
+    conn.running()
+    ram2 = bytearray(RAM_SIZE)
+    rec = MemoryRegionRec(GPA2, RAM_SIZE, UVA2, 0)
+    rec = {
+        "region": rec,
+        "short": rec,
+        "empty": rec._replace(memory_size=0),
+        "gpa-overlap": rec._replace(guest_phys_addr=GPA + 0x1000),
+        "uva-overlap": rec._replace(userspace_addr=UVA + 0x1000),
+    }[payload]
+    body = SINGLE_MEM_REGION.pack(rec)[: 32 if payload == "short" else None]
+    fds = [_add_region(conn, ram2, GPA2, UVA2)[1] for _ in range(nfds)]
+    with pytest.raises(FrontendError, match=match):
+        conn.send(request_, body, fds)
+    assert all(fd.num in conn.host.closed for fd in fds)
+    assert len(conn.host.live_mappings()) == 1  # the first RAM only
+    conn.publish(1)
+    assert conn.backend.serve(0).taken == 1
+
+
+def test_removing_a_region_that_is_not_there_is_refused(conn: Harness) -> None:
+    conn.running()
+    payload = SINGLE_MEM_REGION.pack(MemoryRegionRec(GPA2, RAM_SIZE, UVA2, 0))
+    assert conn.ack(Request.REM_MEM_REG, payload) == 1
+    assert "REM_MEM_REG: no region at gpa" in conn.backend.refusals[-1]
+
+
+def test_a_stray_fd_with_rem_mem_reg_is_closed(conn: Harness) -> None:
+    conn.running()
+    ram2 = bytearray(RAM_SIZE)
+    payload, fd = _add_region(conn, ram2, GPA2, UVA2)
+    assert conn.ack(Request.ADD_MEM_REG, payload, [fd]) == 0
+    stray = conn.fd(FdKind.FILE)
+    assert conn.ack(Request.REM_MEM_REG, payload, [stray]) == 0
+    assert stray.num in conn.host.closed
+
+
+def test_adding_beyond_the_slots_is_refused(conn: Harness) -> None:
+    conn.running()
+    rams = [bytearray(0x1000) for _ in range(MAX_MEM_SLOTS)]
+    acks = []
+    for k, ram in enumerate(rams):
+        payload, fd = _add_region(conn, ram, GPA2 + k * 0x1000, UVA2 + k * 0x1000)
+        acks.append(conn.ack(Request.ADD_MEM_REG, payload, [fd]))
+    assert acks[:-1] == [0] * (MAX_MEM_SLOTS - 1)  # the first RAM holds one slot
+    assert acks[-1] == 1
+    assert f"all {MAX_MEM_SLOTS} slots in use" in conn.backend.refusals[-1]
+
+
+@pytest.mark.parametrize(
+    "request_", [Request.GET_MAX_MEM_SLOTS, Request.ADD_MEM_REG, Request.REM_MEM_REG]
+)
+def test_memory_slot_requests_without_the_protocol_feature_end_the_connection(
+    conn: Harness, request_: Request
+) -> None:
+    mask = ~int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    conn.send(Request.SET_PROTOCOL_FEATURES, _u64(PROTOCOL & mask))
+    payload = b"" if request_ == Request.GET_MAX_MEM_SLOTS else bytes(SINGLE_MEM_REGION.size)
+    with pytest.raises(FrontendError, match="without the CONFIGURE_MEM_SLOTS protocol feature"):
+        conn.send(request_, payload)
 
 
 # --- busy polling: kicks paused and resumed --------------------------------------------------------

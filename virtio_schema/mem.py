@@ -174,6 +174,15 @@ class MemoryRegion:
     def size(self) -> int:
         return self.end - self.start
 
+    def release(self) -> bool:
+        """Stop exporting the buffer (so that its owner may unmap it); ``False`` while a view
+        derived from the region is still alive. Releasing again does nothing."""
+        try:
+            self._base.release()
+        except BufferError:
+            return False
+        return True
+
     def __repr__(self) -> str:
         return f"MemoryRegion({self.start:#x}..{self.end:#x})"
 
@@ -195,7 +204,10 @@ class GuestMemory:
     >>> mem.close()
     """
 
-    __slots__ = ("_close_buffers", "_closed", "_one", "_regions", "_starts", "_views", "writable")
+    __slots__ = ("_close_buffers", "_closed", "_one", "_table", "_views", "writable")
+
+    _table: tuple[list[int], tuple[MemoryRegion, ...]]
+    """Region starts and regions, sorted, in one attribute (see :meth:`_set_table`)."""
 
     def __init__(
         self,
@@ -218,12 +230,18 @@ class GuestMemory:
             for r in built:  # a refused table leaves no buffer exported
                 r._base.release()
             raise
-        self._regions = tuple(built)
-        self._starts = [r.start for r in built]
-        # the common case, one region: locate() needs no search
-        self._one = (built[0].start, built[0].end, built[0]._base) if len(built) == 1 else None
-        self._views: weakref.WeakSet[DeviceRange] = weakref.WeakSet()
         self._closed = False
+        self._set_table(built)
+        self._views: weakref.WeakSet[DeviceRange] = weakref.WeakSet()
+
+    def _set_table(self, regions: list[MemoryRegion]) -> None:
+        """Install a sorted, checked region list. The table is ONE attribute (region starts and
+        regions together), so a lookup on another thread sees the old table or the new one,
+        never a mix."""
+        self._table = ([r.start for r in regions], tuple(regions))
+        # the common case, one region: locate() needs no search
+        one = regions[0] if len(regions) == 1 and not self._closed else None
+        self._one = None if one is None else (one.start, one.end, one._base)
 
     @staticmethod
     def _region(start: int, buffer: ReadBuffer, writable: bool) -> MemoryRegion:
@@ -257,7 +275,32 @@ class GuestMemory:
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
         """The regions, sorted by address."""
-        return self._regions
+        return self._table[1]
+
+    def add_region(self, start: int, buffer: ReadBuffer) -> MemoryRegion:
+        """Add a region while the memory is in use (memory hotplug): translations see it from
+        now on. Raises :class:`~virtio_schema.errors.InvalidMemoryTable` (nothing changed) if it
+        overlaps a region or is not a usable buffer."""
+        if self._closed:
+            raise MemoryClosed("guest memory used after close()")
+        region = self._region(start, buffer, self.writable)
+        for other in self._table[1]:
+            if region.start < other.end and other.start < region.end:
+                region._base.release()
+                raise InvalidMemoryTable(f"regions {other!r} and {region!r} overlap")
+        self._set_table(sorted((*self._table[1], region), key=lambda r: r.start))
+        return region
+
+    def remove_region(self, region: MemoryRegion) -> None:
+        """Take ``region`` out while the memory is in use (memory unplug): translations and
+        lookups no longer reach it (an access gives :class:`UnmappedRange`, a driver error).
+        Views handed out before stay valid until released, so the owner of the buffer can unmap
+        it only then (``mmap.close()`` raises ``BufferError`` while one is alive)."""
+        regions = [r for r in self._table[1] if r is not region]
+        if len(regions) == len(self._table[1]):
+            raise DeviceUsageError(f"{region!r} is not a region of this memory")
+        self._set_table(regions)
+        region.release()
 
     @property
     def closed(self) -> bool:
@@ -272,10 +315,11 @@ class GuestMemory:
         if self._closed:
             raise MemoryClosed("guest memory used after close()")
         start = driver_range.start
-        i = bisect_right(self._starts, start) - 1
+        starts, regions = self._table
+        i = bisect_right(starts, start) - 1
         if i < 0:
             return None
-        region = self._regions[i]
+        region = regions[i]
         if driver_range.end > region.end:
             return None
         dr = DeviceRange(
@@ -297,10 +341,11 @@ class GuestMemory:
             return None
         if self._closed:
             raise MemoryClosed("guest memory used after close()")
-        i = bisect_right(self._starts, addr) - 1
+        starts, regions = self._table
+        i = bisect_right(starts, addr) - 1
         if i < 0:
             return None
-        region = self._regions[i]
+        region = regions[i]
         if addr + length <= region.end:
             return region._base, addr - region.start
         return None
@@ -346,13 +391,11 @@ class GuestMemory:
                 busy.append(repr(dr))
             else:
                 self._views.discard(dr)
-        for region in self._regions:
-            try:
-                region._base.release()
-            except BufferError:  # pragma: no cover - our base views are never exported
+        for region in self._table[1]:
+            if not region.release():  # pragma: no cover - our base views are never exported
                 busy.append(repr(region))
         if self._close_buffers and not busy:
-            for region in self._regions:
+            for region in self._table[1]:
                 if isinstance(region.buffer, mmap.mmap) and not region.buffer.closed:
                     try:
                         region.buffer.close()
@@ -375,7 +418,7 @@ class GuestMemory:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._regions)} regions"
+        state = "closed" if self._closed else f"{len(self._table[1])} regions"
         return f"GuestMemory({state})"
 
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from virtio_schema.errors import DeviceUsageError, DriverError, VirtioError
-from virtio_schema.mem import DriverRange, GuestMemory
+from virtio_schema.mem import DriverRange, GuestMemory, MemoryRegion
 from virtio_schema.queue import QueueBroken, QueueMemory, QueueState, VirtQueue, create_queue
 from virtio_schema.schema import (
     Feature,
@@ -66,6 +66,7 @@ from virtio_schema.vhost_user.messages import (
     MEMORY_HDR,
     NOFD,
     OWN_REPLIES,
+    SINGLE_MEM_REGION,
     U64,
     VERSION,
     VRING_ADDR,
@@ -75,6 +76,7 @@ from virtio_schema.vhost_user.messages import (
     ConfigHdrRec,
     HeaderFlags,
     HeaderRec,
+    MemoryRegionRec,
     ProtocolFeature,
     Request,
     U64Rec,
@@ -86,6 +88,7 @@ from virtio_schema.vhost_user.rings import RingEvent, RingState, hooks, transiti
 __all__ = [
     "DPDK_PACKED_BASE",
     "LOG_ALL",
+    "MAX_MEM_SLOTS",
     "OFFERED_PROTOCOL_FEATURES",
     "Backend",
     "Fd",
@@ -107,11 +110,17 @@ LOG_ALL = 1 << 26
 """``VHOST_F_LOG_ALL``: the one feature bit a front-end may change while rings run (QEMU toggles it
 for migration)."""
 
+# (REM_MEM_REG carries none, but a stray one is closed, as vhost-user.rst asks)
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
-                Request.SET_VRING_ERR, Request.SET_BACKEND_REQ_FD}  # fmt: skip
+                Request.SET_VRING_ERR, Request.SET_BACKEND_REQ_FD, Request.ADD_MEM_REG,
+                Request.REM_MEM_REG}  # fmt: skip
 _KNOWN_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)  # int: ~ flips every bit
 _CONFIG_FRONTEND, _CONFIG_MIGRATION = 0, 1  # SET_CONFIG flags (vhost-user.rst, config space)
 
+
+MAX_MEM_SLOTS = 32
+"""Memory regions a front-end may have at once when it adds them one at a time
+(CONFIGURE_MEM_SLOTS; GET_MAX_MEM_SLOTS answers it; libvhost-user's figure too)."""
 
 DPDK_PACKED_BASE = 0x8000
 """The SET_VRING_BASE number DPDK's (and SPDK's) virtio-user always sends for a packed ring: avail
@@ -239,6 +248,14 @@ class _Region:
     size: int
     uva: int
     mapping: Mapping
+    region: MemoryRegion | None = None  # its part of the GuestMemory
+
+    def same(self, rec: MemoryRegionRec) -> bool:
+        """Whether ``rec`` names this region (vhost-user.rst: by guest address, user address
+        and size; the mmap offset is not compared)."""
+        return (self.gpa, self.uva, self.size) == (
+            rec.guest_phys_addr, rec.userspace_addr, rec.memory_size
+        )  # fmt: skip
 
 
 @dataclass
@@ -296,6 +313,7 @@ class Backend:
         self.refusals: list[str] = []
         """Requests answered with a non-zero ack (newest last): the connection went on."""
         self._regions: list[_Region] = []
+        self._retired: list[Mapping] = []  # removed regions still in use: unmapped when free
         self._wakeups: set[int] = set()
         self.vrings = [_Vring(i) for i in range(device.num_queues)]
         self._handlers: dict[int, _Handler] = {
@@ -321,6 +339,9 @@ class Backend:
             Request.GET_STATUS: self._get_status,
             Request.RESET_DEVICE: self._reset_device,
             Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
         }
 
     # --- the message entry point ---------------------------------------------------------------
@@ -333,6 +354,8 @@ class Backend:
         caller closes the connection.
         """
         left = list(fds)  # handlers remove the fds they keep
+        if self._retired:
+            self._unmap_retired()
         # whether to ack is decided by the protocol features in force when the message arrives
         # (a SET_PROTOCOL_FEATURES that turns REPLY_ACK on or off does not change its own answer)
         acks = bool(
@@ -570,6 +593,8 @@ class Backend:
         except BaseException:
             _unmap(regions)
             raise
+        for r in regions:
+            r.region = next(m for m in memory.regions if m.start == r.gpa)
         running = self._suspend_queues()
         self._release_memory()
         self.memory = memory
@@ -588,6 +613,92 @@ class Backend:
                 f"{self.name}: region {k}: fd {fd.num} is {fd.kind.value}, not a file"
             )
 
+    def _get_max_mem_slots(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
+        self._need_protocol(request, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        _expect_size(request, payload, 0)
+        return _reply(request, U64.pack(U64Rec(MAX_MEM_SLOTS)))
+
+    def _one_region(self, request: int, payload: bytes) -> MemoryRegionRec:
+        self._need_protocol(request, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+        _expect_size(request, payload, SINGLE_MEM_REGION.size)
+        return SINGLE_MEM_REGION.unpack(payload)
+
+    def _add_mem_reg(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        """ADD_MEM_REG (CONFIGURE_MEM_SLOTS): one region more, while the rings run on the
+        others. The same region again is accepted and ignored (QEMU 7.2 sends each one once per
+        queue pair of a multi-queue vhost-user-net device)."""
+        rec = self._one_region(request, payload)
+        if len(fds) != 1:
+            raise FrontendError(f"{self.name}: ADD_MEM_REG with {len(fds)} fds, expected 1")
+        gpa, size, uva = rec.guest_phys_addr, rec.memory_size, rec.userspace_addr
+        self._check_region(len(self._regions), gpa, size, uva, rec.mmap_offset, fds[0])
+        if any(r.same(rec) for r in self._regions):
+            log.info("%s: memory region at %#x added again: ignored", self.name, gpa)
+            return None
+        for r in self._regions:
+            if uva < r.uva + r.size and r.uva < uva + size:
+                raise FrontendError(
+                    f"{self.name}: ADD_MEM_REG: user range {uva:#x}+{size:#x} overlaps the"
+                    f" region at {r.uva:#x}+{r.size:#x}"
+                )
+        if len(self._regions) >= MAX_MEM_SLOTS:
+            raise RequestRefused(f"{self.name}: ADD_MEM_REG: all {MAX_MEM_SLOTS} slots in use")
+        try:
+            mapping = self.host.map(fds[0], rec.mmap_offset, size)
+        except MemoryRefused as exc:
+            raise RequestRefused(f"{self.name}: ADD_MEM_REG at {gpa:#x}: {exc}") from None
+        try:
+            if self.memory is None:
+                self.memory = GuestMemory()
+            region = self.memory.add_region(gpa, mapping.view)
+        except BaseException as exc:
+            mapping.close()
+            if isinstance(exc, VirtioError):
+                raise FrontendError(f"{self.name}: ADD_MEM_REG: {exc}") from None
+            raise
+        self._regions.append(_Region(gpa, size, uva, mapping, region))
+        log.info("%s: memory region added: gpa %#x size %#x", self.name, gpa, size)
+        return None
+
+    def _rem_mem_reg(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        """REM_MEM_REG (CONFIGURE_MEM_SLOTS): the region leaves the table at once (a chain
+        still holding buffers there gets a driver error when it reaches them, and is returned
+        as any other); its mapping is unmapped as soon as no view of it is in use. A ring
+        whose areas were in it stops."""
+        rec = self._one_region(request, payload)
+        found = [r for r in self._regions if r.same(rec)]
+        if not found:
+            raise RequestRefused(
+                f"{self.name}: REM_MEM_REG: no region at gpa {rec.guest_phys_addr:#x} user"
+                f" {rec.userspace_addr:#x} size {rec.memory_size:#x}"
+            )
+        for r in found:
+            for vr in self.vrings:
+                if vr.queue is not None and any(r.gpa <= g < r.gpa + r.size for g in vr.gpas):
+                    log.error("%s: ring %d lost its memory; the ring stops", self.name, vr.index)
+                    self._stop(vr)
+            self._regions.remove(r)
+            assert self.memory is not None
+            assert r.region is not None
+            self.memory.remove_region(r.region)
+            self._retired.append(r.mapping)
+            log.info("%s: memory region removed: gpa %#x size %#x", self.name, r.gpa, r.size)
+        self._unmap_retired()
+        return None
+
+    def _unmap_retired(self) -> None:
+        """Unmap the removed regions nobody uses any more (a view of one kept by the device,
+        or a copy on another thread, keeps it mapped until it is released)."""
+        busy = []
+        for mapping in self._retired:
+            try:
+                mapping.close()
+            except BufferError:
+                busy.append(mapping)
+        if busy and len(busy) != len(self._retired):
+            log.info("%s: %d removed regions still in use", self.name, len(busy))
+        self._retired = busy
+
     def _release_memory(self) -> None:
         if self.memory is not None:
             try:
@@ -597,6 +708,10 @@ class Backend:
             self.memory = None
         _unmap(self._regions)
         self._regions = []
+        self._unmap_retired()  # the memory released its views of them too
+        for r in self._retired:
+            log.error("%s: removed memory region still exported: %r", self.name, r)
+        self._retired = []
 
     def uva_to_gpa(self, uva: int, length: int) -> int | None:
         """The guest address of front-end address ``uva`` if ``length`` bytes there lie in one

@@ -32,6 +32,7 @@ OFFERED_PROTOCOL_FEATURES = int(
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
 )
 """Protocol features the back-end implements (a device may offer fewer:
