@@ -38,13 +38,12 @@ from virtio_schema.vhost_user.backend import (
     Backend,
     Fd,
     FdKind,
-    FrontendError,
     Mapping,
     MemoryRefused,
-    RequestRefused,
     Turn,
 )
 from virtio_schema.vhost_user.device import VhostUserDevice
+from virtio_schema.vhost_user.errors import FrontendError, RequestRefused
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.vhost_user.backend import FrontendError
+from virtio_schema.vhost_user.errors import FrontendError
 from virtio_schema.vhost_user.framing import Message, MessageReader
 from virtio_schema.vhost_user.messages import HEADER, MAX_FDS, MAX_PAYLOAD, HeaderRec, Request
 

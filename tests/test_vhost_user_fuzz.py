@@ -59,12 +59,12 @@ from virtio_schema.vhost_user.backend import (
     Backend,
     Fd,
     FdKind,
-    FrontendError,
     MemoryRefused,
     Turn,
     decode_vring_base,
 )
 from virtio_schema.vhost_user.device import VhostUserDevice
+from virtio_schema.vhost_user.errors import FrontendError
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,

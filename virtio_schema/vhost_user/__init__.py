@@ -15,8 +15,9 @@ A transport, kept outside the core layers: the core never imports it. Implement 
 * :mod:`~virtio_schema.vhost_user.device`: what a device author implements.
 """
 
-from virtio_schema.vhost_user.backend import Backend, FrontendError, RequestRefused
+from virtio_schema.vhost_user.backend import Backend
 from virtio_schema.vhost_user.device import VhostUserDevice
+from virtio_schema.vhost_user.errors import FrontendError, RequestRefused
 from virtio_schema.vhost_user.host import MemoryPolicy
 from virtio_schema.vhost_user.server import ServerAddressInUse, VhostUserServer
 

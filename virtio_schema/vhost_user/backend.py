@@ -58,6 +58,7 @@ from virtio_schema.schema import (
     used_ring,
 )
 from virtio_schema.vhost_user.device import OFFERED_PROTOCOL_FEATURES, VhostUserDevice
+from virtio_schema.vhost_user.errors import FrontendError, RequestRefused
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -93,11 +94,9 @@ __all__ = [
     "Backend",
     "Fd",
     "FdKind",
-    "FrontendError",
     "Host",
     "Mapping",
     "MemoryRefused",
-    "RequestRefused",
     "Turn",
     "check_budget",
     "decode_vring_base",
@@ -149,15 +148,6 @@ def encode_vring_base(state: QueueState, *, packed: bool) -> int:
     avail = state.next_avail | (state.avail_wrap << 15)
     used = state.next_used | (state.used_wrap << 15)
     return avail | (used << 16)
-
-
-class FrontendError(DriverError):
-    """The front-end sent a malformed or unexpected message (the connection is closed)."""
-
-
-class RequestRefused(FrontendError):
-    """A well-formed request the back-end does not honour; nothing changed. Answered with a
-    non-zero ack when the front-end asked for one (REPLY_ACK), else the connection is closed."""
 
 
 class MemoryRefused(Exception):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.vhost_user.backend import FrontendError
+from virtio_schema.vhost_user.errors import FrontendError
 from virtio_schema.vhost_user.messages import HEADER, MAX_FDS, MAX_PAYLOAD, HeaderRec
 
 __all__ = ["Message", "MessageReader"]

@@ -63,8 +63,9 @@ from types import TracebackType
 from typing import Self, TextIO
 
 from virtio_schema.errors import DeviceUsageError
-from virtio_schema.vhost_user.backend import Backend, FrontendError, Turn, check_budget
+from virtio_schema.vhost_user.backend import Backend, Turn, check_budget
 from virtio_schema.vhost_user.device import VhostUserDevice
+from virtio_schema.vhost_user.errors import FrontendError
 from virtio_schema.vhost_user.framing import Message, MessageReader
 from virtio_schema.vhost_user.host import MemoryPolicy, OsHost, classify, signal
 from virtio_schema.vhost_user.messages import (
