@@ -53,6 +53,7 @@ class QueueBase:
         self._indirect = bool(features & Feature.INDIRECT_DESC)
         self._outstanding: collections.deque[int] = collections.deque()  # IN_ORDER: pop order
         self._batch: list[tuple[int, int, int]] | None = None
+        self._resubmit: collections.deque[DescChain] = collections.deque()  # handed out first
         self._budget = -1  # chains next_chain may still hand out this turn; negative: no limit
         locate = getattr(driver_mem, "locate", None)  # the optional fast path (mem.Locate)
         self._locate: Locate | None = locate if callable(locate) else None
@@ -73,6 +74,7 @@ class QueueBase:
         self._notify_enabled = True
         self._orphans.clear()
         self._outstanding.clear()
+        self._resubmit.clear()
         self._batch = None
         self._start_format(state)
 
@@ -180,6 +182,15 @@ class QueueBase:
 
     def _publish_batch(self, items: list[tuple[int, int, int]]) -> None:
         raise NotImplementedError
+
+    def _take_resubmitted(self) -> DescChain:
+        """The next chain a restarted device takes again (see ``track_inflight``): before any
+        chain from the ring, in the order they were first taken."""
+        chain = self._resubmit.popleft()
+        if self._in_order:
+            self._outstanding.append(chain.head)
+        self._budget -= 1
+        return chain
 
     def _orphan(self, chain: DescChain) -> None:
         self._orphans.append((chain._gen, chain.head, chain._slots))

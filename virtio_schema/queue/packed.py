@@ -28,6 +28,7 @@ Rules of this module (and of :mod:`virtio_schema.queue.split`, whose rules apply
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from virtio_schema.errors import DeviceUsageError
@@ -42,7 +43,13 @@ from virtio_schema.queue.errors import (
     QueueBroken,
     RingError,
 )
-from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState, vring_need_event
+from virtio_schema.queue.state import (
+    DriverNotify,
+    PackedInflightLog,
+    QueueMemory,
+    QueueState,
+    vring_need_event,
+)
 from virtio_schema.queue.walk import (
     NEXT,
     WRITE,
@@ -206,6 +213,8 @@ class PackedQueue(QueueBase):
         self._validator = Validator(
             index, size, driver_mem, self._locate, indirect=self._indirect, indirect_alone=True
         )
+        self._inflight: PackedInflightLog | None = None
+        self._entries: dict[int, int] = {}  # buffer id -> its entry in the inflight log
         self._start(state or QueueState())
 
     # --- state ---------------------------------------------------------------------------------
@@ -257,7 +266,7 @@ class PackedQueue(QueueBase):
         counts them)."""
         if self._broken is not None:
             raise QueueBroken(self.index, self._broken)
-        return int(self._available(self._next_avail))
+        return int(bool(self._resubmit) or self._available(self._next_avail))
 
     def next_chain(self) -> DescChain | None:
         """The next available chain, or ``None`` (see :meth:`Queue.next_chain`)."""
@@ -267,6 +276,8 @@ class PackedQueue(QueueBase):
             raise QueueBroken(self.index, self._broken)
         if self._budget == 0:  # this turn's chains are taken (set_budget)
             return None
+        if self._resubmit:
+            return self._take_resubmitted()
         flags = self._ring_w16[8 * self._next_avail + self._flags_w]  # _available, inlined
         wrap = self._avail_wrap
         if bool(flags & _AVAIL) != wrap or bool(flags & _USED) == wrap:
@@ -286,6 +297,8 @@ class PackedQueue(QueueBase):
             checked = self._check(self._slots, start)
         except RingError as exc:
             raise self._break(exc) from None
+        if self._inflight is not None:
+            self._record_taken(start, checked)
         nxt = start + checked.slots
         if nxt >= self.size:
             nxt -= self.size
@@ -300,6 +313,9 @@ class PackedQueue(QueueBase):
         extent and buffer id read, so that it can go back; one that has neither raises the
         :class:`~virtio_schema.queue.RingError` (never ends, buffer id out of range)."""
         slots.start(self._ring_view, start)
+        return self._check_slots(slots, start)
+
+    def _check_slots(self, slots: PackedSlots, start: int) -> CheckedChain:
         error: ChainError | None = None
         try:
             buffers = self._validator.walk(start, slots)
@@ -310,6 +326,50 @@ class PackedQueue(QueueBase):
         if slots.buffer_id >= self.size:
             raise BufferIdOutOfRange(self.index, start, slots.buffer_id, self.size)
         return CheckedChain(slots.buffer_id, buffers, error, slots.taken)
+
+    def _record_taken(self, start: int, checked: CheckedChain) -> None:
+        """Give the inflight log the chain's ring descriptors as they are now (a second read:
+        only a restarted device uses the copy, and it validates it again)."""
+        assert self._inflight is not None
+        size = self.size
+        view = self._ring_view
+        descs = []
+        for k in range(checked.slots):
+            pos = start + k if start + k < size else start + k - size
+            descs.append(_unpack_desc(view, PACKED_DESC.size * pos))
+        self._entries[checked.head] = self._inflight.taken(descs)
+
+    def track_inflight(
+        self,
+        log: PackedInflightLog | None,
+        *,
+        state: QueueState | None = None,
+        resubmit: Sequence[tuple[int, Sequence[tuple[int, int, int, int]]]] = (),
+    ) -> None:
+        """Record every chain taken and published in ``log`` from now on (``None``: stop). A
+        restarted device first moves to ``state`` (its recovered position) and is handed the
+        chains ``resubmit`` again, in that order, before any new one: each is ``(entry, ring
+        descriptors)`` as the log recorded them, read and validated again like a chain in the
+        ring."""
+        if state is not None:
+            self.restore(state)
+        self._inflight = log
+        self._entries.clear()
+        for entry, descs in resubmit:
+            copy = bytearray(PACKED_DESC.size * len(descs))
+            for k, (addr, length, buffer_id, flags) in enumerate(descs):
+                PACKED_DESC.struct.pack_into(copy, PACKED_DESC.size * k, addr, length, buffer_id,
+                                             flags)  # fmt: skip
+            slots = PackedSlots(self.index, len(descs))
+            slots.start(memoryview(copy), 0)
+            try:
+                checked = self._check_slots(slots, 0)
+            except RingError as exc:
+                raise self._break(exc) from None
+            self._entries[checked.head] = entry
+            self._resubmit.append(
+                DescChain(self, checked.head, checked.buffers, checked.error, checked.slots)
+            )
 
     def check_chain(self, slot: int) -> CheckedChain:
         """Validate the chain whose first descriptor is in ring ``slot`` as :meth:`next_chain`
@@ -329,20 +389,31 @@ class PackedQueue(QueueBase):
         all the slots of the run (virtio 1.2, 2.8.20)."""
         if self._in_order:
             run_slots = 0
+            run: list[int] = []
             for k, (head, written, slots) in enumerate(items):
                 run_slots += slots
+                run.append(head)
                 if written or k == len(items) - 1:
-                    self._publish_used(head, written, run_slots, False)
+                    self._publish_used(head, written, run_slots, False, run)
                     run_slots = 0
+                    run = []
         else:
             for head, written, slots in items:
                 self._publish_used(head, written, slots, False)
         if self._should_notify(self._next_used):
             self.notifier.notify()
 
-    def _publish_used(self, head: int, written: int, slots: int = 1, decide: bool = True) -> None:
+    def _publish_used(
+        self,
+        head: int,
+        written: int,
+        slots: int = 1,
+        decide: bool = True,
+        run: Sequence[int] = (),
+    ) -> None:
         """Write one used descriptor at the used position and advance it by ``slots``; then,
-        unless ``decide`` is false (a batch decides once), notify if the driver asks for it."""
+        unless ``decide`` is false (a batch decides once), notify if the driver asks for it.
+        ``run``: the buffer ids this descriptor completes (an IN_ORDER run; default ``head``)."""
         w16 = self._ring_w16
         pos = self._next_used
         w16[8 * pos + self._id_w] = head
@@ -350,13 +421,25 @@ class PackedQueue(QueueBase):
         flags = (_AVAIL | _USED) if self._used_wrap else 0
         if written:
             flags |= WRITE
+        end, wrap = pos + slots, self._used_wrap
+        if end >= self.size:
+            end -= self.size
+            wrap = not wrap
+        log = self._inflight
+        entries: list[int] = []
+        if log is not None:
+            for done in run or (head,):
+                entry = self._entries.pop(done, None)  # None: an id the driver reused
+                if entry is not None:
+                    entries.append(entry)
+            log.completing(entries, end, int(wrap))
         if not STRONG_ORDER:
             write_barrier()  # id and len before the flags that publish them (virtio 1.2, 2.8.21)
         w16[8 * pos + self._flags_w] = flags
-        pos += slots
-        if pos >= self.size:
-            pos -= self.size
-            self._used_wrap = not self._used_wrap
+        if log is not None:
+            log.completed(entries)
+        pos = end
+        self._used_wrap = wrap
         self._next_used = pos
         if decide and self._should_notify(pos):
             self.notifier.notify()

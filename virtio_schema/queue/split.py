@@ -26,6 +26,7 @@ another thread are handed back through a thread-safe side list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from virtio_schema.errors import DeviceUsageError
@@ -45,7 +46,7 @@ from virtio_schema.queue.errors import (
     HeadOutOfRange,
     QueueBroken,
 )
-from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState
+from virtio_schema.queue.state import DriverNotify, QueueMemory, QueueState, SplitInflightLog
 from virtio_schema.queue.walk import NEXT, ChainBuffers, CheckedChain, DescSource, Validator
 from virtio_schema.ring import DESC, AvailRing, DescTable, UsedRing
 from virtio_schema.schema import AvailFlags, Feature, UsedFlags
@@ -158,6 +159,7 @@ class Queue(QueueBase):
         self._validator = Validator(
             index, size, driver_mem, self._locate, indirect=self._indirect, indirect_alone=False
         )
+        self._inflight: SplitInflightLog | None = None
         self._start(state or QueueState())
 
     # --- state ---------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ class Queue(QueueBase):
         n = (avail_idx - self._next_avail) & 0xFFFF
         if n > self.size:
             raise self._break(AvailIndexJump(self.index, avail_idx, self._next_avail, self.size))
-        return n
+        return n + len(self._resubmit)
 
     def next_chain(self) -> DescChain | None:
         """The next available chain, or ``None`` if the driver has made none available.
@@ -212,6 +214,8 @@ class Queue(QueueBase):
             raise QueueBroken(self.index, self._broken)
         if self._budget == 0:  # this turn's chains are taken (set_budget)
             return None
+        if self._resubmit:
+            return self._take_resubmitted()
         next_avail = self._next_avail
         avail_idx = self._avail_words[self._avail_idx_w]
         if avail_idx == next_avail:
@@ -226,6 +230,8 @@ class Queue(QueueBase):
         if head >= size:
             raise self._break(HeadOutOfRange(self.index, slot, head, size))
         self._next_avail = next_avail = (next_avail + 1) & 0xFFFF
+        if self._inflight is not None:
+            self._inflight.taken(head)
         if self._event_idx and self._notify_enabled:
             # ask for a kick when the driver publishes past what we have taken (virtio 1.2, 2.7.10)
             self._used_words[self._avail_event_w] = next_avail
@@ -243,6 +249,25 @@ class Queue(QueueBase):
             return DescChain(self, head, self._validator.walk(head, source))
         except ChainError as error:
             return DescChain(self, head, ChainBuffers(), error)
+
+    def track_inflight(
+        self,
+        log: SplitInflightLog | None,
+        *,
+        state: QueueState | None = None,
+        resubmit: Sequence[int] = (),
+    ) -> None:
+        """Record every chain taken and published in ``log`` from now on (``None``: stop). A
+        restarted device first moves to ``state`` (its recovered position) and is handed the
+        chains at the heads ``resubmit`` again, in that order, before any new one: each is read
+        and validated again as the driver's ring holds it now."""
+        if state is not None:
+            self.restore(state)
+        self._inflight = log
+        for head in resubmit:
+            if not 0 <= head < self.size:
+                raise DeviceUsageError(f"queue {self.index}: head {head} is not below {self.size}")
+            self._resubmit.append(self._walk(head))
 
     def check_chain(self, head: int) -> CheckedChain:
         """Validate the chain at descriptor ``head`` as :meth:`next_chain` would, without taking
@@ -284,9 +309,15 @@ class Queue(QueueBase):
                 elems[at] = head
                 elems[at + 1] = written
                 next_used += 1
+        log = self._inflight
+        heads = [head for head, _, _ in items] if log is not None else []
+        if log is not None:
+            log.completing(heads)
         write_barrier()  # the elements before the index that publishes them
         self._next_used = next_used = next_used & 0xFFFF
         self._used_words[self._used_idx_w] = next_used
+        if log is not None:
+            log.completed(heads, next_used)
         if next_used != start and self._should_notify(next_used):
             self.notifier.notify()
 
@@ -296,10 +327,15 @@ class Queue(QueueBase):
         at = self._used_elem_w + 2 * (next_used & (self.size - 1))
         elems[at] = head
         elems[at + 1] = written
+        log = self._inflight
+        if log is not None:
+            log.completing((head,))
         if not STRONG_ORDER:
             write_barrier()  # the element before the index that publishes it (virtio 1.2, 2.7.14)
         self._next_used = next_used = (next_used + 1) & 0xFFFF
         self._used_words[self._used_idx_w] = next_used
+        if log is not None:
+            log.completed((head,), next_used)
         if self._should_notify(next_used):
             self.notifier.notify()
 

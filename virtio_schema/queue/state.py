@@ -7,13 +7,21 @@ migration are a matter of copying a small frozen record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.mem import DeviceRange
 
-__all__ = ["DriverNotify", "QueueMemory", "QueueState", "vring_need_event"]
+__all__ = [
+    "DriverNotify",
+    "PackedInflightLog",
+    "QueueMemory",
+    "QueueState",
+    "SplitInflightLog",
+    "vring_need_event",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +66,42 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     """Whether moving an index from ``old`` to ``new`` passes ``event`` (virtio 1.2, 2.7.10;
     Linux ``vring_need_event``): true iff ``event`` is in ``[old, new)`` modulo 2**16."""
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class SplitInflightLog(Protocol):
+    """Where a split queue records the chains in flight, so that a restarted device can take
+    them again (vhost-user's inflight region:
+    :class:`~virtio_schema.vhost_user.inflight.SplitInflight`). The queue calls it as it takes
+    and publishes chains (:meth:`~virtio_schema.queue.Queue.track_inflight`)."""
+
+    def taken(self, head: int) -> None:
+        """The chain at descriptor ``head`` was taken from the available ring."""
+        ...
+
+    def completing(self, heads: Sequence[int]) -> None:
+        """These chains are about to be published in one ``used.idx`` store."""
+        ...
+
+    def completed(self, heads: Sequence[int], used_idx: int) -> None:
+        """They were published: ``used.idx`` is now ``used_idx``."""
+        ...
+
+
+class PackedInflightLog(Protocol):
+    """:class:`SplitInflightLog` for a packed queue
+    (:class:`~virtio_schema.vhost_user.inflight.PackedInflight`): a chain is recorded with its
+    ring descriptors (the used descriptors written later overwrite them in the ring)."""
+
+    def taken(self, descs: Sequence[tuple[int, int, int, int]]) -> int:
+        """The chain whose ring descriptors are ``descs`` (``(addr, len, id, flags)`` each) was
+        taken; returns the entry that stands for it."""
+        ...
+
+    def completing(self, entries: Sequence[int], used_idx: int, used_wrap: int) -> None:
+        """These chains are about to be published by one used descriptor; the used position
+        will then be ``used_idx`` with wrap counter ``used_wrap``."""
+        ...
+
+    def completed(self, entries: Sequence[int]) -> None:
+        """That used descriptor was published."""
+        ...
