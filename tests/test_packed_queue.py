@@ -844,6 +844,9 @@ class _NoHost:
     def map(self, fd: Fd, offset: int, size: int) -> Mapping:
         raise MemoryRefused("no memory in this test")
 
+    def create_shared(self, size: int) -> tuple[int, Mapping]:
+        raise MemoryRefused("no shared memory in this test")
+
     def close(self, fd: int) -> None:
         pass
 

@@ -27,11 +27,12 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from virtio_schema.chain import WritableChain
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.examples.blk import BlkDevice, VhostUserBlk
 from virtio_schema.examples.rng import RngDevice
 from virtio_schema.mem import DriverRange
-from virtio_schema.queue import VirtQueue
+from virtio_schema.queue import DescChain, VirtQueue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
 from virtio_schema.schema import BlkStatus, BlkType, DescFlags, Feature
 from virtio_schema.testing.frontend import (
@@ -51,6 +52,8 @@ from virtio_schema.testing.frontend import (
 )
 from virtio_schema.vhost_user import ServerAddressInUse, VhostUserDevice, VhostUserServer
 from virtio_schema.vhost_user.backend import Backend
+from virtio_schema.vhost_user.device import OFFERED_PROTOCOL_FEATURES
+from virtio_schema.vhost_user.inflight import queue_region_size
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -81,6 +84,7 @@ PROTOCOL = int(
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.INFLIGHT_SHMFD
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
 )
@@ -192,8 +196,10 @@ def negotiate(fe: Frontend, *, protocol: bool = True) -> int:
     offered = fe.get_features()
     wanted = WANTED if protocol else WANTED & ~Feature.PROTOCOL_FEATURES
     if protocol:
-        assert fe.get_protocol_features() == PROTOCOL
-        fe.set_protocol_features(PROTOCOL)
+        offered_protocol = fe.get_protocol_features()
+        # INFLIGHT_SHMFD: only the devices that opt in (blk does, rng does not)
+        assert offered_protocol in (PROTOCOL, PROTOCOL & ~int(ProtocolFeature.INFLIGHT_SHMFD))
+        fe.set_protocol_features(offered_protocol)
     fe.set_owner()
     fe.set_features(offered & wanted)
     return offered & wanted
@@ -601,6 +607,88 @@ def test_hot_added_memory_is_served_and_removed_memory_is_unmapped_once_no_view_
         roundtrip(s.fe)  # the next message unmaps what is no longer in use
         assert hot.mappings() == 1
         serve_blk_read(s, image, 7)  # the ring goes on in the memory that stayed
+
+
+class HoldingDevice(VhostUserDevice):
+    """Takes every chain; keeps the first ``hold`` (a request in progress when the process
+    dies), completes the others with b"done". Opts in to inflight tracking."""
+
+    def __init__(self, hold: int) -> None:
+        self.hold = hold
+        self.held: list[DescChain] = []
+        self.seen: list[int] = []
+        self.queue: VirtQueue | None = None
+
+    def protocol_features(self) -> int:
+        return OFFERED_PROTOCOL_FEATURES
+
+    def stopped(self, index: int) -> None:
+        """The connection went: the requests in progress are abandoned (as by a process that
+        dies; the next back-end takes them again from the inflight region)."""
+        if self.queue is not None:
+            self.queue.reset()  # the held chains are stale now: returning them touches no ring
+        for chain in self.held:
+            with chain:
+                pass
+        self.held.clear()
+
+    def handle(self, index: int, queue: VirtQueue) -> None:
+        self.queue = queue
+        while (chain := queue.next_chain()) is not None:
+            self.seen.append(chain.head)
+            if len(self.held) < self.hold:
+                self.held.append(chain)
+                continue
+            with chain:
+                WritableChain(chain).write(b"done")
+
+
+def test_requests_in_flight_when_the_back_end_goes_are_taken_again_by_the_next_one(
+    tmp_path: Path,
+) -> None:
+    """The inflight region over a real socket: GET_INFLIGHT_FD gives the front-end a memfd, the
+    first connection's device holds two requests and goes away; the next connection gets the
+    same region (SET_INFLIGHT_FD, as QEMU after a reconnect) and its device is handed the two
+    again, first, then the new one; each completes once."""
+    devices = [HoldingDevice(hold=2), HoldingDevice(hold=0)]
+    made = iter(devices)
+    with (
+        serving(tmp_path / "vu.sock", lambda: next(made)),
+        GuestRam(name="vu-inflight") as ram,
+        ExitStack() as stack,
+    ):
+        kick_fd, call_fd = make_eventfd(), make_eventfd()
+        stack.callback(os.close, kick_fd)
+        stack.callback(os.close, call_fd)
+        ring = SplitRingDriver(ram, QUEUE_SIZE)
+        with Frontend(str(tmp_path / "vu.sock")) as fe:
+            negotiate(fe)
+            rec, region_fd = fe.get_inflight_fd(1, QUEUE_SIZE)
+            assert region_fd is not None
+            stack.callback(os.close, region_fd)
+            assert rec.mmap_size == queue_region_size(QUEUE_SIZE, packed=False)
+            assert fe.set_inflight_fd(rec, region_fd, need_reply=True) == 0
+            s = Session(fe, ram, ring, kick_fd, call_fd, stack)
+            assert fe.use_ram(ram, need_reply=True) == 0
+            start_ring(s, enable=True)
+            heads = [ring.publish([], [4]) for _ in range(3)]
+            kick(kick_fd)
+            assert wait_signalled(call_fd)
+            assert [u.head for u in ring.used()] == heads[2:]
+        with Frontend(str(tmp_path / "vu.sock")) as fe:  # the front-end reconnects
+            negotiate(fe)
+            assert fe.set_inflight_fd(rec, region_fd, need_reply=True) == 0
+            s = Session(fe, ram, ring, kick_fd, call_fd, stack)
+            assert fe.use_ram(ram, need_reply=True) == 0
+            start_ring(s, enable=True, base=ring.used_idx)  # QEMU: the used index after a crash
+            heads.append(ring.publish([], [4]))
+            kick(kick_fd)
+            assert wait_signalled(call_fd)
+            wait_for(lambda: len(devices[1].seen) == 3)
+            assert devices[1].seen == [*heads[:2], heads[3]]  # the two again, first
+            used = ring.used()
+            assert sorted(u.head for u in used) == sorted([*heads[:2], heads[3]])
+            assert all(u.data == b"done" for u in used)
 
 
 def test_rng_fills_writable_chains_with_the_seeded_generator_stream(tmp_path: Path) -> None:

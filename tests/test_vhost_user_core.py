@@ -44,6 +44,13 @@ from virtio_schema.vhost_user.backend import (
 )
 from virtio_schema.vhost_user.device import VhostUserDevice
 from virtio_schema.vhost_user.errors import FrontendError, RequestRefused
+from virtio_schema.vhost_user.inflight import (
+    INFLIGHT,
+    SPLIT_DESC_STATE,
+    SPLIT_QUEUE_REGION,
+    InflightRec,
+    region_size,
+)
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -120,6 +127,9 @@ class FakeHost:
         """fd numbers whose :meth:`map` raises :class:`MemoryRefused`."""
         self.mappings: list[FakeMapping] = []
         self.closed: list[int] = []
+        self.next_fd = 5000
+        self.created: list[int] = []
+        """fds :meth:`create_shared` made (the back-end sends and closes them)."""
 
     def map(self, fd: Fd, offset: int, size: int) -> Mapping:
         if fd.num in self.refuse:
@@ -130,6 +140,16 @@ class FakeHost:
         mapping = FakeMapping(fd.num, memoryview(buf)[offset : offset + size])
         self.mappings.append(mapping)
         return mapping
+
+    def create_shared(self, size: int) -> tuple[int, Mapping]:
+        """A "memfd": a new fd number whose file is ``size`` zero bytes, mapped."""
+        fd = self.next_fd
+        self.next_fd += 1
+        self.files[fd] = bytearray(size)
+        self.created.append(fd)
+        mapping = FakeMapping(fd, memoryview(self.files[fd]))
+        self.mappings.append(mapping)
+        return fd, mapping
 
     def close(self, fd: int) -> None:
         self.closed.append(fd)
@@ -155,6 +175,12 @@ class RecordingDevice(VhostUserDevice):
         """Chains taken in each call of :meth:`handle`."""
         self.config_writes: list[tuple[int, bytes]] = []
         self.after_return: Callable[[], None] | None = None
+        self.inflight = False
+        """Opt in to INFLIGHT_SHMFD (the inflight tests)."""
+
+    def protocol_features(self) -> int:
+        extra = int(ProtocolFeature.INFLIGHT_SHMFD) if self.inflight else 0
+        return super().protocol_features() | extra
 
     def config(self) -> bytes:
         return CONFIG
@@ -874,6 +900,133 @@ def test_memory_slot_requests_without_the_protocol_feature_end_the_connection(
     payload = b"" if request_ == Request.GET_MAX_MEM_SLOTS else bytes(SINGLE_MEM_REGION.size)
     with pytest.raises(FrontendError, match="without the CONFIGURE_MEM_SLOTS protocol feature"):
         conn.send(request_, payload)
+
+
+# --- inflight I/O tracking (GET/SET_INFLIGHT_FD) ----------------------------------------------------
+
+
+def _inflight(num_queues: int = 1, queue_size: int = QUEUE_SIZE, size: int = 0) -> bytes:
+    return INFLIGHT.pack(InflightRec(size, 0, num_queues, queue_size))
+
+
+def _negotiate_inflight(conn: Harness) -> None:
+    conn.device.inflight = True
+    offered = conn.get_u64(Request.GET_FEATURES)
+    protocol = PROTOCOL | int(ProtocolFeature.INFLIGHT_SHMFD)
+    assert conn.get_u64(Request.GET_PROTOCOL_FEATURES) == protocol
+    conn.send(Request.SET_PROTOCOL_FEATURES, _u64(protocol))
+    assert conn.ack(Request.SET_FEATURES, _u64(offered & WANTED)) == 0
+
+
+def _get_region(conn: Harness, num_queues: int = 1) -> tuple[InflightRec, Fd]:
+    """GET_INFLIGHT_FD; the reply and the region's fd (taken as the server would send it)."""
+    hdr, body = _split_reply(conn.send(Request.GET_INFLIGHT_FD, _inflight(num_queues)))
+    assert hdr.request == Request.GET_INFLIGHT_FD
+    (fd,) = conn.backend.take_reply_fds()
+    return INFLIGHT.unpack(body), Fd(fd, FdKind.FILE)
+
+
+def test_get_inflight_fd_answers_a_new_zeroed_region_and_its_fd(conn: Harness) -> None:
+    _negotiate_inflight(conn)
+    rec, fd = _get_region(conn, 2)
+    assert rec == InflightRec(region_size(2, QUEUE_SIZE, packed=False), 0, 2, QUEUE_SIZE)
+    assert fd.num in conn.host.created
+    assert conn.host.files[fd.num] == bytes(rec.mmap_size)
+
+
+def test_a_ring_started_with_an_inflight_region_records_its_chains_there(conn: Harness) -> None:
+    _negotiate_inflight(conn)
+    _, fd = _get_region(conn)
+    region = conn.host.files[fd.num]
+    assert conn.set_mem_table() == 0
+    conn.start_ring()
+    heads = conn.publish(2)
+    assert conn.backend.serve(0).taken == 2  # taken and completed in one batch
+    hdr = SPLIT_QUEUE_REGION.unpack_from(region)
+    assert (hdr.version, hdr.desc_num, hdr.used_idx) == (1, QUEUE_SIZE, 2)
+    entries = [
+        SPLIT_DESC_STATE.unpack_from(region, SPLIT_QUEUE_REGION.size + 16 * h) for h in heads
+    ]
+    assert [e.counter for e in entries] == [0, 1]
+    assert [e.inflight for e in entries] == [0, 0]  # completed
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (_inflight(num_queues=0), "for 0 queues, the device has 2"),
+        (_inflight(num_queues=3), "for 3 queues, the device has 2"),
+        (_inflight(queue_size=0), "queue_size 0"),
+        (_inflight()[:20], "payload of 20 bytes, expected 24"),
+    ],
+)
+def test_a_malformed_get_inflight_fd_ends_the_connection(
+    conn: Harness, payload: bytes, match: str
+) -> None:
+    _negotiate_inflight(conn)
+    with pytest.raises(FrontendError, match=match):
+        conn.send(Request.GET_INFLIGHT_FD, payload)
+    assert conn.host.created == []
+
+
+@pytest.mark.parametrize(
+    ("size", "kind", "match"),
+    [
+        (64, FdKind.FILE, "inflight region of 64 bytes, 1 split queues of 16 entries need 320"),
+        (320, FdKind.EVENTFD, "is an eventfd, not one file"),
+    ],
+)
+def test_a_malformed_set_inflight_fd_ends_the_connection_and_closes_its_fd(
+    conn: Harness, size: int, kind: FdKind, match: str
+) -> None:
+    _negotiate_inflight(conn)
+    fd = conn.fd(kind)
+    conn.host.files[fd.num] = bytearray(size)
+    with pytest.raises(FrontendError, match=match):
+        conn.send(Request.SET_INFLIGHT_FD, _inflight(size=size), [fd])
+    assert fd.num in conn.host.closed
+
+
+def test_inflight_requests_without_the_protocol_feature_end_the_connection(
+    conn: Harness,
+) -> None:
+    conn.negotiate()  # the device does not opt in: INFLIGHT_SHMFD is not offered
+    with pytest.raises(FrontendError, match="without the INFLIGHT_SHMFD protocol feature"):
+        conn.send(Request.GET_INFLIGHT_FD, _inflight())
+
+
+def test_set_inflight_fd_while_a_ring_runs_is_refused(conn: Harness) -> None:
+    _negotiate_inflight(conn)
+    assert conn.set_mem_table() == 0
+    conn.start_ring()
+    fd = conn.fd(FdKind.FILE)
+    conn.host.files[fd.num] = bytearray(320)
+    assert conn.ack(Request.SET_INFLIGHT_FD, _inflight(size=320), [fd]) == 1
+    assert "SET_INFLIGHT_FD while rings run" in conn.backend.refusals[-1]
+
+
+def test_a_hostile_inflight_region_refuses_the_ring_start_and_closes_its_kick_fd(
+    conn: Harness,
+) -> None:
+    """What the front-end hands over is checked when the ring starts: a region whose header
+    does not match the queue (here desc_num) ends the connection, the ring does not start."""
+    _negotiate_inflight(conn)
+    fd = conn.fd(FdKind.FILE)
+    region = bytearray(320)
+    region[: SPLIT_QUEUE_REGION.size] = SPLIT_QUEUE_REGION.pack(
+        SPLIT_QUEUE_REGION.record(features=0, version=1, desc_num=99, last_batch_head=0, used_idx=0)
+    )
+    conn.host.files[fd.num] = region
+    conn.send(Request.SET_INFLIGHT_FD, _inflight(size=320), [fd])
+    assert conn.set_mem_table() == 0
+    assert conn.ack(Request.SET_VRING_NUM, _state(0, QUEUE_SIZE)) == 0
+    assert conn.ack(Request.SET_VRING_ADDR, conn.vring_addr()) == 0
+    kick = conn.fd()
+    with pytest.raises(FrontendError, match="desc_num 99, the queue size is 16"):
+        conn.send(Request.SET_VRING_KICK, _u64(0), [kick])
+    assert kick.num in conn.host.closed
+    assert conn.device.calls == []
+    assert not conn.backend.vrings[0].state.started
 
 
 # --- busy polling: kicks paused and resumed --------------------------------------------------------

@@ -59,6 +59,7 @@ from virtio_schema.vhost_user.backend import (
     Backend,
     Fd,
     FdKind,
+    Mapping,
     MemoryRefused,
     Turn,
     decode_vring_base,
@@ -176,6 +177,9 @@ class FakeHost:
         mapping = FakeMapping(memoryview(buf)[offset : offset + size], fd.num)
         self.mappings.append(mapping)
         return mapping
+
+    def create_shared(self, size: int) -> tuple[int, Mapping]:
+        raise MemoryRefused("no shared memory in this test")
 
     def close(self, fd: int) -> None:
         assert fd in self.given, f"close of fd {fd}, never given to this connection"

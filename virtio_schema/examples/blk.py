@@ -14,6 +14,10 @@ image's size again, and the vhost-user device (``--watch``) then tells the front
 shows the new size in ``/sys/block/vda/size`` without a reboot. It serves as many request queues as
 the front-end sets up (``VIRTIO_BLK_F_MQ``, QEMU's ``num-queues``), up to ``--max-queues``.
 
+It survives its own restart under a running guest: with ``VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`` the
+queues record each request in flight in a region the front-end keeps, and a new process takes
+again what the killed one had not completed (QEMU: ``-chardev socket,...,reconnect=1``).
+
 The device never trusts the driver: a malformed chain, a request past the end of the disk or a
 writable part too small for the status byte is logged, and the chain is returned (with length 0 when
 no status could be written), so the driver never loses a slot and the device never crashes.
@@ -42,6 +46,7 @@ from virtio_schema.schema import (
     Feature,
 )
 from virtio_schema.vhost_user import VhostUserDevice
+from virtio_schema.vhost_user.device import OFFERED_PROTOCOL_FEATURES
 
 __all__ = ["BlkDevice", "VhostUserBlk", "main"]
 
@@ -238,6 +243,10 @@ class VhostUserBlk(VhostUserDevice):
         self._capacity = blk.capacity  # what this front-end was last told
         self.served = [0] * self.num_queues
         """Requests served on each queue (logged when the ring stops)."""
+
+    def protocol_features(self) -> int:
+        # a request taken again after a restart is read or written again: harmless for a disk
+        return OFFERED_PROTOCOL_FEATURES
 
     def poll(self) -> None:
         self.blk.refresh_capacity()

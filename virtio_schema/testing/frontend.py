@@ -45,6 +45,7 @@ from typing import Self
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.fake_queue import FakeDriver, FakeMemory, UsedChain
 from virtio_schema.schema import Feature
+from virtio_schema.vhost_user.inflight import INFLIGHT, InflightRec
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -563,3 +564,28 @@ class Frontend:
         payload = SINGLE_MEM_REGION.pack(ram.region(**changes))
         self.send(Request.REM_MEM_REG, payload, need_reply=need_reply)
         return self.ack(Request.REM_MEM_REG) if need_reply else None
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[InflightRec, int | None]:
+        """GET_INFLIGHT_FD: the region's description and its fd (``None`` if the back-end sent
+        none: then ``mmap_size`` is 0, no tracking). The caller closes the fd."""
+        self.send(Request.GET_INFLIGHT_FD, INFLIGHT.pack(InflightRec(0, 0, num_queues, queue_size)))
+        raw, fds = bytearray(), list[int]()
+        while len(raw) < HEADER.size:  # the fds come with the reply's first bytes
+            chunk, anc, _, _ = self.sock.recvmsg(HEADER.size - len(raw), socket.CMSG_SPACE(32))
+            if not chunk:
+                raise ConnectionError("back-end closed the connection")
+            raw += chunk
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += array.array("i", data[: len(data) - len(data) % 4])
+        h = HEADER.unpack(bytes(raw))
+        assert h.request == Request.GET_INFLIGHT_FD, f"reply to {h.request}"
+        assert h.flags == VERSION | HeaderFlags.REPLY, f"reply flags {h.flags:#x}"
+        assert len(fds) <= 1, f"{len(fds)} fds with the reply"
+        return INFLIGHT.unpack(self._recv_exact(h.size)), (fds[0] if fds else None)
+
+    def set_inflight_fd(self, rec: InflightRec, fd: int, *, need_reply: bool = False) -> int | None:
+        """SET_INFLIGHT_FD with ``rec`` and the region's fd (QEMU: its copy, after every
+        reconnect)."""
+        self.send(Request.SET_INFLIGHT_FD, INFLIGHT.pack(rec), fds=[fd], need_reply=need_reply)
+        return self.ack(Request.SET_INFLIGHT_FD) if need_reply else None

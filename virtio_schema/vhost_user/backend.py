@@ -49,7 +49,14 @@ from typing import NamedTuple, Protocol
 
 from virtio_schema.errors import DeviceUsageError, DriverError, VirtioError
 from virtio_schema.mem import DriverRange, GuestMemory, MemoryRegion
-from virtio_schema.queue import QueueBroken, QueueMemory, QueueState, VirtQueue, create_queue
+from virtio_schema.queue import (
+    Queue,
+    QueueBroken,
+    QueueMemory,
+    QueueState,
+    VirtQueue,
+    create_queue,
+)
 from virtio_schema.schema import (
     Feature,
     avail_ring,
@@ -59,6 +66,15 @@ from virtio_schema.schema import (
 )
 from virtio_schema.vhost_user.device import OFFERED_PROTOCOL_FEATURES, VhostUserDevice
 from virtio_schema.vhost_user.errors import FrontendError, RequestRefused
+from virtio_schema.vhost_user.inflight import (
+    INFLIGHT,
+    InflightRec,
+    PackedInflight,
+    SplitInflight,
+    check_region,
+    queue_region_size,
+    region_size,
+)
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
@@ -112,7 +128,7 @@ for migration)."""
 # (REM_MEM_REG carries none, but a stray one is closed, as vhost-user.rst asks)
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
                 Request.SET_VRING_ERR, Request.SET_BACKEND_REQ_FD, Request.ADD_MEM_REG,
-                Request.REM_MEM_REG}  # fmt: skip
+                Request.REM_MEM_REG, Request.SET_INFLIGHT_FD}  # fmt: skip
 _KNOWN_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)  # int: ~ flips every bit
 _CONFIG_FRONTEND, _CONFIG_MIGRATION = 0, 1  # SET_CONFIG flags (vhost-user.rst, config space)
 
@@ -203,6 +219,12 @@ class Host(Protocol):
         """Close ``fd`` (a descriptor the core owns)."""
         ...
 
+    def create_shared(self, size: int) -> tuple[int, Mapping]:
+        """A new zero-filled shared memory file of ``size`` bytes, sealed against resizing, and
+        its mapping: the fd (the core's, to send and close) and the mapping. Raises
+        :class:`MemoryRefused`."""
+        ...
+
 
 class Turn(NamedTuple):
     """What one call of :meth:`Backend.serve` (or :meth:`Backend.poll`) did."""
@@ -263,6 +285,17 @@ class _Vring:
     notify: _CallNotify = field(default_factory=_CallNotify)
     broken_logged: bool = False
     gpas: tuple[int, ...] = ()  # guest addresses of the three ring areas
+    inflight: SplitInflight | PackedInflight | None = None  # its part of the inflight region
+
+
+@dataclass
+class _InflightRegion:
+    """The inflight region (GET/SET_INFLIGHT_FD) and its geometry."""
+
+    mapping: Mapping
+    num_queues: int
+    queue_size: int
+    packed: bool
 
 
 _Handler = Callable[[int, bytes, list[Fd]], bytes | None]
@@ -299,6 +332,8 @@ class Backend:
         self._backend_out = bytearray()
         self._config_change_pending = False
         device.config_notifier = self.config_changed
+        self._reply_fds: list[int] = []
+        self._inflight: _InflightRegion | None = None
         self.memory: GuestMemory | None = None
         self.refusals: list[str] = []
         """Requests answered with a non-zero ack (newest last): the connection went on."""
@@ -332,6 +367,8 @@ class Backend:
             Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
             Request.ADD_MEM_REG: self._add_mem_reg,
             Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # --- the message entry point ---------------------------------------------------------------
@@ -841,6 +878,12 @@ class Backend:
         if vr.queue is not None:  # a new kick fd (or polling) for a running ring
             return
         self._build_queue(vr, vr.base)
+        try:
+            self._recover(vr)
+        except BaseException:
+            self._untrack(vr)
+            vr.queue = None
+            raise
         log.info(
             "%s: ring %d started (size %d, avail %d%s)",
             self.name, vr.index, vr.size, vr.base.next_avail,
@@ -888,6 +931,13 @@ class Backend:
         except VirtioError as exc:
             raise RequestRefused(f"{self.name}: ring {vr.index}: {exc}") from None
         queue.set_budget(0)  # no chain until the ring is enabled (rule 3)
+        # a rebuilt queue goes on recording in the same region
+        tracker = vr.inflight
+        if isinstance(queue, Queue):
+            if isinstance(tracker, SplitInflight):
+                queue.track_inflight(tracker)
+        elif isinstance(tracker, PackedInflight):
+            queue.track_inflight(tracker)
         vr.queue = queue
         vr.broken_logged = False
         vr.gpas = tuple(gpas)
@@ -939,6 +989,7 @@ class Backend:
             else:
                 self._apply(vr, RingEvent.STOP)
         finally:  # a device hook that raised does not keep the ring's kick fd open
+            self._untrack(vr)
             vr.queue = None
             vr.polled = False
             self._close_kick(vr)
@@ -968,6 +1019,118 @@ class Backend:
                 self._stop(vr, let_go=True)
                 continue
             self._enter(vr)
+
+    # --- inflight I/O tracking ------------------------------------------------------------------
+
+    def _inflight_message(self, request: int, payload: bytes) -> InflightRec:
+        self._need_protocol(request, ProtocolFeature.INFLIGHT_SHMFD)
+        _expect_size(request, payload, INFLIGHT.size)
+        rec = INFLIGHT.unpack(payload)
+        if not 1 <= rec.num_queues <= len(self.vrings):
+            raise FrontendError(
+                f"{self.name}: {_name(request)} for {rec.num_queues} queues, the device has"
+                f" {len(self.vrings)}"
+            )
+        if any(vr.state.started for vr in self.vrings):
+            raise RequestRefused(f"{self.name}: {_name(request)} while rings run")
+        return rec
+
+    def _get_inflight_fd(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
+        """GET_INFLIGHT_FD: a new, zeroed region for ``num_queues`` queues of ``queue_size``
+        (vhost-user.rst, "Inflight I/O tracking"); its fd goes with the reply. A region that
+        cannot be made is answered with size 0 (the front-end then tracks nothing)."""
+        rec = self._inflight_message(request, payload)
+        size = region_size(rec.num_queues, rec.queue_size, packed=self.packed)
+        check_region(size, rec.num_queues, rec.queue_size, packed=self.packed)  # the counts
+        try:
+            fd, mapping = self.host.create_shared(size)
+        except MemoryRefused as exc:
+            log.error("%s: no inflight region: %s", self.name, exc)
+            return _reply(request, INFLIGHT.pack(rec._replace(mmap_size=0, mmap_offset=0)))
+        self._install_inflight(
+            _InflightRegion(mapping, rec.num_queues, rec.queue_size, self.packed)
+        )
+        self._reply_fds.append(fd)
+        return _reply(request, INFLIGHT.pack(rec._replace(mmap_size=size, mmap_offset=0)))
+
+    def _set_inflight_fd(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        """SET_INFLIGHT_FD: the region the rings record in (the front-end's copy of the one we
+        made, also after we were restarted: then it holds what our predecessor had in flight,
+        resubmitted when each ring starts)."""
+        rec = self._inflight_message(request, payload)
+        if len(fds) != 1 or fds[0].kind is not FdKind.FILE:
+            what = f"{len(fds)} fds" if len(fds) != 1 else f"fd {fds[0].num} is {fds[0].kind.value}"
+            raise FrontendError(f"{self.name}: SET_INFLIGHT_FD: {what}, not one file")
+        try:
+            check_region(rec.mmap_size, rec.num_queues, rec.queue_size, packed=self.packed)
+        except FrontendError as exc:
+            raise FrontendError(f"{self.name}: SET_INFLIGHT_FD: {exc}") from None
+        try:
+            mapping = self.host.map(fds[0], rec.mmap_offset, rec.mmap_size)
+        except MemoryRefused as exc:
+            raise RequestRefused(f"{self.name}: SET_INFLIGHT_FD: {exc}") from None
+        self._install_inflight(
+            _InflightRegion(mapping, rec.num_queues, rec.queue_size, self.packed)
+        )
+        log.info("%s: inflight region: %d queues of %d", self.name, rec.num_queues, rec.queue_size)
+        return None
+
+    def _install_inflight(self, region: _InflightRegion | None) -> None:
+        old, self._inflight = self._inflight, region
+        if old is not None:
+            _unmap_one(old.mapping)
+
+    def _recover(self, vr: _Vring) -> None:
+        """At a ring's start, with an inflight region: record in it from now on, and first
+        take again what a previous back-end left in flight (vhost-user.rst: the chains in flight,
+        in the order they were taken; the last batch rolled back if it was published)."""
+        region, queue = self._inflight, vr.queue
+        if region is None or vr.index >= region.num_queues or queue is None:
+            return
+        assert vr.size is not None
+        if region.packed != self.packed:
+            raise FrontendError(f"{self.name}: the inflight region was made for another format")
+        stride = queue_region_size(region.queue_size, packed=region.packed)
+        view = region.mapping.view[vr.index * stride : (vr.index + 1) * stride]
+        name = f"{self.name}: ring {vr.index}: inflight region"
+        if isinstance(queue, Queue):
+            split = SplitInflight(view, region.queue_size, name=name)
+            vr.inflight = split
+            used = queue.used_ring.idx()
+            rec = split.recover(used, ring_size=vr.size)
+            queue.track_inflight(split, state=QueueState(rec.next_avail, used), resubmit=rec.heads)
+            again = len(rec.heads)
+        else:
+            packed = PackedInflight(view, region.queue_size, name=name)
+            vr.inflight = packed
+            base = vr.base
+            prec = packed.recover(
+                queue.ring.flags, ring_size=vr.size, used_idx=base.next_used,
+                used_wrap=int(base.used_wrap),
+            )  # fmt: skip
+            state = QueueState(prec.next_avail, prec.next_used, bool(prec.avail_wrap),
+                               bool(prec.used_wrap))  # fmt: skip
+            queue.track_inflight(
+                packed, state=state, resubmit=[(c.entry, c.descs) for c in prec.chains]
+            )
+            again = len(prec.chains)
+        if again:
+            log.info("%s: ring %d: %d requests in flight taken again", self.name, vr.index, again)
+
+    def _untrack(self, vr: _Vring) -> None:
+        """The ring stops recording (its queue and the region's views let go)."""
+        if vr.inflight is None:
+            return
+        if vr.queue is not None:
+            vr.queue.track_inflight(None)
+        vr.inflight.release()
+        vr.inflight = None
+
+    def take_reply_fds(self) -> list[int]:
+        """The fds to send with the last reply (GET_INFLIGHT_FD's region); the server sends
+        them and closes them."""
+        fds, self._reply_fds = self._reply_fds, []
+        return fds
 
     # --- config --------------------------------------------------------------------------------
 
@@ -1147,6 +1310,9 @@ class Backend:
             vr.call_fd = vr.err_fd = None
         self._close(self.backend_req_fd)
         self.backend_req_fd = None
+        self._install_inflight(None)
+        for fd in self.take_reply_fds():
+            self.host.close(fd)
         self._release_memory()
         if failure is not None:
             raise failure
@@ -1180,3 +1346,10 @@ def _unmap(regions: list[_Region]) -> None:
             r.mapping.close()
         except BufferError as exc:
             log.error("guest memory region at %#x still exported: %s", r.gpa, exc)
+
+
+def _unmap_one(mapping: Mapping) -> None:
+    try:
+        mapping.close()
+    except BufferError as exc:
+        log.error("inflight region still exported: %s", exc)

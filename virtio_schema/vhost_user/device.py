@@ -32,6 +32,7 @@ OFFERED_PROTOCOL_FEATURES = int(
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
     | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.INFLIGHT_SHMFD
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.STATUS
 )
@@ -61,10 +62,13 @@ class VhostUserDevice:
 
     def protocol_features(self) -> int:
         """vhost-user protocol features the device wants offered (default: all the back-end
-        implements, :data:`OFFERED_PROTOCOL_FEATURES`). A
-        device whose front-end keeps the configuration space itself (QEMU's virtio-net) leaves
-        CONFIG out."""
-        return OFFERED_PROTOCOL_FEATURES
+        implements, :data:`OFFERED_PROTOCOL_FEATURES`, but INFLIGHT_SHMFD). A device whose
+        front-end keeps the configuration space itself (QEMU's virtio-net) leaves CONFIG out.
+
+        INFLIGHT_SHMFD (a restarted device process takes again the requests its predecessor
+        had taken and not completed) is for devices whose requests can be carried out twice
+        (a block read or write): a device opts in by adding it."""
+        return OFFERED_PROTOCOL_FEATURES & ~int(ProtocolFeature.INFLIGHT_SHMFD)
 
     writable_config: tuple[range, ...] = ()
     """Byte ranges of :meth:`config` the driver may write (SET_CONFIG). A write must lie inside

@@ -145,6 +145,23 @@ class OsHost:
             raise MemoryRefused(f"fd {fd.num} shrank below {offset + size:#x} while being mapped")
         return OsMapping(mm, memoryview(mm)[offset : offset + size])
 
+    def create_shared(self, size: int) -> tuple[int, Mapping]:
+        """A memfd of ``size`` zero bytes, sealed against growing, shrinking and new seals (the
+        front-end cannot resize what we map), mapped shared."""
+        try:
+            fd = os.memfd_create("virtio-schema-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise MemoryRefused(f"memfd_create: {exc}") from None
+        try:
+            os.ftruncate(fd, size)
+            seals = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            raise MemoryRefused(f"a shared region of {size} bytes: {exc}") from None
+        return fd, OsMapping(mm, memoryview(mm))
+
     def _seal(self, fd: int) -> None:
         """Seal ``fd`` against shrinking where it can be; otherwise apply the policy."""
         try:

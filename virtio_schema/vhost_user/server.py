@@ -496,22 +496,50 @@ class VhostUserServer:
         finally:
             self.refusals.extend(conn.core.refusals)
             conn.core.refusals.clear()
+        fds = conn.core.take_reply_fds()
         if reply is not None:
             if self.trace:
                 h = HEADER.unpack_from(reply)
                 trace_log.info(
-                    "%s -> %s", conn.name, describe(h.request, h.flags, reply[HEADER.size :])
-                )
+                    "%s -> %s", conn.name,
+                    describe(h.request, h.flags, reply[HEADER.size :], len(fds)),
+                )  # fmt: skip
             if self._capture is not None:
-                self._record(conn, CAPTURE_OUT, reply, 0)
-            conn.out += reply
+                self._record(conn, CAPTURE_OUT, reply, len(fds))
+            error = self._send_fds(conn, reply, fds) if fds else None
+            if error is not None:
+                return error
+            if not fds:
+                conn.out += reply
             if len(conn.out) > self.max_output:
                 return f"the front-end does not read its replies ({len(conn.out)} bytes queued)"
             self._flush(conn)
             if not conn.alive:  # the send failed: dropped already
                 return None
+        else:
+            _close_all(fds)
         self._after(conn)
         return None
+
+    def _send_fds(self, conn: _Conn, reply: bytes, fds: list[int]) -> str | None:
+        """Send a reply that carries fds (they go with its first byte; the rest joins the output
+        queue), then close our copies. The replies before it must be gone: the fds would
+        otherwise arrive with the wrong message."""
+        try:
+            self._flush(conn)
+            if conn.out:
+                return f"a reply with fds behind {len(conn.out)} unsent bytes"
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            try:
+                sent = conn.sock.sendmsg([reply], anc)
+            except (BlockingIOError, InterruptedError):
+                return "the front-end does not read its replies (a reply with fds)"
+            except OSError as exc:
+                return f"sending a reply: {exc}"
+            conn.out += reply[sent:]
+            return None
+        finally:
+            _close_all(fds)
 
     def _flush(self, conn: _Conn) -> None:
         """Write what the socket takes of the output queue; watch for room if some is left."""
