@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from virtio_schema.chain import InsufficientSpace, ReadableChain, WritableChain
 from virtio_schema.errors import DriverError
@@ -78,6 +79,7 @@ class BlkDevice:
         read_only: bool = False,
         serial: bytes = b"virtio-schema",
         num_queues: int = 1,
+        latency: float = 0.0,
     ) -> None:
         self.image = image
         self._fd = image.fileno()
@@ -86,6 +88,8 @@ class BlkDevice:
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues {num_queues} outside 1..65535")
         self.num_queues = num_queues
+        self.latency = latency
+        """Seconds each request is held before it completes (a slow disk: restart drills)."""
         self.capacity = 0
         self.refresh_capacity()
         self.requests = 0
@@ -150,6 +154,8 @@ class BlkDevice:
     def handle(self, chain: DescChain) -> None:
         """Serve one request and return its chain (exactly once, whatever happens)."""
         self.requests += 1
+        if self.latency:
+            time.sleep(self.latency)
         with chain:
             try:
                 self._request(chain)
@@ -304,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"request queues offered; the front-end uses up to N (default {MAX_QUEUES})",
     )
     p.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="hold each request this long before serving it: a slow disk, for restart drills"
+        " (the server waits too: no other ring or connection is served meanwhile)",
+    )
+    p.add_argument(
         "--watch",
         type=float,
         default=1.0,
@@ -319,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             read_only=args.read_only,
             serial=args.serial.encode(),
             num_queues=args.max_queues,
+            latency=args.latency,
         )
         watch = args.watch or None
         server = make_server(args, lambda: VhostUserBlk(blk, watch=watch), capture=args.capture)
