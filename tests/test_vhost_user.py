@@ -51,7 +51,7 @@ from virtio_schema.testing.frontend import (
     wait_signalled,
 )
 from virtio_schema.vhost_user import ServerAddressInUse, VhostUserDevice, VhostUserServer
-from virtio_schema.vhost_user.backend import Backend
+from virtio_schema.vhost_user.backend import LOG_ALL, Backend
 from virtio_schema.vhost_user.device import OFFERED_PROTOCOL_FEATURES
 from virtio_schema.vhost_user.inflight import queue_region_size
 from virtio_schema.vhost_user.messages import (
@@ -80,6 +80,7 @@ SECTOR = 512
 QUEUE_SIZE = 16
 PROTOCOL = int(
     ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
@@ -272,7 +273,7 @@ def test_qemu_sequence_negotiates_serves_stops_and_restarts_at_the_base(
         # init: GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
         # SET_OWNER, GET_FEATURES, SET_VRING_CALL, SET_VRING_ERR, GET_CONFIG
         offered = fe.get_features()
-        assert offered == blk.features | Feature.PROTOCOL_FEATURES
+        assert offered == blk.features | Feature.PROTOCOL_FEATURES | LOG_ALL
         assert offered & (1 << 30)
         assert fe.get_protocol_features() == PROTOCOL
         fe.set_protocol_features(PROTOCOL)
@@ -805,9 +806,14 @@ CASES = [
     Case("unknown-request", lambda h: h.fe.send(999), r"unexpected request request 999"),
     Case("request-0", lambda h: h.fe.send(0, _u64(0)), r"unexpected request request 0"),
     Case(
-        "unimplemented-SET_LOG_BASE",
+        "unimplemented-POSTCOPY_ADVISE",
+        lambda h: h.fe.send(Request.POSTCOPY_ADVISE),
+        r"unexpected request POSTCOPY_ADVISE",
+    ),
+    Case(
+        "SET_LOG_BASE-without-LOG_SHMFD",
         lambda h: h.fe.send(Request.SET_LOG_BASE, bytes(16)),
-        r"unexpected request SET_LOG_BASE",
+        r"SET_LOG_BASE without the LOG_SHMFD protocol feature",
     ),
     Case(
         "SET_FEATURES-4-bytes",

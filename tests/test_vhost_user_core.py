@@ -34,6 +34,7 @@ from virtio_schema.queue import VirtQueue
 from virtio_schema.schema import DescFlags, Feature
 from virtio_schema.vhost_user import backend as backend_module
 from virtio_schema.vhost_user.backend import (
+    LOG_ALL,
     MAX_MEM_SLOTS,
     Backend,
     Fd,
@@ -54,6 +55,7 @@ from virtio_schema.vhost_user.inflight import (
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
+    LOG_DESCRIPTION,
     MEM_REGION,
     MEMORY_HDR,
     NOFD,
@@ -61,11 +63,13 @@ from virtio_schema.vhost_user.messages import (
     U64,
     VERSION,
     VRING_ADDR,
+    VRING_F_LOG,
     VRING_STATE,
     BackendRequest,
     ConfigHdrRec,
     HeaderFlags,
     HeaderRec,
+    LogDescriptionRec,
     MemoryHdrRec,
     MemoryRegionRec,
     ProtocolFeature,
@@ -83,6 +87,7 @@ RAM_SIZE = 1 << 16
 QUEUE_SIZE = 16
 PROTOCOL = int(
     ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
@@ -446,7 +451,7 @@ def test_qemu_sequence_calls_hooks_in_order_serves_turns_and_reports_calls_and_w
     conn: Harness,
 ) -> None:
     offered = conn.get_u64(Request.GET_FEATURES)
-    assert offered == conn.device.device_features() | Feature.PROTOCOL_FEATURES
+    assert offered == conn.device.device_features() | Feature.PROTOCOL_FEATURES | LOG_ALL
     assert conn.get_u64(Request.GET_PROTOCOL_FEATURES) == PROTOCOL
     # REPLY_ACK is not in force yet when this message arrives: no ack, though it asks for one
     assert conn.send(Request.SET_PROTOCOL_FEATURES, _u64(PROTOCOL), need_reply=True) is None
@@ -1029,6 +1034,106 @@ def test_a_hostile_inflight_region_refuses_the_ring_start_and_closes_its_kick_fd
     assert not conn.backend.vrings[0].state.started
 
 
+# --- the dirty log (SET_LOG_BASE, LOG_ALL) ------------------------------------------------------------
+
+LOG_BYTES = (GPA + RAM_SIZE) // 4096 // 8 + 1
+"""A log that covers the test RAM (one bit per 4 KiB page from guest-physical 0)."""
+
+
+def _log_base(conn: Harness, size: int = LOG_BYTES) -> tuple[bytes | None, bytearray]:
+    """SET_LOG_BASE with a new log "file" of ``size`` bytes: the reply and the log."""
+    fd = conn.fd(FdKind.FILE)
+    log = bytearray(size)
+    conn.host.files[fd.num] = log
+    payload = LOG_DESCRIPTION.pack(LogDescriptionRec(size, 0))
+    return conn.send(Request.SET_LOG_BASE, payload, [fd]), log
+
+
+def _pages(log: bytearray) -> set[int]:
+    return {p for p in range(8 * len(log)) if log[p >> 3] >> (p & 7) & 1}
+
+
+def test_set_log_base_is_always_answered_and_the_queues_mark_while_log_all_is_on(
+    conn: Harness,
+) -> None:
+    conn.running()
+    reply, log = _log_base(conn)  # no NEED_REPLY: QEMU waits for the answer all the same
+    hdr, body = _split_reply(reply)
+    assert (hdr.request, U64.unpack(body).u64) == (Request.SET_LOG_BASE, 0)
+    conn.publish(1)
+    assert conn.backend.serve(0).taken == 1
+    assert _pages(log) == set()  # LOG_ALL is off: nothing marked
+    features = conn.backend.acked_features
+    assert conn.ack(Request.SET_FEATURES, _u64(features | LOG_ALL)) == 0
+    used_page = conn.driver.used_addr // 4096
+    assert used_page in _pages(log)  # turning it on marks the rings (what was written before)
+    log[:] = bytes(len(log))
+    (head,) = conn.publish(1)
+    buffer_page = conn.driver.desc_table.get(head).addr // 4096
+    assert conn.backend.serve(0).taken == 1
+    assert {used_page, buffer_page} <= _pages(log)  # the used ring and the chain's buffer
+    log[:] = bytes(len(log))
+    assert conn.ack(Request.SET_FEATURES, _u64(features)) == 0  # migration over
+    conn.publish(1)
+    assert conn.backend.serve(0).taken == 1
+    assert _pages(log) == set()
+
+
+def test_a_log_address_given_with_vring_f_log_is_where_used_ring_writes_are_marked(
+    conn: Harness,
+) -> None:
+    """QEMU turns logging on for a running ring with SET_VRING_ADDR(VHOST_VRING_F_LOG): the
+    ring is not rebuilt (the device keeps its queue) and its used-ring marks go to ``log``."""
+    conn.running()
+    _, log = _log_base(conn)
+    assert conn.ack(Request.SET_FEATURES, _u64(conn.backend.acked_features | LOG_ALL)) == 0
+    elsewhere = GPA + 0x8000  # not the used ring's page: proves the log address is used
+    rec = VRING_ADDR.unpack(conn.vring_addr())._replace(flags=VRING_F_LOG, log=elsewhere)
+    assert conn.ack(Request.SET_VRING_ADDR, VRING_ADDR.pack(rec)) == 0
+    assert conn.device.calls == []  # no rebuild: no hooks
+    log[:] = bytes(len(log))
+    conn.publish(1)
+    assert conn.backend.serve(0).taken == 1
+    marked = _pages(log)
+    assert elsewhere // 4096 in marked
+
+
+def test_a_log_too_small_for_the_memory_is_refused(conn: Harness) -> None:
+    conn.running()
+    fd = conn.fd(FdKind.FILE)
+    conn.host.files[fd.num] = bytearray(16)
+    payload = LOG_DESCRIPTION.pack(LogDescriptionRec(16, 0))
+    assert conn.ack(Request.SET_LOG_BASE, payload, [fd]) == 1
+    assert "covers 128 pages, the memory ends at 0x40010000" in conn.backend.refusals[-1]
+    assert conn.backend.dirty_log is None
+
+
+@pytest.mark.parametrize(
+    ("kinds", "payload", "match"),
+    [
+        ((), LOG_DESCRIPTION.pack(LogDescriptionRec(LOG_BYTES, 0)), "0 fds, not one file"),
+        ((FdKind.EVENTFD,), LOG_DESCRIPTION.pack(LogDescriptionRec(LOG_BYTES, 0)), "eventfd"),
+        ((FdKind.FILE,), LOG_DESCRIPTION.pack(LogDescriptionRec(0, 0)), "size 0x0"),
+        ((FdKind.FILE,), bytes(8), "payload of 8 bytes, expected 16"),
+    ],
+)
+def test_a_malformed_set_log_base_ends_the_connection_and_closes_its_fds(
+    conn: Harness, kinds: tuple[FdKind, ...], payload: bytes, match: str
+) -> None:
+    conn.running()
+    fds = [conn.fd(kind) for kind in kinds]
+    with pytest.raises(FrontendError, match=match):
+        conn.send(Request.SET_LOG_BASE, payload, fds)
+    assert all(fd.num in conn.host.closed for fd in fds)
+
+
+def test_vring_addr_flags_other_than_log_end_the_connection(conn: Harness) -> None:
+    conn.running()
+    rec = VRING_ADDR.unpack(conn.vring_addr())._replace(flags=0x2)
+    with pytest.raises(FrontendError, match="flags 0x2"):
+        conn.send(Request.SET_VRING_ADDR, VRING_ADDR.pack(rec))
+
+
 # --- busy polling: kicks paused and resumed --------------------------------------------------------
 
 
@@ -1330,12 +1435,22 @@ def test_set_features_changing_a_bit_while_a_ring_runs_is_refused(
     assert conn.backend.serve(0) == Turn(1, ())  # still served as a split ring
 
 
-def test_set_features_with_log_all_is_refused_as_not_offered(conn: Harness) -> None:
+def test_set_features_may_turn_log_all_on_and_off_while_a_ring_runs(conn: Harness) -> None:
     conn.running()
     features = conn.backend.acked_features
-    assert conn.ack(Request.SET_FEATURES, _u64(features | backend_module.LOG_ALL)) != 0
+    assert conn.ack(Request.SET_FEATURES, _u64(features | LOG_ALL)) == 0
+    assert conn.ack(Request.SET_FEATURES, _u64(features)) == 0
+    conn.publish(1)
+    assert conn.backend.serve(0) == Turn(1, ())
+
+
+def test_log_all_is_not_offered_to_a_device_without_the_dirty_log(conn: Harness) -> None:
+    conn.device.protocol_features = lambda: int(ProtocolFeature.REPLY_ACK)  # type: ignore[method-assign]
+    offered = conn.get_u64(Request.GET_FEATURES)
+    assert not offered & LOG_ALL
+    conn.send(Request.SET_PROTOCOL_FEATURES, _u64(int(ProtocolFeature.REPLY_ACK)))
+    assert conn.ack(Request.SET_FEATURES, _u64(offered | LOG_ALL)) != 0
     assert "unoffered" in conn.backend.refusals[-1]
-    assert conn.backend.acked_features == features
 
 
 def test_set_features_may_change_bits_again_once_the_ring_stopped(conn: Harness) -> None:

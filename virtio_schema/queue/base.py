@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.queue.errors import OutOfOrderReturn, QueueBroken, RingError
-from virtio_schema.queue.state import DriverNotify, QueueState
+from virtio_schema.queue.state import DriverNotify, QueueState, WriteLog
 from virtio_schema.schema import Feature
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ class QueueBase:
         self._outstanding: collections.deque[int] = collections.deque()  # IN_ORDER: pop order
         self._batch: list[tuple[int, int, int]] | None = None
         self._resubmit: collections.deque[DescChain] = collections.deque()  # handed out first
+        self._dirty: WriteLog | None = None
+        self._dirty_areas: tuple[tuple[int, int], ...] = ()
         self._budget = -1  # chains next_chain may still hand out this turn; negative: no limit
         locate = getattr(driver_mem, "locate", None)  # the optional fast path (mem.Locate)
         self._locate: Locate | None = locate if callable(locate) else None
@@ -160,7 +162,42 @@ class QueueBase:
             if chain.head != first:
                 raise OutOfOrderReturn(self.index, chain.head, first)
 
+    # --- the dirty log (live migration) ---------------------------------------------------------
+
+    def set_dirty_log(self, log: WriteLog | None, rings: Sequence[tuple[int, int]] = ()) -> None:
+        """Mark in ``log`` every byte the device writes from now on (``None``: stop): the bytes
+        each returned chain's ``written`` count covers, in its device-writable buffers (whatever
+        wrote them: the chain writers, the fd transfers, the device through views), and the
+        ``rings`` areas, ``(driver address, length)`` each, that the queue writes (the used ring;
+        the packed descriptor ring and device event area), each time it publishes."""
+        self._dirty = log
+        self._dirty_areas = tuple(rings)
+        if log is not None:
+            self.log_rings()  # what the queue wrote there before (avail_event, flags)
+
+    def log_rings(self) -> None:
+        """Mark the ring areas the queue writes (after a publish; a transport also calls it when
+        it stops the ring, the last moment a front-end can learn of them)."""
+        log = self._dirty
+        if log is not None:
+            for addr, length in self._dirty_areas:
+                log.mark(addr, length)
+
+    def _log_written(self, chain: DescChain, written: int) -> None:
+        """The first ``written`` bytes of the chain's writable buffers were written."""
+        assert self._dirty is not None
+        buffers = chain.buffers
+        addrs, lens = buffers.addrs, buffers.lens
+        for k in range(buffers.n_readable, len(addrs)):
+            n = lens[k] if lens[k] < written else written
+            self._dirty.mark(addrs[k], n)
+            written -= n
+            if written <= 0:
+                return
+
     def _return_chain(self, chain: DescChain, written: int) -> None:
+        if self._dirty is not None and written:  # written even if never published (stale)
+            self._log_written(chain, written)
         if self._in_order and chain._gen == self._generation:
             self._forget(chain.head)  # also when broken: the next-oldest can then be returned
         if chain._gen != self._generation or self._broken is not None:

@@ -438,6 +438,8 @@ class PackedQueue(QueueBase):
         w16[8 * pos + self._flags_w] = flags
         if log is not None:
             log.completed(entries)
+        if self._dirty is not None:
+            self.log_rings()
         pos = end
         self._used_wrap = wrap
         self._next_used = pos

@@ -318,6 +318,8 @@ class Queue(QueueBase):
         self._used_words[self._used_idx_w] = next_used
         if log is not None:
             log.completed(heads, next_used)
+        if self._dirty is not None:
+            self.log_rings()
         if next_used != start and self._should_notify(next_used):
             self.notifier.notify()
 
@@ -336,6 +338,8 @@ class Queue(QueueBase):
         self._used_words[self._used_idx_w] = next_used
         if log is not None:
             log.completed((head,), next_used)
+        if self._dirty is not None:
+            self.log_rings()
         if self._should_notify(next_used):
             self.notifier.notify()
 

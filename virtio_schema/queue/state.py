@@ -20,6 +20,7 @@ __all__ = [
     "QueueMemory",
     "QueueState",
     "SplitInflightLog",
+    "WriteLog",
     "vring_need_event",
 ]
 
@@ -104,4 +105,14 @@ class PackedInflightLog(Protocol):
 
     def completed(self, entries: Sequence[int]) -> None:
         """That used descriptor was published."""
+        ...
+
+
+class WriteLog(Protocol):
+    """Where a queue marks the guest memory the device wrote (live migration's dirty log:
+    :class:`~virtio_schema.vhost_user.dirty_log.DirtyLog`); see
+    :meth:`~virtio_schema.queue.Queue.set_dirty_log`."""
+
+    def mark(self, addr: int, length: int) -> None:
+        """``length`` bytes at driver address ``addr`` were written."""
         ...

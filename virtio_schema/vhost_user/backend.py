@@ -65,6 +65,7 @@ from virtio_schema.schema import (
     used_ring,
 )
 from virtio_schema.vhost_user.device import OFFERED_PROTOCOL_FEATURES, VhostUserDevice
+from virtio_schema.vhost_user.dirty_log import DirtyLog
 from virtio_schema.vhost_user.errors import FrontendError, RequestRefused
 from virtio_schema.vhost_user.inflight import (
     INFLIGHT,
@@ -78,6 +79,7 @@ from virtio_schema.vhost_user.inflight import (
 from virtio_schema.vhost_user.messages import (
     CONFIG_HDR,
     HEADER,
+    LOG_DESCRIPTION,
     MAX_FDS,
     MEM_REGION,
     MEMORY_HDR,
@@ -87,6 +89,7 @@ from virtio_schema.vhost_user.messages import (
     U64,
     VERSION,
     VRING_ADDR,
+    VRING_F_LOG,
     VRING_INDEX_MASK,
     VRING_STATE,
     BackendRequest,
@@ -128,7 +131,8 @@ for migration)."""
 # (REM_MEM_REG carries none, but a stray one is closed, as vhost-user.rst asks)
 _FD_REQUESTS = {Request.SET_MEM_TABLE, Request.SET_VRING_KICK, Request.SET_VRING_CALL,
                 Request.SET_VRING_ERR, Request.SET_BACKEND_REQ_FD, Request.ADD_MEM_REG,
-                Request.REM_MEM_REG, Request.SET_INFLIGHT_FD}  # fmt: skip
+                Request.REM_MEM_REG, Request.SET_INFLIGHT_FD, Request.SET_LOG_BASE,
+                Request.SET_LOG_FD}  # fmt: skip
 _KNOWN_FLAGS = int(HeaderFlags.VERSION_MASK | HeaderFlags.NEED_REPLY)  # int: ~ flips every bit
 _CONFIG_FRONTEND, _CONFIG_MIGRATION = 0, 1  # SET_CONFIG flags (vhost-user.rst, config space)
 
@@ -334,6 +338,11 @@ class Backend:
         device.config_notifier = self.config_changed
         self._reply_fds: list[int] = []
         self._inflight: _InflightRegion | None = None
+        self.dirty_log: DirtyLog | None = None
+        """The live-migration log (SET_LOG_BASE); the queues mark it while LOG_ALL is acked."""
+        self._log_mapping: Mapping | None = None
+        self.log_fd: int | None = None  # SET_LOG_FD: signalled after a turn that logged
+        self._log_marks = 0
         self.memory: GuestMemory | None = None
         self.refusals: list[str] = []
         """Requests answered with a non-zero ack (newest last): the connection went on."""
@@ -369,6 +378,8 @@ class Backend:
             Request.REM_MEM_REG: self._rem_mem_reg,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_LOG_BASE: self._set_log_base,
+            Request.SET_LOG_FD: self._set_log_fd,
         }
 
     # --- the message entry point ---------------------------------------------------------------
@@ -428,7 +439,14 @@ class Backend:
         return OFFERED_PROTOCOL_FEATURES & int(self.device.protocol_features())
 
     def offered_features(self) -> int:
-        return int(self.device.device_features()) | int(Feature.PROTOCOL_FEATURES)
+        """The device's features, PROTOCOL_FEATURES, and LOG_ALL where the dirty log is offered
+        (LOG_SHMFD: QEMU refuses to migrate a device without both)."""
+        logs = self.offered_protocol_features() & ProtocolFeature.LOG_SHMFD
+        return (
+            int(self.device.device_features())
+            | int(Feature.PROTOCOL_FEATURES)
+            | (LOG_ALL if logs else 0)
+        )
 
     def _get_features(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
         _expect_size(request, payload, 0)
@@ -446,8 +464,12 @@ class Backend:
                 f"{self.name}: SET_FEATURES changes bits {changed:#x} while ring(s)"
                 f" {running} run (only VHOST_F_LOG_ALL may change)"
             )
+        logging_changed = (value ^ self.acked_features) & LOG_ALL
         self.acked_features = value
         log.info("%s: features acked %#x", self.name, value)
+        if logging_changed:
+            log.info("%s: dirty logging %s", self.name, "on" if value & LOG_ALL else "off")
+            self._apply_dirty_log()
         if not value & Feature.PROTOCOL_FEATURES:
             for vr in self.vrings:  # without protocol features, rings are enabled
                 self._apply(vr, RingEvent.ENABLE)
@@ -791,8 +813,17 @@ class Backend:
         _expect_size(request, payload, VRING_ADDR.size)
         a = VRING_ADDR.unpack(payload)
         vr = self._vring(request, a.index)
+        if a.flags & ~VRING_F_LOG:
+            raise FrontendError(f"{self.name}: SET_VRING_ADDR ring {a.index} flags {a.flags:#x}")
         if vr.queue is None:
             vr.addr = a
+            return None
+        old = vr.addr
+        if old is not None and (old.descriptor, old.available, old.used) == (
+            a.descriptor, a.available, a.used
+        ):  # fmt: skip
+            vr.addr = a  # only the log address or flag (migration starts or ends): no rebuild
+            self._apply_dirty_log()
             return None
         # moved while running: rebuild at the same place, or keep the old one if it does not fit
         old, state = vr.addr, vr.queue.state()
@@ -941,6 +972,7 @@ class Backend:
         vr.queue = queue
         vr.broken_logged = False
         vr.gpas = tuple(gpas)
+        self._apply_dirty_log()
 
     def _apply(self, vr: _Vring, event: RingEvent) -> None:
         """Move ring ``vr`` by ``event`` (the table) and tell the device."""
@@ -981,6 +1013,7 @@ class Backend:
         there). ``let_go``: the device let go of its queue already (no hooks)."""
         if vr.queue is not None:
             vr.base = vr.queue.state()
+            vr.queue.log_rings()  # the last marks before the front-end's final pass
         if vr.state.started:
             log.info("%s: ring %d stopped", self.name, vr.index)
         try:
@@ -1019,6 +1052,71 @@ class Backend:
                 self._stop(vr, let_go=True)
                 continue
             self._enter(vr)
+
+    # --- the dirty log (live migration) ---------------------------------------------------------
+
+    def _set_log_base(self, request: int, payload: bytes, fds: list[Fd]) -> bytes:
+        """SET_LOG_BASE (LOG_SHMFD): the bitmap to mark, in the fd that comes with it. Always
+        answered (QEMU waits for the reply whatever the flags). A log that does not cover the
+        memory table is refused: a mark past its end would be lost."""
+        self._need_protocol(request, ProtocolFeature.LOG_SHMFD)
+        _expect_size(request, payload, LOG_DESCRIPTION.size)
+        d = LOG_DESCRIPTION.unpack(payload)
+        if len(fds) != 1 or fds[0].kind is not FdKind.FILE:
+            what = f"{len(fds)} fds" if len(fds) != 1 else f"fd {fds[0].num} is {fds[0].kind.value}"
+            raise FrontendError(f"{self.name}: SET_LOG_BASE: {what}, not one file")
+        if d.mmap_size == 0 or d.mmap_size + d.mmap_offset > 1 << 63:
+            raise FrontendError(
+                f"{self.name}: SET_LOG_BASE size {d.mmap_size:#x} offset {d.mmap_offset:#x}"
+            )
+        try:
+            mapping = self.host.map(fds[0], d.mmap_offset, d.mmap_size)
+        except MemoryRefused as exc:
+            raise RequestRefused(f"{self.name}: SET_LOG_BASE: {exc}") from None
+        dirty = DirtyLog(mapping.view)
+        end = max((r.gpa + r.size for r in self._regions), default=0)
+        if not dirty.covers(end):
+            dirty.release()
+            _unmap_one(mapping)
+            raise RequestRefused(
+                f"{self.name}: SET_LOG_BASE: a log of {d.mmap_size} bytes covers"
+                f" {dirty.pages} pages, the memory ends at {end:#x}"
+            )
+        old, old_mapping = self.dirty_log, self._log_mapping
+        self.dirty_log, self._log_mapping = dirty, mapping  # the new one before the old goes
+        self._apply_dirty_log()
+        if old is not None and old_mapping is not None:
+            old.release()
+            _unmap_one(old_mapping)
+        log.info("%s: dirty log of %d pages", self.name, dirty.pages)
+        return _reply(request, U64.pack(U64Rec(0)))
+
+    def _set_log_fd(self, request: int, payload: bytes, fds: list[Fd]) -> None:
+        """SET_LOG_FD: an eventfd signalled after a turn that logged (QEMU 7.2 sends none)."""
+        self._need_protocol(request, ProtocolFeature.LOG_SHMFD)
+        if len(payload) not in (0, U64.size):
+            _expect_size(request, payload, 0)
+        if len(fds) != 1 or fds[0].kind not in (FdKind.EVENTFD, FdKind.PIPE):
+            raise FrontendError(f"{self.name}: SET_LOG_FD without one eventfd")
+        self._close(self.log_fd)
+        self.log_fd = fds.pop().num
+        return None
+
+    def _apply_dirty_log(self) -> None:
+        """Give each queue the log while LOG_ALL is acked and a log is set, with the ring areas
+        it writes (the used ring at its log address when SET_VRING_ADDR gave one)."""
+        on = self.dirty_log if self.acked_features & LOG_ALL else None
+        for vr in self.vrings:
+            if vr.queue is None or vr.addr is None or vr.size is None:
+                continue
+            rings: list[tuple[int, int]] = []
+            if on is not None and len(vr.gpas) == 3:
+                logged = vr.addr.log if vr.addr.flags & VRING_F_LOG else vr.gpas[2]
+                if self.packed:
+                    rings = [(vr.gpas[0], 16 * vr.size), (logged, 4)]
+                else:
+                    rings = [(logged, used_ring(vr.size).sizeof())]
+            vr.queue.set_dirty_log(on, rings)
 
     # --- inflight I/O tracking ------------------------------------------------------------------
 
@@ -1202,8 +1300,13 @@ class Backend:
         return woken
 
     def take_calls(self) -> list[int]:
-        """Call fds the server must signal now (the queues notified since the last call)."""
+        """Call fds the server must signal now (the queues notified since the last call; the
+        SET_LOG_FD eventfd if pages were logged)."""
         calls = []
+        dirty = self.dirty_log
+        if dirty is not None and self.log_fd is not None and dirty.marks != self._log_marks:
+            self._log_marks = dirty.marks
+            calls.append(self.log_fd)
         for vr in self.vrings:
             if vr.notify.pending:
                 vr.notify.pending = False
@@ -1313,6 +1416,12 @@ class Backend:
         self._install_inflight(None)
         for fd in self.take_reply_fds():
             self.host.close(fd)
+        if self.dirty_log is not None and self._log_mapping is not None:
+            self.dirty_log.release()
+            _unmap_one(self._log_mapping)
+        self.dirty_log = self._log_mapping = None
+        self._close(self.log_fd)
+        self.log_fd = None
         self._release_memory()
         if failure is not None:
             raise failure

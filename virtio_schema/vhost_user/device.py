@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 OFFERED_PROTOCOL_FEATURES = int(
     ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
     | ProtocolFeature.REPLY_ACK
     | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG

@@ -36,6 +36,7 @@ __all__ = [
     "CAPTURE_OUT",
     "CONFIG_HDR",
     "HEADER",
+    "LOG_DESCRIPTION",
     "MAX_CONFIG_SIZE",
     "MAX_FDS",
     "MAX_PAYLOAD",
@@ -47,6 +48,7 @@ __all__ = [
     "U64",
     "VERSION",
     "VRING_ADDR",
+    "VRING_F_LOG",
     "VRING_INDEX_MASK",
     "VRING_STATE",
     "BackendRequest",
@@ -56,6 +58,7 @@ __all__ = [
     "ConfigSpace",
     "Header",
     "HeaderFlags",
+    "LogDescription",
     "MemoryHdr",
     "MemoryRegion",
     "MemoryTable",
@@ -238,6 +241,15 @@ SingleMemoryRegion = Struct(
 )
 """The ADD_MEM_REG / REM_MEM_REG payload."""
 
+LogDescription = Struct(
+    "mmap_size" / Int64ul,
+    "mmap_offset" / Int64ul,
+)
+"""The SET_LOG_BASE payload: where in the fd that comes with it the dirty log lies."""
+
+VRING_F_LOG = 0x1
+"""SET_VRING_ADDR ``flags``: ``log`` is the guest address to log used-ring writes at."""
+
 ConfigHdr = Struct(
     "offset" / Int32ul,
     "size" / Int32ul,
@@ -293,6 +305,11 @@ class MemoryHdrRec(NamedTuple):
     num_regions: int
 
 
+class LogDescriptionRec(NamedTuple):
+    mmap_size: int
+    mmap_offset: int
+
+
 class ConfigHdrRec(NamedTuple):
     offset: int
     size: int
@@ -309,6 +326,9 @@ SINGLE_MEM_REGION: Layout[MemoryRegionRec] = Layout(
     SingleMemoryRegion, MemoryRegionRec, name="SingleMemoryRegion"
 )
 CONFIG_HDR: Layout[ConfigHdrRec] = Layout(ConfigHdr, ConfigHdrRec, name="ConfigHdr")
+LOG_DESCRIPTION: Layout[LogDescriptionRec] = Layout(
+    LogDescription, LogDescriptionRec, name="LogDescription"
+)
 
 _U64_REQUESTS = {
     Request.GET_FEATURES,
@@ -427,6 +447,9 @@ def _describe_payload(request: int, payload: bytes) -> str:
             f"gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} uva={r.userspace_addr:#x}"
             f" off={r.mmap_offset:#x}"
         )
+    if request == Request.SET_LOG_BASE and len(payload) == LogDescription.sizeof():
+        d = LogDescription.parse(payload)
+        return f"mmap_size={d.mmap_size:#x} mmap_offset={d.mmap_offset:#x}"
     if request in (Request.GET_CONFIG, Request.SET_CONFIG):
         c = ConfigSpace.parse(payload)
         return f"offset={c.offset} size={c.size} flags={c.flags} data={bytes(c.payload)[:64].hex()}"
