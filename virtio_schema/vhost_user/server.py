@@ -496,6 +496,10 @@ class VhostUserServer:
         finally:
             self.refusals.extend(conn.core.refusals)
             conn.core.refusals.clear()
+        # chains a request served (GET_VRING_BASE and a disable serve what is available) are
+        # signalled BEFORE its reply: QEMU tears the guest notifiers down once it has the reply,
+        # and a call that comes after is lost (the guest would wait for it forever)
+        _signal_calls(conn.core)
         fds = conn.core.take_reply_fds()
         if reply is not None:
             if self.trace:
