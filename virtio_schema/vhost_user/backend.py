@@ -1017,7 +1017,10 @@ class Backend:
             vr.base = vr.queue.state()
             vr.queue.log_rings()  # the last marks before the front-end's final pass
         if vr.state.started:
-            log.info("%s: ring %d stopped", self.name, vr.index)
+            log.info(
+                "%s: ring %d stopped (avail %d, used %d)",
+                self.name, vr.index, vr.base.next_avail, vr.base.next_used,
+            )  # fmt: skip
         try:
             if let_go:
                 vr.state = transition(vr.state, RingEvent.STOP)
