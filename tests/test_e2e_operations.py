@@ -12,7 +12,6 @@ missing (a failure in CI, which installs them).
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
 import signal
@@ -122,13 +121,15 @@ umount /mnt
 """
 
 
+@pytest.mark.parametrize("threads", [False, True], ids=["one-thread", "worker-threads"])
 def test_two_vcpus_do_file_system_io_on_two_request_queues(
-    guest: GuestTools, short_tmp: Path
+    guest: GuestTools, short_tmp: Path, threads: bool
 ) -> None:
     """QEMU's ``num-queues=2`` on a two-vCPU guest: Linux maps a request queue to each CPU; a
     writer pinned to each CPU writes and reads back its file on an ext2 file system (made by
     ``mke2fs``, mounted by the ext4 driver; O_DIRECT,
-    so the requests leave from that CPU), and the back-end serves requests on both queues."""
+    so the requests leave from that CPU), and the back-end serves requests on both queues: on
+    its one thread, or (``--threads``) each queue on a worker thread of its own."""
     image = short_tmp / "disk.img"
     image.write_bytes(bytes(32 << 20))
     rng = random.Random(21)
@@ -140,7 +141,7 @@ def test_two_vcpus_do_file_system_io_on_two_request_queues(
         modules=guest.kit.module_paths(["virtio_pci", "virtio_blk"]),
         files=files,
     )
-    with _blk_backend(short_tmp, image) as backend:
+    with _blk_backend(short_tmp, image, *(["--threads"] if threads else [])) as backend:
         chardev = f"socket,id=dev0,path={short_tmp / 'blk.sock'}"
         device = ["-chardev", chardev, "-device", "vhost-user-blk-pci,chardev=dev0,num-queues=2"]
         with start_guest(guest.kit, initrd, device, timeout=GUEST_TIMEOUT, smp=2) as vm:
@@ -159,6 +160,7 @@ def test_two_vcpus_do_file_system_io_on_two_request_queues(
     }
     assert served.keys() == {0, 1}, why
     assert min(served.values()) > 0, why
+    assert ("a worker thread per queue" in backend.log()) == threads, why
     assert result.lines("E2E-DONE") == [""], why
 
 
@@ -244,11 +246,16 @@ PATTERNS = 4
 ITERATIONS = 120
 PROGRESS = 20  # the guest prints a progress line every this many iterations
 KILL_AT = (1, 3, 5)  # ... and the back-end is killed after these progress lines
-RESTART_WORKLOAD = f"""
+
+
+def _write_verify_loop(iterations: int) -> str:
+    """The guest's workload: ``iterations`` times, write a pattern to a chunk with O_DIRECT and
+    read it back, verified; a progress line every :data:`PROGRESS` iterations."""
+    return f"""
 for p in 0 1 2 3; do sha256sum /data/p$p | cut -d' ' -f1 > /tmp/sum$p; done
 i=0
 echo E2E-LOOP-START
-while [ $i -lt {ITERATIONS} ]; do
+while [ $i -lt {iterations} ]; do
   off=$((i % {SLOTS})); p=$((i % {PATTERNS}))
   dd if=/data/p$p of=/dev/vda bs={CHUNK} seek=$off oflag=direct conv=notrunc 2>/dev/null || echo "E2E-IOERR write $i"
   got=$(dd if=/dev/vda bs={CHUNK} skip=$off count=1 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
@@ -286,7 +293,7 @@ def test_the_back_end_killed_under_a_writing_guest_loses_no_request(
     patterns = [rng.randbytes(CHUNK) for _ in range(PATTERNS)]
     initrd = build_initramfs(
         short_tmp / "initrd.cpio",
-        init_script=INIT_PRELUDE + RESTART_WORKLOAD + INIT_EPILOGUE,
+        init_script=INIT_PRELUDE + _write_verify_loop(ITERATIONS) + INIT_EPILOGUE,
         busybox=guest.busybox,
         modules=guest.kit.module_paths(["virtio_pci", "virtio_blk"]),
         files={f"/data/p{k}": p for k, p in enumerate(patterns)},
@@ -358,12 +365,6 @@ def _migrate(qmp_path: Path, to: Path, timeout: float = 60.0) -> str:
         return status
 
 
-@pytest.mark.skipif(
-    os.environ.get("VIRTIO_SCHEMA_E2E_MIGRATION") != "1",
-    reason="not yet reliable: fails in about one run in three on a loaded machine (the guest "
-    "reads back wrong data or hangs on the destination; docs/operations.rst, Live migration); "
-    "run with VIRTIO_SCHEMA_E2E_MIGRATION=1",
-)
 def test_a_guest_migrates_between_two_qemus_while_it_writes_and_verifies(
     guest: GuestTools, short_tmp: Path
 ) -> None:
@@ -378,10 +379,9 @@ def test_a_guest_migrates_between_two_qemus_while_it_writes_and_verifies(
     image = short_tmp / "disk.img"
     image.write_bytes(disk)
     patterns = [rng.randbytes(CHUNK) for _ in range(PATTERNS)]
-    workload = RESTART_WORKLOAD.replace(str(ITERATIONS), str(MIGRATE_ITERATIONS))
     initrd = build_initramfs(
         short_tmp / "initrd.cpio",
-        init_script=INIT_PRELUDE + workload + INIT_EPILOGUE,
+        init_script=INIT_PRELUDE + _write_verify_loop(MIGRATE_ITERATIONS) + INIT_EPILOGUE,
         busybox=guest.busybox,
         modules=guest.kit.module_paths(["virtio_pci", "virtio_blk"]),
         files={f"/data/p{k}": p for k, p in enumerate(patterns)},

@@ -14,6 +14,13 @@ image's size again, and the vhost-user device (``--watch``) then tells the front
 shows the new size in ``/sys/block/vda/size`` without a reboot. It serves as many request queues as
 the front-end sets up (``VIRTIO_BLK_F_MQ``, QEMU's ``num-queues``), up to ``--max-queues``.
 
+With ``--threads`` each request queue is served by a worker thread of its own
+(:attr:`~virtio_schema.vhost_user.VhostUserDevice.worker_threads`): requests of different queues
+are then served at the same time. The request path is safe for that: the image is read and written
+with positional calls on one fd (``preadv``/``pwritev``, no shared file position), the counters
+shared by the queues are updated under a lock, and each queue's own counter is touched only by the
+thread that serves that queue.
+
 It survives its own restart under a running guest: with ``VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`` the
 queues record each request in flight in a region the front-end keeps, and a new process takes
 again what the killed one had not completed (QEMU: ``-chardev socket,...,reconnect=1``).
@@ -31,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from virtio_schema.chain import InsufficientSpace, ReadableChain, WritableChain
@@ -94,6 +102,7 @@ class BlkDevice:
         self.refresh_capacity()
         self.requests = 0
         self.errors = 0
+        self._counting = threading.Lock()  # queues served on several threads update the counts
         self.writeback = 1
         """The ``writeback`` config field (CONFIG_WCE): 1 write-back (data is made durable by
         FLUSH), 0 write-through (every write is made durable before it completes)."""
@@ -152,15 +161,18 @@ class BlkDevice:
         return n
 
     def handle(self, chain: DescChain) -> None:
-        """Serve one request and return its chain (exactly once, whatever happens)."""
-        self.requests += 1
+        """Serve one request and return its chain (exactly once, whatever happens). Safe to call
+        for several queues at once (on worker threads)."""
+        with self._counting:
+            self.requests += 1
         if self.latency:
             time.sleep(self.latency)
         with chain:
             try:
                 self._request(chain)
             except DriverError as exc:
-                self.errors += 1
+                with self._counting:
+                    self.errors += 1
                 log.warning("virtio-blk: bad request: %s", exc)
 
     def _request(self, chain: DescChain) -> None:
@@ -240,15 +252,22 @@ class BlkDevice:
 class VhostUserBlk(VhostUserDevice):
     """:class:`BlkDevice` served over vhost-user: its ``num_queues`` request queues, each served
     the same way. With ``watch`` (seconds), the image's size is read again that often and a
-    change is announced to the front-end (a configuration change notification)."""
+    change is announced to the front-end (a configuration change notification). With
+    ``threads``, each queue is served by a worker thread of its own
+    (:attr:`~virtio_schema.vhost_user.VhostUserDevice.worker_threads`)."""
 
-    def __init__(self, blk: BlkDevice, *, watch: float | None = None) -> None:
+    def __init__(
+        self, blk: BlkDevice, *, watch: float | None = None, threads: bool = False
+    ) -> None:
         self.blk = blk
         self.num_queues = blk.num_queues
         self.poll_interval = watch
+        self.worker_threads = threads
         self._capacity = blk.capacity  # what this front-end was last told
         self.served = [0] * self.num_queues
-        """Requests served on each queue (logged when the ring stops)."""
+        """Requests served on each queue (logged when the ring stops). Each entry is written
+        only by the thread serving that queue (``handle``); the hooks that read it run with
+        the queue's worker quiesced."""
 
     def protocol_features(self) -> int:
         # a request taken again after a restart is read or written again: harmless for a disk
@@ -315,7 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         metavar="SECONDS",
         help="hold each request this long before serving it: a slow disk, for restart drills"
-        " (the server waits too: no other ring or connection is served meanwhile)",
+        " (the thread serving the queue waits: without --threads the whole server, no other"
+        " ring or connection is served meanwhile; with --threads that queue only)",
+    )
+    p.add_argument(
+        "--threads",
+        action="store_true",
+        help="serve each request queue on a worker thread of its own: a slow request then holds"
+        " only its queue, and the disk's waits of several queues overlap (Python work does not"
+        " run in parallel: the GIL); messages, polls and hooks stay on the server's thread",
     )
     p.add_argument(
         "--watch",
@@ -336,10 +363,16 @@ def main(argv: list[str] | None = None) -> int:
             latency=args.latency,
         )
         watch = args.watch or None
-        server = make_server(args, lambda: VhostUserBlk(blk, watch=watch), capture=args.capture)
+        threads = args.threads
+        server = make_server(
+            args, lambda: VhostUserBlk(blk, watch=watch, threads=threads), capture=args.capture
+        )
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         signal.signal(signal.SIGINT, lambda *_: server.stop())
-        log.info("virtio-blk on %s: %s, %d sectors", args.vhost_user, args.image, blk.capacity)
+        log.info(
+            "virtio-blk on %s: %s, %d sectors%s", args.vhost_user, args.image, blk.capacity,
+            ", a worker thread per queue" if threads else "",
+        )  # fmt: skip
         server.serve_forever(max_connections=args.max_connections)
     log.info("served %d requests (%d errors)", blk.requests, blk.errors)
     return 0

@@ -136,7 +136,9 @@ class DescChain:
         self.locate = queue._locate
         self.readable_len = buffers.readable_len
         self.writable_len = buffers.writable_len
-        self.error = error
+        # kept without its traceback: its frames (and the callers' locals, views of guest
+        # memory among them) would live as long as the chain
+        self.error = None if error is None else error.with_traceback(None)
         self._slots = slots
         self._written = 0
         self._returned = False

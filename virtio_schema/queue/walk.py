@@ -121,7 +121,9 @@ class CheckedChain:
     ) -> None:
         self.head = head
         self.buffers = buffers
-        self.error = error
+        # kept without its traceback: its frames (and the callers' locals, views of guest
+        # memory among them) would live as long as the chain
+        self.error = None if error is None else error.with_traceback(None)
         self.slots = slots
 
 

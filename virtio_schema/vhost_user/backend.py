@@ -1194,10 +1194,19 @@ class Backend:
         if region.packed != self.packed:
             raise FrontendError(f"{self.name}: the inflight region was made for another format")
         stride = queue_region_size(region.queue_size, packed=region.packed)
-        view = region.mapping.view[vr.index * stride : (vr.index + 1) * stride]
+        # the trackers keep views of their own: this slice is let go of whatever happens (a
+        # frame kept alive by an error's traceback would otherwise pin the region's mapping)
+        with region.mapping.view[vr.index * stride : (vr.index + 1) * stride] as view:
+            self._recover_from(vr, queue, view, region.queue_size)
+
+    def _recover_from(
+        self, vr: _Vring, queue: VirtQueue, view: memoryview, queue_size: int
+    ) -> None:
+        """:meth:`_recover` on ``view``, the ring's part of the region."""
+        assert vr.size is not None
         name = f"{self.name}: ring {vr.index}: inflight region"
         if isinstance(queue, Queue):
-            split = SplitInflight(view, region.queue_size, name=name)
+            split = SplitInflight(view, queue_size, name=name)
             vr.inflight = split
             used = queue.used_ring.idx()
             rec = split.recover(used, ring_size=vr.size)
@@ -1206,7 +1215,7 @@ class Backend:
             queue.track_inflight(split, state=state, resubmit=rec.heads)
             again = len(rec.heads)
         else:
-            packed = PackedInflight(view, region.queue_size, name=name)
+            packed = PackedInflight(view, queue_size, name=name)
             vr.inflight = packed
             base = vr.base
             prec = packed.recover(
@@ -1313,17 +1322,29 @@ class Backend:
     def take_calls(self) -> list[int]:
         """Call fds the server must signal now (the queues notified since the last call; the
         SET_LOG_FD eventfd if pages were logged)."""
-        calls = []
-        dirty = self.dirty_log
-        if dirty is not None and self.log_fd is not None and dirty.marks != self._log_marks:
-            self._log_marks = dirty.marks
-            calls.append(self.log_fd)
+        calls = self._take_log_call()
         for vr in self.vrings:
-            if vr.notify.pending:
-                vr.notify.pending = False
-                if vr.call_fd is not None:
-                    calls.append(vr.call_fd)
+            calls.extend(_take_call(vr))
         return calls
+
+    def take_ring_calls(self, index: int) -> list[int]:
+        """:meth:`take_calls` for ring ``index`` alone: a server that serves rings on worker
+        threads calls it on the ring's worker after each turn, while other workers serve their
+        rings: it touches no other ring. (Two workers may both see the log's count move and
+        signal the log fd twice; never not at all after a mark: whoever stored the count it
+        finds read it after that mark, and signals.)"""
+        return self._take_log_call() + _take_call(self.vrings[index])
+
+    def _take_log_call(self) -> list[int]:
+        """The SET_LOG_FD eventfd if pages were logged since the last look."""
+        dirty = self.dirty_log
+        if dirty is None or self.log_fd is None:
+            return []
+        marks = dirty.marks
+        if marks == self._log_marks:
+            return []
+        self._log_marks = marks
+        return [self.log_fd]
 
     def serve(self, index: int) -> Turn:
         """One turn of ring ``index`` (after a kick, a wake-up, a poll or a spent budget): the
@@ -1377,6 +1398,11 @@ class Backend:
             return queue.pending() > 0
         except QueueBroken:
             return True
+
+    def running(self, index: int) -> bool:
+        """Whether ring ``index`` is started and enabled: its device serves it (what a server
+        that gives such rings worker threads asks)."""
+        return self._running(index) is not None
 
     def _running(self, index: int) -> VirtQueue | None:
         """The queue of ring ``index`` if it is started and enabled (the device serves it)."""
@@ -1443,6 +1469,14 @@ def _name(request: int) -> str:
         return Request(request).name
     except ValueError:
         return f"request {request}"
+
+
+def _take_call(vr: _Vring) -> list[int]:
+    """Ring ``vr``'s call fd if its queue notified since the last look."""
+    if not vr.notify.pending:
+        return []
+    vr.notify.pending = False
+    return [] if vr.call_fd is None else [vr.call_fd]
 
 
 def _reply(request: int, payload: bytes) -> bytes:

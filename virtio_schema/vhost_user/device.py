@@ -11,6 +11,19 @@ A device that keeps queues to serve them outside ``handle`` (a receive queue fil
 arrive from elsewhere) keeps them from :meth:`~VhostUserDevice.enabled` to
 :meth:`~VhostUserDevice.disabled`: a started but disabled ring must not be written
 (vhost-user.rst, "Ring states"), and its queue hands out no chains.
+
+Threads. By default the server calls every method of every device from its one thread, never two
+at once. A device that sets :attr:`~VhostUserDevice.worker_threads` has each ring that runs with a
+kick fd served by a worker thread of its own (the server's theory of operation, "Worker
+threads"): :meth:`~VhostUserDevice.handle` then runs on the ring's worker, for different rings at
+the same time, so what it shares between rings must be thread-safe. The hooks (``started``,
+``enabled``, ``disabled``, ``stopped``, ``reset``), :meth:`~VhostUserDevice.poll`,
+:meth:`~VhostUserDevice.config` and :meth:`~VhostUserDevice.set_config` stay on the server's
+thread, and run only while every worker of the connection is *quiesced* (between two turns, held
+off): they need no lock against ``handle``. So does a ``handle`` the server runs itself (a ring
+being stopped or disabled is served once more first; rings without a kick fd are polled there).
+The quiescing is per connection: state the devices of several connections share (a disk image,
+counters) is reached by several connections' workers at once.
 """
 
 from __future__ import annotations
@@ -49,6 +62,14 @@ class VhostUserDevice:
 
     num_queues: int = 1
     """Queues the device has (reported by GET_QUEUE_NUM)."""
+
+    worker_threads: bool = False
+    """Serve each ring that runs with a kick fd on a worker thread of its own, which waits on the
+    kick fd, runs :meth:`handle` and signals the call fd itself (see the module's "Threads"). Only
+    for a device whose ``handle`` is safe to run for several rings at once; it pays where
+    ``handle`` waits without holding the GIL (a disk, a socket), not for Python work (the GIL
+    runs one thread at a time). Busy polling does not apply to the workers' rings. Read when a
+    front-end connects."""
 
     poll_interval: float | None = None
     """If set, :meth:`poll` is called about this often (seconds), kicks or not: for devices that
@@ -94,7 +115,9 @@ class VhostUserDevice:
         the front-end is sent a configuration change notification (the back-end request channel,
         ``VHOST_USER_PROTOCOL_F_BACKEND_REQ``) as soon as a ring has started, reads the space
         again and tells the driver. On a connection without that channel nothing is sent (the
-        driver sees the new space only when it reads it again)."""
+        driver sees the new space only when it reads it again). With :attr:`worker_threads`,
+        call it from the server's thread (:meth:`poll`, a hook): called from ``handle`` on a
+        worker, the notification waits for the connection's next message or poll."""
         if self.config_notifier is not None:
             self.config_notifier()
 

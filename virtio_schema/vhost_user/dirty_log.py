@@ -24,13 +24,18 @@ Rules of this module:
 2. A mark never writes outside the bitmap: the transport refuses a log too small for the memory
    table (:meth:`DirtyLog.covers`), and a page past the end is dropped and counted
    (:attr:`DirtyLog.missed`), not written.
-3. A mark is a byte read-OR-write from the one thread that serves the connection. The front-end
-   reads and clears bytes at the same time with an atomic exchange: a race can only leave a bit
-   set that was already copied (one page copied again), never clear one we set after the data.
+3. A mark is a byte read-OR-write, made under the log's lock: the rings of one connection may be
+   served by several worker threads (the server's worker model), and two marks in one byte made
+   at once must not lose a bit (each would write back the byte it read, without the other's).
+   The lock is taken only to mark, that is only while the front-end migrates: a queue without a
+   log never reaches it. The front-end reads and clears bytes at the same time with an atomic
+   exchange: a race with it can only leave a bit set that was already copied (one page copied
+   again), never clear one we set after the data.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Final
 
 __all__ = ["PAGE_SHIFT", "PAGE_SIZE", "DirtyLog"]
@@ -53,6 +58,7 @@ class DirtyLog:
         grow the log with the memory)."""
         self.marks = 0
         """Marks made (a transport signals the front-end's log eventfd when it moved)."""
+        self._lock = threading.Lock()  # rule 3: marks from several threads
 
     def covers(self, end: int) -> bool:
         """Whether the bitmap has a bit for every page below guest-physical ``end``."""
@@ -62,24 +68,25 @@ class DirtyLog:
         """The device wrote ``length`` bytes at guest-physical ``addr``: set their pages' bits."""
         if length <= 0:
             return
-        self.marks += 1
         first = addr >> PAGE_SHIFT
         last = (addr + length - 1) >> PAGE_SHIFT
-        if last >= self.pages:
-            self.missed += 1
-            if first >= self.pages:
-                return
-            last = self.pages - 1
-        view = self.view
-        while first <= last:
-            byte = first >> 3
-            if first & 7 == 0 and last - first >= 7:  # whole bytes: no read needed
-                span = min((last - first + 1) >> 3, len(view) - byte)
-                view[byte : byte + span] = b"\xff" * span
-                first += span << 3
-                continue
-            view[byte] = view[byte] | (1 << (first & 7))
-            first += 1
+        with self._lock:  # the counts and every byte's read-OR-write (rule 3)
+            self.marks += 1
+            if last >= self.pages:
+                self.missed += 1
+                if first >= self.pages:
+                    return
+                last = self.pages - 1
+            view = self.view
+            while first <= last:
+                byte = first >> 3
+                if first & 7 == 0 and last - first >= 7:  # whole bytes: no read needed
+                    span = min((last - first + 1) >> 3, len(view) - byte)
+                    view[byte : byte + span] = b"\xff" * span
+                    first += span << 3
+                    continue
+                view[byte] = view[byte] | (1 << (first & 7))
+                first += 1
 
     def release(self) -> None:
         """Let go of the view (the owner may unmap the log)."""

@@ -3,7 +3,8 @@
 Theory of operation. :class:`VhostUserServer` listens on a unix socket (the front-end, e.g. QEMU with
 ``-chardev socket,path=...``, connects as the client). Each connection gets its own
 :class:`~virtio_schema.vhost_user.backend.Backend` (the sans-I/O protocol core) and device (from the
-factory). One thread runs one loop over non-blocking sockets and fds with ``selectors``:
+factory). One thread runs one loop over non-blocking sockets and fds with ``selectors`` (a device
+may ask for a thread per ring besides: "Worker threads" below):
 
 * a readable connection's bytes and fds go to its
   :class:`~virtio_schema.vhost_user.framing.MessageReader`; each whole message goes to the core,
@@ -24,18 +25,50 @@ factory). One thread runs one loop over non-blocking sockets and fds with ``sele
   back-ends poll) and costs nothing once it is idle. Polling rounds still look at every socket
   and fd first, so nobody else waits for a spinning ring.
 
+Worker threads. A device that sets
+:attr:`~virtio_schema.vhost_user.device.VhostUserDevice.worker_threads` has its rings served on
+threads of their own, one per ring, as DPDK gives each queue a core (threads, not processes: the
+guest memory, the rings and every fd are mapped and open in this process already, and the work
+that gains, waiting on a disk or a socket, releases the GIL; see docs/operations.rst):
+
+* each started and enabled ring with a kick fd gets a *worker*, which owns that kick fd from then
+  on: it waits on it (and on an eventfd of its own, ``wake``, by which the loop pokes or stops
+  it), gives the ring its turns (the device's ``handle``, through
+  :meth:`~virtio_schema.vhost_user.backend.Backend.serve`) and signals the ring's call fd itself
+  after each (:meth:`~virtio_schema.vhost_user.backend.Backend.take_ring_calls`); a spent budget
+  gives it another turn at once. The loop no longer watches that kick fd;
+* the loop keeps the rest: the socket and every message, the hooks, the device's poll, the
+  back-end channel, the rings without a kick fd (polled) and the kick fds of disabled rings (a
+  turn of those serves nothing). Busy polling does not apply to the workers' rings;
+* the connection's *gate* says who may touch its core: its workers, several at once, each for a
+  turn of its own ring; or the loop alone. Before anything that touches the core (a message, a
+  turn or poll of its own, a stop, the teardown) the loop *quiesces* the connection: it waits for
+  the turns in progress to end and holds the workers off until it is done. So a hook, a message,
+  or GET_VRING_BASE serving the ring a last time (the loop then serves it itself), never runs
+  beside a turn, and no worker can starve the loop (a waiting loop goes first);
+* a worker ends when its ring stops, is disabled or gets a new kick fd, or the connection ends:
+  always by the loop, the connection quiesced, and joined before its kick fd is closed (no
+  thread waits on a number the kernel may reuse). A device error in a worker's turn, or its kick
+  pipe at end-of-file, is reported to the loop (a deque and a pipe), which ends the connection or
+  stops the ring, as after a turn of its own.
+
 Rules of this module:
 
 1. No peer can hold the server. A message must be whole within ``io_timeout`` seconds of its first
    byte (a deadline per message, not per read); a connection whose unread replies exceed
    ``max_output`` bytes is dropped; ``accept()`` running out of fds backs off and the existing
-   connections go on; at most ``max_clients`` connections at once.
+   connections go on; at most ``max_clients`` connections at once. With worker threads a slow
+   turn holds only its own ring; quiescing a connection waits for at most the turns in progress,
+   one per ring at most, which a budget bounds as it bounds the loop's own (the loop waits
+   meanwhile, as it would have while serving them itself).
 2. A malformed message, a refused request without an ack, a short read, an oversized payload,
-   truncated ancillary data or any error from the core or the device ends that connection only:
-   its fds and mappings are released and the server goes on serving the others. A kick pipe at
-   end-of-file stops that ring only.
+   truncated ancillary data or any error from the core or the device ends that connection only
+   (an error on a worker too: the loop ends the connection on its report): its fds, mappings and
+   workers are released and the server goes on serving the others. A kick pipe at end-of-file
+   stops that ring only.
 3. Every fd is classified (:func:`~virtio_schema.vhost_user.host.classify`) before the core sees
-   it, and closed through the connection's host, which forgets a watched kick fd first.
+   it, and closed through the connection's host, which forgets a watched kick fd first, or ends
+   and joins the worker that waits on it.
 4. With ``trace=True`` every message in and out is logged decoded (logger
    ``virtio_schema.vhost_user.trace``). With ``capture=FILE`` every message in and out is also
    appended to FILE raw, one line each, flushed at once: a recording of a real conversation to
@@ -53,14 +86,15 @@ import errno
 import functools
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Self, TextIO
+from typing import NamedTuple, Self, TextIO
 
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.vhost_user.backend import Backend, Turn, check_budget
@@ -117,11 +151,173 @@ class _Conn:
         self.channel_out = bytearray()  # back-end messages the channel has not taken yet
         self.next_poll = 0.0
         self.alive = True
+        self.gate: _Gate | None = None  # the device has worker threads (see _Gate)
+        self.workers: dict[int, _Worker] = {}  # ring index -> the worker that serves it
 
     @property
     def core(self) -> Backend:
         assert self.backend is not None
         return self.backend
+
+
+class _Gate:
+    """Who may touch a worker connection's core (the module's theory of operation): its workers,
+    several at once, each for a turn of its own ring (:meth:`enter`, :meth:`leave`); or the loop
+    alone (:meth:`held`: it waits for the turns in progress, and holds the workers off until it
+    releases the gate; it may hold it again inside, and a waiting loop goes before any worker)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held = 0  # how deep the loop holds the gate
+        self._turns = 0  # workers in a turn
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._cond:
+            self._held += 1
+            while self._turns:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                if not self._held:
+                    self._cond.notify_all()
+
+    def enter(self, worker: _Worker) -> bool:
+        """Begin a turn of ``worker``'s ring once the loop does not hold the gate; ``False`` (no
+        turn) once the worker is told to stop."""
+        with self._cond:
+            while self._held and not worker.stopping:
+                self._cond.wait()
+            if worker.stopping:
+                return False
+            self._turns += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._turns -= 1
+            if not self._turns:
+                self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake the workers waiting to enter (one of them was told to stop)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+class _Report(NamedTuple):
+    """A worker's news for the loop: the connection ends (``fatal``), or the ring stops."""
+
+    conn: _Conn
+    worker: _Worker
+    reason: str
+    fatal: bool
+
+
+class _Worker:
+    """Ring ``index`` of a worker connection, served on a thread of its own (the module's theory of
+    operation, "Worker threads"). The loop makes, pokes and stops it; the thread waits on the
+    ring's kick fd and on ``wake``, and gives the ring its turns through the connection's gate."""
+
+    def __init__(self, server: VhostUserServer, conn: _Conn, index: int, kick_fd: int) -> None:
+        assert conn.gate is not None
+        self.server = server
+        self.conn = conn
+        self.gate = conn.gate
+        self.index = index
+        self.kick_fd = kick_fd
+        self.due = True  # a first turn: what the driver made available before the worker began
+        self.stopping = False
+        self.thread = threading.Thread(
+            target=self._run, name=f"{conn.name} ring {index}", daemon=True
+        )
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # closed by stop()
+
+    def start(self) -> None:
+        try:
+            self.thread.start()
+        except BaseException:
+            os.close(self.wake)
+            raise
+
+    def poke(self) -> None:
+        """Loop: give the ring a turn soon (a wake-up, a spent budget)."""
+        self.due = True
+        signal(self.wake)
+
+    def stop(self) -> None:
+        """Loop, the gate held (so the worker is between turns): end the thread, wait for it,
+        close ``wake``. The kick fd is the ring's: the core closes it, after this."""
+        self.stopping = True
+        self.gate.wake()
+        signal(self.wake)
+        self.thread.join()
+        os.close(self.wake)
+
+    def _run(self) -> None:
+        try:
+            poller = select.poll()
+            poller.register(self.kick_fd, select.POLLIN)
+            poller.register(self.wake, select.POLLIN)
+            while not self.stopping:
+                if self.due:
+                    self.due = False
+                    if not self._turn():
+                        return
+                elif not self._wait(poller):
+                    return
+        except Exception as exc:  # a bug of ours: the connection ends, never silently the ring
+            log.exception("%s: ring %d: worker", self.conn.name, self.index)
+            self._report(f"worker of ring {self.index}: {type(exc).__name__}: {exc}", fatal=True)
+
+    def _wait(self, poller: select.poll) -> bool:
+        """Wait for a kick or a poke; ``False`` if the kick fd failed (reported: the ring stops)."""
+        for fd, _ in poller.poll():
+            if fd == self.wake:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    os.read(self.wake, 8)
+                continue
+            try:
+                data = os.read(fd, 4096)  # an eventfd gives its 8-byte counter, a pipe what it has
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                self._report(f"reading its kick fd: {exc}", fatal=False)
+                return False
+            if not data:
+                self._report("its kick pipe is at end-of-file", fatal=False)
+                return False
+            self.due = True
+        return True
+
+    def _turn(self) -> bool:
+        """One turn of the ring inside the gate, then its calls; ``False`` if the worker ends
+        (told to stop, or the device raised: reported, the connection ends)."""
+        if not self.gate.enter(self):
+            return False
+        core = self.conn.core
+        error = None
+        again = False
+        try:
+            again = self.index in core.serve(self.index).again
+            for fd in core.take_ring_calls(self.index):
+                signal(fd)
+        except Exception as exc:
+            log.exception("%s: device error on ring %d", self.conn.name, self.index)
+            error = f"device error on ring {self.index}: {type(exc).__name__}: {exc}"
+        finally:
+            self.gate.leave()
+        if error is not None:
+            self._report(error, fatal=True)
+            return False
+        self.due = self.due or again
+        return True
+
+    def _report(self, reason: str, *, fatal: bool) -> None:
+        self.server._report(_Report(self.conn, self, reason, fatal))
 
 
 class VhostUserServer:
@@ -139,6 +335,9 @@ class VhostUserServer:
     kicked ring keeps being polled, kicks off, after its last turn that found work (0: never; see
     the module's theory of operation). Polling spends the CPU the server runs on: give it a core
     of its own (a few hundred microseconds cover the gaps of a driver that streams).
+
+    A device with :attr:`~virtio_schema.vhost_user.device.VhostUserDevice.worker_threads` has its
+    rings served on worker threads (the module's theory of operation, "Worker threads").
     """
 
     def __init__(
@@ -177,8 +376,10 @@ class VhostUserServer:
         self.busy_poll = busy_poll
         self._sel = selectors.DefaultSelector()
         self._stop_r, self._stop_w = os.pipe()
-        os.set_blocking(self._stop_r, False)
-        os.set_blocking(self._stop_w, False)
+        self._report_r, self._report_w = os.pipe()  # workers wake the loop: _report
+        for fd in (self._stop_r, self._stop_w, self._report_r, self._report_w):
+            os.set_blocking(fd, False)
+        self._reports: collections.deque[_Report] = collections.deque()
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None  # our socket file, the only one we unlink
         self._accept_at: float | None = None  # accept() paused until then (out of fds)
@@ -224,6 +425,7 @@ class VhostUserServer:
         self._listener = lst
         self._sel.register(lst, selectors.EVENT_READ, ("listen", None))
         self._sel.register(self._stop_r, selectors.EVENT_READ, ("stop", None))
+        self._sel.register(self._report_r, selectors.EVENT_READ, ("reports", None))
         if self.capture is not None and self._capture is None:
             self._capture = open(self.capture, "a", encoding="ascii")  # noqa: SIM115 - close()
         self.ready.set()
@@ -275,6 +477,8 @@ class VhostUserServer:
                         return
                     if kind == "listen":
                         self._accept()
+                    elif kind == "reports":
+                        self._on_reports()
                     elif not conn.alive:
                         continue
                     elif kind == "conn":
@@ -351,10 +555,10 @@ class VhostUserServer:
                 st = os.lstat(self.path)
                 if (st.st_dev, st.st_ino) == self._inode:  # another server's: leave it
                     os.unlink(self.path)
-        for fd in (self._stop_r, self._stop_w):
+        for fd in (self._stop_r, self._stop_w, self._report_r, self._report_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._stop_r = self._stop_w = -1
+        self._stop_r = self._stop_w = self._report_r = self._report_w = -1
         self._sel.close()
         if self._capture is not None:
             self._capture.close()
@@ -389,6 +593,8 @@ class VhostUserServer:
             host = OsHost(policy=self.memory_policy, name=conn.name,
                           on_close=lambda fd: self._unwatch(conn, fd))  # fmt: skip
             conn.backend = Backend(device, host=host, name=conn.name, budget=self.budget)
+            if device.worker_threads:
+                conn.gate = _Gate()
         except Exception as exc:
             log.exception("%s: the device factory failed", conn.name)
             self.errors.append(f"device factory: {type(exc).__name__}: {exc}")
@@ -414,18 +620,21 @@ class VhostUserServer:
             self.errors.append(error)
         else:
             log.info("%s: front-end disconnected", conn.name)
-        for fd in list(conn.kicks):
-            self._unwatch(conn, fd)
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(conn.sock)
-        for fd in conn.reader.discard():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if conn.backend is not None:
-            try:
-                conn.backend.close()
-            except Exception as exc:  # teardown must finish whatever happened
-                log.error("%s: teardown: %s", conn.name, exc)
+        with self._quiet(conn):
+            for index in list(conn.workers):
+                self._end_worker(conn, index)
+            for fd in list(conn.kicks):
+                self._unwatch(conn, fd)
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(conn.sock)
+            for fd in conn.reader.discard():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if conn.backend is not None:
+                try:
+                    conn.backend.close()
+                except Exception as exc:  # teardown must finish whatever happened
+                    log.error("%s: teardown: %s", conn.name, exc)
         conn.sock.close()
         self._conns.pop(conn.sock, None)
         self._timed.discard(conn)
@@ -480,6 +689,12 @@ class VhostUserServer:
         return self._act(conn, message)
 
     def _act(self, conn: _Conn, message: Message) -> str | None:
+        if conn.gate is None:
+            return self._act_now(conn, message)
+        with conn.gate.held():  # every message quiesces a worker connection
+            return self._act_now(conn, message)
+
+    def _act_now(self, conn: _Conn, message: Message) -> str | None:
         request, flags, payload, raw_fds = message
         if self._capture is not None:
             raw = HEADER.pack(HeaderRec(request, flags, len(payload))) + payload
@@ -569,8 +784,10 @@ class VhostUserServer:
         """What the core wants done after a message: watch new kick fds, start polling rings,
         signal call fds, give woken rings a turn."""
         core = conn.core
+        if conn.gate is not None:
+            self._place_workers(conn)
         for fd, index in core.kick_fds().items():
-            if conn.kicks.get(fd) == index:
+            if conn.kicks.get(fd) == index or _owner(conn, index, fd) is not None:
                 continue
             try:
                 self._sel.register(fd, selectors.EVENT_READ, ("kick", conn))
@@ -590,12 +807,67 @@ class VhostUserServer:
             self._enqueue(conn, index)
 
     def _unwatch(self, conn: _Conn, fd: int) -> None:
+        owners = [index for index, worker in conn.workers.items() if worker.kick_fd == fd]
+        for index in owners:  # about to be closed: its worker ends first
+            self._end_worker(conn, index)
         if conn.kicks.pop(fd, None) is not None or fd == conn.channel:
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(fd)
         if fd == conn.channel:
             conn.channel = None
             conn.channel_out.clear()
+
+    # --- worker threads ------------------------------------------------------------------------
+
+    def _quiet(self, conn: _Conn) -> contextlib.AbstractContextManager[None]:
+        """The connection quiesced while the block runs (its workers between turns, held off)."""
+        return contextlib.nullcontext() if conn.gate is None else conn.gate.held()
+
+    def _place_workers(self, conn: _Conn) -> None:
+        """After a message (quiesced): each ring that runs with a kick fd gets a worker, which
+        takes the kick fd from the loop; the workers of rings that no longer run end."""
+        core = conn.core
+        running = {index: fd for fd, index in core.kick_fds().items() if core.running(index)}
+        for index, worker in list(conn.workers.items()):
+            if running.get(index) != worker.kick_fd:
+                self._end_worker(conn, index)
+        for index, fd in running.items():
+            if index in conn.workers:
+                continue
+            if conn.kicks.pop(fd, None) is not None:  # the loop watched it while disabled
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(fd)
+            try:
+                worker = _Worker(self, conn, index, fd)
+                worker.start()
+            except (OSError, RuntimeError) as exc:  # out of fds or threads: that ring stops
+                self._kick_failed(conn, index, f"cannot start its worker thread: {exc}")
+                continue
+            conn.workers[index] = worker
+
+    def _end_worker(self, conn: _Conn, index: int) -> None:
+        """Stop ring ``index``'s worker and wait for it (quiesced: it is between turns)."""
+        conn.workers.pop(index).stop()
+
+    def _report(self, report: _Report) -> None:
+        """A worker's news for the loop (any thread): queued, then the loop is woken."""
+        self._reports.append(report)
+        with contextlib.suppress(OSError):  # full: the loop is woken already
+            os.write(self._report_w, b"r")
+
+    def _on_reports(self) -> None:
+        """End the connections whose workers failed; stop the rings whose kick fds did (unless
+        the worker that reported is gone already: the ring was stopped or given a new fd)."""
+        with contextlib.suppress(OSError):
+            os.read(self._report_r, 4096)
+        while self._reports:
+            conn, worker, reason, fatal = self._reports.popleft()
+            if not conn.alive:
+                continue
+            if fatal:
+                self._drop(conn, reason)
+            elif conn.workers.get(worker.index) is worker:
+                self._kick_failed(conn, worker.index, reason)
 
     # --- what goes to the front-end besides replies --------------------------------------------
 
@@ -659,7 +931,8 @@ class VhostUserServer:
             log.debug("%s: back-end channel: %d unexpected bytes dropped", conn.name, len(data))
 
     def _channel_failed(self, conn: _Conn, reason: str) -> None:
-        conn.core.backend_channel_failed(reason)  # closes it through the host: _unwatch
+        with self._quiet(conn):
+            conn.core.backend_channel_failed(reason)  # closes it through the host: _unwatch
 
     # --- kicks and turns -----------------------------------------------------------------------
 
@@ -681,10 +954,14 @@ class VhostUserServer:
 
     def _kick_failed(self, conn: _Conn, index: int, reason: str) -> None:
         self.errors.append(f"ring {index}: {reason}")
-        conn.core.kick_failed(index, reason)
+        with self._quiet(conn):
+            conn.core.kick_failed(index, reason)
 
     def _enqueue(self, conn: _Conn, index: int) -> None:
-        if index not in conn.queued:
+        worker = conn.workers.get(index)
+        if worker is not None:  # the ring's turns are its worker's
+            worker.poke()
+        elif index not in conn.queued:
             conn.queued.add(index)
             self._ready.append((conn, index))
 
@@ -694,9 +971,14 @@ class VhostUserServer:
         for _ in range(len(self._ready)):
             conn, index = self._ready.popleft()
             conn.queued.discard(index)
+            worker = conn.workers.get(index)
+            if worker is not None:  # lined up before the ring got its worker
+                worker.poke()
+                continue
             if not conn.alive or self._turn(conn, index) <= 0:
                 continue
-            if self.busy_poll and index not in conn.polls:  # (a NOFD ring is polled anyway)
+            # (a NOFD ring is polled anyway; a worker connection's kicked rings are its workers')
+            if self.busy_poll and index not in conn.polls and conn.gate is None:
                 if index not in conn.spin:
                     conn.core.pause_kicks(index)
                     self._spinning.add(conn)
@@ -723,6 +1005,12 @@ class VhostUserServer:
 
     def _turn(self, conn: _Conn, index: int) -> int:
         """Serve ring ``index`` once; the chains it took (-1 if the connection was dropped)."""
+        if conn.gate is None:
+            return self._turn_now(conn, index)
+        with conn.gate.held():
+            return self._turn_now(conn, index)
+
+    def _turn_now(self, conn: _Conn, index: int) -> int:
         turns: list[Turn] = []
         if not self._guarded(
             conn, f"device error on ring {index}", lambda: turns.append(conn.core.serve(index))
@@ -745,6 +1033,10 @@ class VhostUserServer:
             conn.polls[index] = (now + interval, interval)
 
     def _poll_device(self, conn: _Conn) -> None:
+        with self._quiet(conn):
+            self._poll_device_now(conn)
+
+    def _poll_device_now(self, conn: _Conn) -> None:
         turns: list[Turn] = []
         if not self._guarded(conn, "device error in poll", lambda: turns.append(conn.core.poll())):
             return
@@ -765,6 +1057,12 @@ class VhostUserServer:
             return True
         self._drop(conn, error)  # outside the except block (see _on_readable)
         return False
+
+
+def _owner(conn: _Conn, index: int, fd: int) -> _Worker | None:
+    """The worker that owns kick fd ``fd`` of ring ``index``, if any."""
+    worker = conn.workers.get(index)
+    return worker if worker is not None and worker.kick_fd == fd else None
 
 
 def _signal_calls(core: Backend) -> None:
