@@ -280,17 +280,11 @@ class _Worker:
                 with contextlib.suppress(BlockingIOError, InterruptedError):
                     os.read(self.wake, 8)
                 continue
-            try:
-                data = os.read(fd, 4096)  # an eventfd gives its 8-byte counter, a pipe what it has
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                self._report(f"reading its kick fd: {exc}", fatal=False)
+            kicked = _read_kick(fd)
+            if isinstance(kicked, str):
+                self._report(kicked, fatal=False)
                 return False
-            if not data:
-                self._report("its kick pipe is at end-of-file", fatal=False)
-                return False
-            self.due = True
+            self.due = self.due or kicked
         return True
 
     def _turn(self) -> bool:
@@ -940,17 +934,11 @@ class VhostUserServer:
         index = conn.kicks.get(fd)
         if index is None:
             return
-        try:
-            data = os.read(fd, 4096)  # an eventfd gives its 8-byte counter, a pipe what it has
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._kick_failed(conn, index, f"reading its kick fd: {exc}")
-            return
-        if not data:
-            self._kick_failed(conn, index, "its kick pipe is at end-of-file")
-            return
-        self._enqueue(conn, index)
+        kicked = _read_kick(fd)
+        if isinstance(kicked, str):
+            self._kick_failed(conn, index, kicked)
+        elif kicked:
+            self._enqueue(conn, index)
 
     def _kick_failed(self, conn: _Conn, index: int, reason: str) -> None:
         self.errors.append(f"ring {index}: {reason}")
@@ -1063,6 +1051,18 @@ def _owner(conn: _Conn, index: int, fd: int) -> _Worker | None:
     """The worker that owns kick fd ``fd`` of ring ``index``, if any."""
     worker = conn.workers.get(index)
     return worker if worker is not None and worker.kick_fd == fd else None
+
+
+def _read_kick(fd: int) -> bool | str:
+    """Drain kick fd ``fd``: whether the driver kicked, or why the fd is of no more use (a pipe
+    at end-of-file, a read error: the ring stops)."""
+    try:
+        data = os.read(fd, 4096)  # an eventfd gives its 8-byte counter, a pipe what it has
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        return f"reading its kick fd: {exc}"
+    return True if data else "its kick pipe is at end-of-file"
 
 
 def _signal_calls(core: Backend) -> None:
