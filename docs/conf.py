@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import virtio_schema
+
 project = "virtio_schema"
+release = version = virtio_schema.__version__  # written once, in virtio_schema/__init__.py
 author = "virtio_schema developers"
 copyright = "2026, virtio_schema developers"
 

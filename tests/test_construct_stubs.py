@@ -1,5 +1,8 @@
 """Exercise the construct API through the hand-written stubs in typings/construct.
 
+They are the one copy of the stubs: the wheel installs them as the PEP 561 stub-only package
+``construct-stubs`` (tests/test_wheel.py checks a user's code against the installed copy).
+
 Run under ``mypy --strict`` this checks that the stubs describe the API the way
 virtio_schema uses it (``assert_type`` pins the declared types); run under pytest it
 checks that construct really behaves that way at runtime.

@@ -40,6 +40,7 @@ from virtio_schema.mem import (
     write_barrier,
 )
 
+# The one place the version is written (the build reads it: [tool.hatch.version] in pyproject.toml)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

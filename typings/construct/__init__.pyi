@@ -1,7 +1,9 @@
 """Partial, hand-written type stubs for construct 2.10.70.
 
-Only the part of construct that virtio_schema uses is stubbed; everything else in
-``construct.__all__`` is listed in ``typings/stubtest_allowlist.txt``.
+Only the part of construct that virtio_schema and device code use is stubbed; everything else in
+``construct.__all__`` is listed in ``typings/stubtest_allowlist.txt``. virtio_schema's wheel
+installs this file as the PEP 561 stub-only package ``construct-stubs``, so users' own schemas
+type-check too. It is not marked partial: a name missing here is an error, not ``Any``.
 
 Conventions:
 

@@ -22,7 +22,7 @@ Nothing here is fast or hostile by default; everything here is deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar, overload
+from typing import Generic, Literal, TypeVar, overload
 
 from virtio_schema.errors import DeviceUsageError
 from virtio_schema.fake_queue.memory import FakeMemory, FakeMemoryFull
@@ -33,6 +33,7 @@ from virtio_schema.schema import Feature
 from virtio_schema.util import NotificationCounter
 
 __all__ = [
+    "AnyFakeQueue",
     "FakeDriver",
     "FakeMemory",
     "FakeMemoryFull",
@@ -45,13 +46,17 @@ __all__ = [
 ]
 
 
-Q = TypeVar("Q", Queue, PackedQueue, VirtQueue)
-D = TypeVar("D", FakeDriver, FakePackedDriver, FakeDriver | FakePackedDriver)
+# Covariant (the fields are read-only): a queue of one format is also a queue of either format.
+Q = TypeVar("Q", bound=VirtQueue, covariant=True)
+D = TypeVar("D", bound=FakeDriver | FakePackedDriver, covariant=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FakeQueue(Generic[Q, D]):
-    """A device-side queue wired to a fake driver (see :func:`make_queue`)."""
+    """A device-side queue wired to a fake driver (see :func:`make_queue`): ``queue`` is the
+    device's half, ``driver`` the simulated driver's, ``notifier`` counts the device's
+    notifications. Its type names both halves (:data:`SplitFakeQueue`, :data:`PackedFakeQueue`);
+    :data:`AnyFakeQueue` accepts either."""
 
     queue: Q
     driver: D
@@ -63,6 +68,10 @@ SplitFakeQueue = FakeQueue[Queue, FakeDriver]
 """A split queue and its fake driver (``make_queue()``)."""
 PackedFakeQueue = FakeQueue[PackedQueue, FakePackedDriver]
 """A packed queue and its fake driver (``make_queue(packed=True)``)."""
+AnyFakeQueue = FakeQueue[VirtQueue, FakeDriver | FakePackedDriver]
+"""Either format (``make_queue(packed=flag)``); a :data:`SplitFakeQueue` or a
+:data:`PackedFakeQueue` is one too, so a helper that builds or takes both formats is typed with
+it."""
 
 
 @overload
@@ -74,7 +83,7 @@ def make_queue(
     state: QueueState | None = ...,
     memory: FakeMemory | None = ...,
     index: int = ...,
-) -> FakeQueue[Queue, FakeDriver]: ...
+) -> SplitFakeQueue: ...
 
 
 @overload
@@ -86,7 +95,7 @@ def make_queue(
     state: QueueState | None = ...,
     memory: FakeMemory | None = ...,
     index: int = ...,
-) -> FakeQueue[PackedQueue, FakePackedDriver]: ...
+) -> PackedFakeQueue: ...
 
 
 @overload
@@ -98,7 +107,7 @@ def make_queue(
     state: QueueState | None = ...,
     memory: FakeMemory | None = ...,
     index: int = ...,
-) -> FakeQueue[VirtQueue, FakeDriver | FakePackedDriver]: ...
+) -> AnyFakeQueue: ...
 
 
 def make_queue(
@@ -109,12 +118,20 @@ def make_queue(
     state: QueueState | None = None,
     memory: FakeMemory | None = None,
     index: int = 0,
-) -> FakeQueue[Any, Any]:
+) -> AnyFakeQueue:
     """Build fake memory, a fake driver and the device's queue on it, with a
     :class:`~virtio_schema.util.NotificationCounter` as the notifier. ``packed=True`` adds
     RING_PACKED to ``features`` and builds a :class:`~virtio_schema.queue.PackedQueue` with a
     :class:`FakePackedDriver`; the queue is made by :func:`~virtio_schema.queue.create_queue`, as a
-    transport would."""
+    transport would.
+
+    The result's type follows ``packed`` (overloads, so type checkers see the concrete types):
+
+    - ``make_queue(...)`` or ``packed=False``: :data:`SplitFakeQueue`
+      (``FakeQueue[Queue, FakeDriver]``);
+    - ``packed=True``: :data:`PackedFakeQueue` (``FakeQueue[PackedQueue, FakePackedDriver]``);
+    - ``packed=flag`` (a ``bool`` known only at run time): :data:`AnyFakeQueue`
+      (``FakeQueue[VirtQueue, FakeDriver | FakePackedDriver]``)."""
     if bool(features & Feature.RING_PACKED) and not packed:
         raise DeviceUsageError("features has RING_PACKED: pass packed=True")
     mem = memory or FakeMemory()
