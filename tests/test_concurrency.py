@@ -3,8 +3,8 @@ uses them, and kicks that race the asyncio chain stream.
 
 What a device author relies on here:
 
-* Time of check / time of use (DESIGN.md, threat model: "every descriptor is read once, as a whole
-  record, and validated before use; no value read from guest memory is trusted twice"): while a
+* Time of check / time of use (docs/threat_model.rst: every descriptor is read once, as a whole
+  record, and validated before use; no value read from guest memory is trusted twice): while a
   driver thread rewrites descriptors, indirect tables, avail ring entries and ``avail.idx`` in a
   tight loop, the device thread only ever sees :class:`~virtio_schema.errors.VirtioError`\\ s, never
   hangs, and writes nothing but the used ring and the buffers the driver offered as writable

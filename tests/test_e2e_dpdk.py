@@ -4,8 +4,8 @@ virtio-net back-end (``python -m virtio_schema.examples.net``), both real proces
 testpmd is the front-end and the driver: it connects to our socket, negotiates (split or packed
 rings, IN_ORDER, MRG_RXBUF), then sends (txonly), receives (rxonly) or forwards (io). It runs until
 ``timeout`` sends it SIGINT, then prints its totals, which are compared with the counters our device
-writes as JSON when it stops. How these run on this machine (no hugepages, pinning, mbuf counts) is
-in VIRTIO_FACTS.md, DPDK section.
+writes as JSON when it stops. How testpmd runs here (no hugepages, pinning, mbuf counts) is in the
+command lines below.
 
 Skipped with a reason where ``dpdk-testpmd`` is missing; ``.ci/run`` installs ``dpdk-dev`` and sets
 ``VIRTIO_SCHEMA_REQUIRE_E2E=1``, which makes a skip a failure.

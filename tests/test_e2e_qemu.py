@@ -165,7 +165,7 @@ def test_linux_virtio_blk_reads_writes_and_reads_in_parallel(
 
 
 def test_firmware_start_stop_then_linux_restart(guest: GuestTools, short_tmp: Path) -> None:
-    """SeaBIOS starts and stops the device before Linux starts it again (VIRTIO_FACTS): the
+    """SeaBIOS starts and stops the device before Linux starts it again (observed with QEMU 7.2): the
     back-end serves both, across new ring addresses (and a new memory table where the front-end
     sends one: with CONFIGURE_MEM_SLOTS, QEMU 7.2 keeps the regions it added)."""
     image = short_tmp / "disk.img"

@@ -199,7 +199,8 @@ def test_config_space_reports_capacity_and_seabios_safe_limits(image: io.FileIO)
     cfg = BLK_CONFIG.unpack(BlkDevice(image).config())
     assert cfg.capacity == SECTORS
     assert (cfg.size_max, cfg.seg_max) == (SIZE_MAX, SEG_MAX)
-    assert cfg.size_max * cfg.seg_max // 512 < 1 << 16  # VIRTIO_FACTS: SeaBIOS 1.16.2 overflow
+    # SeaBIOS 1.16.2 overflows past this (observed)
+    assert cfg.size_max * cfg.seg_max // 512 < 1 << 16
 
 
 def test_demo_verifies_every_byte() -> None:

@@ -1,6 +1,6 @@
 """Hostile-driver tests of the device side: the driver may write anything into the rings, any time.
 
-The threat model of DESIGN.md ("Policies"): the driver is untrusted and may change any ring byte at
+The threat model (docs/threat_model.rst): the driver is untrusted and may change any ring byte at
 any moment. A state machine (:class:`HostileDriverMachine`) lets a driver mix well-formed chains
 (direct, indirect, direct descriptors followed by an indirect one) with every corruption a
 driver can commit: arbitrary descriptor bytes (also under chains already published or already
@@ -27,7 +27,7 @@ What a device author relies on, checked at every step:
 5. Once broken, the queue stays broken (same cause) and touches no guest memory (no descriptor
    read, no translation, no byte written, chains included) until ``reset()`` / ``restore()``.
 6. An oracle: every ``next_chain()`` answer equals what a reference walk of the validation catalogue
-   (VIRTIO_FACTS.md), written out independently below, gives on the same bytes: the same ring
+   (virtio_schema.queue.errors), written out independently below, gives on the same bytes: the same ring
    verdict, and for a chain the same descriptors or "malformed"; reads and writes move exactly the
    bytes a model of the chain's buffers over the memory map predicts.
 
@@ -287,7 +287,7 @@ def overlapping(ranges: Sequence[tuple[int, int]]) -> bool:
 def reference_walk(
     snap: Snapshot, desc_addr: int, size: int, head: int, indirect_ok: bool
 ) -> tuple[ChainDescriptor, ...] | None:
-    """The validation catalogue of VIRTIO_FACTS.md written out on its own: the buffers of the chain
+    """The validation catalogue (virtio_schema.queue.errors) written out on its own: the buffers of the chain
     at ``head`` as the device must hand them out, or ``None`` if the chain is malformed.
 
     Rules (virtio 1.2, 2.7.5 and 2.7.5.3): at most ``size`` buffers (indirect entries count, the

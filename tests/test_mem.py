@@ -823,7 +823,7 @@ def test_caller_derived_slice_is_the_callers_to_release_without_close_buffers() 
 
 
 # Bugs found while writing these tests: each test below states the behaviour the lifetime rules
-# (module docstring rule 2, DESIGN.md "explicit lifetime" and the error policy) call for.
+# (module docstring rule 2, the explicit lifetime of views and the error policy) call for.
 
 
 def _later_region_read_only(mm: mmap.mmap) -> list[tuple[int, Buffer]]:

@@ -11,7 +11,7 @@ What a device author relies on here:
 * a well-formed chain comes out as the driver published it (order, flags, lengths, head), goes back
   exactly once with the number of bytes written, and the driver is notified exactly when the
   suppression rules say so (virtio 1.2, 2.7.7 and 2.7.10);
-* every row of the validation catalogue (VIRTIO_FACTS.md) raises its own exception class of the
+* every row of the validation catalogue (virtio_schema.queue.errors) raises its own exception class of the
   right family: a :class:`ChainError` spoils one chain only (handed out with ``error`` set, returned
   with length 0, the queue goes on); a :class:`RingError` latches the queue broken, after which it
   raises :class:`QueueBroken` and leaves guest memory alone until ``reset()`` or ``restore()``;

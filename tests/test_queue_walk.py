@@ -186,7 +186,7 @@ or its buffers in chain order."""
 
 
 def model(laid: Laid, before: ChainDescriptor | None, packed: bool, qsize: int) -> Outcome:
-    """The table's chain by the rules (virtio 1.2, 2.7.4.2, 2.7.5.3, 2.8.19; VIRTIO_FACTS.md):
+    """The table's chain by the rules (virtio 1.2, 2.7.4.2, 2.7.5.3, 2.8.19; virtio_schema.queue.errors):
     an entry is INDIRECT again (nested), or is one buffer more than the queue size, or passes the
     end of the address space, or is readable after a writable one; a split entry with NEXT names
     an entry past the table; the buffers total more than a u32. Split follows ``next`` from entry

@@ -2,8 +2,7 @@
 
 Every offset below is written out from the specification (virtio 1.2: 2.7.5 descriptor, 2.7.6 avail
 ring, 2.7.8 used ring, 2.8.13 packed descriptor, 2.8.10 event suppression, 5.1.6 virtio-net header,
-5.2.4/5.2.6 virtio-blk config and request, 5.10.6 virtio-vsock header; digested in
-``VIRTIO_FACTS.md``), never derived from the schemas under test. Each layout is checked twice: by
+5.2.4/5.2.6 virtio-blk config and request, 5.10.6 virtio-vsock header), never derived from the schemas under test. Each layout is checked twice: by
 :func:`virtio_schema.layout.spans`, and by building a record of distinct bytes with Construct and
 comparing it to a ``struct.pack`` with a hand-written format string.
 """
@@ -366,7 +365,7 @@ def test_feature_mask_and_bit_number(feature: Feature, bit: int) -> None:
 
 
 def test_dpdk_negotiated_feature_word_decodes_to_the_observed_features() -> None:
-    # VIRTIO_FACTS: DPDK virtio-user with packed_vq=1,in_order=1 negotiates 0xd50000000
+    # observed: DPDK virtio-user with packed_vq=1,in_order=1 negotiates 0xd50000000
     expected = (
         Feature.INDIRECT_DESC
         | Feature.PROTOCOL_FEATURES

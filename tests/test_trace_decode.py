@@ -97,7 +97,7 @@ RECORDED = Path(__file__).parent / "data" / "qemu72_vhost_user_blk.trace"
 """Recorded by tests/test_e2e_inspect.py (``--capture``; ``VIRTIO_SCHEMA_UPDATE_DATA=1``)."""
 
 R = Request
-# VIRTIO_FACTS, "vhost-user with QEMU 7.2 and a Linux 6.1 guest": the order QEMU sends in
+# Observed with QEMU 7.2 and a Linux 6.1 guest: the order QEMU sends in
 PROBE = [R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.SET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM,
          R.SET_OWNER, R.GET_FEATURES, R.SET_VRING_CALL, R.SET_VRING_ERR, R.GET_CONFIG]  # fmt: skip
 START = [R.SET_FEATURES, R.SET_VRING_CALL, R.SET_FEATURES, R.SET_MEM_TABLE, R.SET_VRING_NUM,
