@@ -47,6 +47,7 @@ from pathlib import Path
 from bench_queue import VARIANTS, backend_variant
 from bench_vhost_blk import cpu_seconds
 
+from virtio_schema._cli import progress
 from virtio_schema.mem import full_barrier
 from virtio_schema.records import BLK_REQ_HDR, BlkReqHdr
 from virtio_schema.ring import linked_descs
@@ -279,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vs-mq-") as d, backend_variant(variant, command):
         for workload in workloads:
             runs: dict[Setup, list[Result]] = {setup: [] for setup in SETUPS}
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
                 for setup in SETUPS:
+                    progress(f"  {workload.name}, {setup.name}: run {repeat + 1} of {args.repeats}")
                     runs[setup].append(run(workload, setup, args.depth, args.seconds, Path(d)))
             base = statistics.median(r.rate for r in runs[SETUPS[0]])
             for setup, results in runs.items():

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from bench_queue import VARIANTS, backend_variant
 
+from virtio_schema._cli import progress
 from virtio_schema.testing.process import BackendProcess
 
 TESTPMD = shutil.which("dpdk-testpmd")
@@ -179,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                 for direction in directions:
                     ours: dict[str, float] = {}
                     for variant, bp in setups:
+                        progress(f"  {ring} {size} B {direction}: ours, {name(variant, bp)}")
                         with backend_variant(variant, command):
                             ours[name(variant, bp)] = run(
                                 "ours", direction, size, vdev, seconds, Path(d), bp
                             )
+                    progress(f"  {ring} {size} B {direction}: DPDK's C back-end")
                     c = run("c", direction, size, vdev, seconds, Path(d))
                     row: dict[str, str | int | float] = {
                         "ring": ring, "size": size, "direction": direction, "c_pps": c

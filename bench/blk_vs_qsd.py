@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench_vhost_blk import Start, start_ours, start_qsd
 
+from virtio_schema._cli import progress
 from virtio_schema.testing.process import BackendProcess
 from virtio_schema.testing.qemu import (
     INIT_EPILOGUE,
@@ -102,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     runs: dict[str, list[dict[str, float]]] = {"virtio_schema": [], "qemu-storage-daemon": []}
     with tempfile.TemporaryDirectory(prefix="vs-bench-") as d:
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
+            progress(f"  round {round_ + 1} of {args.rounds}: a guest on virtio_schema")
             runs["virtio_schema"].append(measure("ours", start_ours, args.disk_mib, Path(d)))
+            progress(f"  round {round_ + 1} of {args.rounds}: a guest on qemu-storage-daemon")
             runs["qemu-storage-daemon"].append(
                 measure("qsd", start_qsd_cached, args.disk_mib, Path(d))
             )

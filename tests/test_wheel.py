@@ -312,9 +312,11 @@ def test_mypy_reports_each_mistake_on_its_line(
 
 @builds
 def test_stubtest_checks_the_installed_stubs_against_construct(user_env: UserEnv) -> None:
-    allowlist = ROOT / "typings" / "stubtest_allowlist.txt"
     cmd: list[str | Path] = [user_env.python, "-m", "mypy.stubtest", "construct"]
-    proc = run([*cmd, "--allowlist", allowlist], cwd=user_env.work, timeout=300, env=clean_env())
+    cmd += ["--allowlist", ROOT / "typings" / "stubtest_allowlist.txt"]
+    if sys.version_info >= (3, 12):  # EnumInteger's layout (the file says why)
+        cmd += ["--allowlist", ROOT / "typings" / "stubtest_allowlist_py312.txt"]
+    proc = run(cmd, cwd=user_env.work, timeout=300, env=clean_env())
     assert proc.returncode == 0, tail(proc)
 
 

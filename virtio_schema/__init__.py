@@ -4,8 +4,8 @@ Layers, bottom to top (imports only go downward): :mod:`~virtio_schema.schema` (
 :mod:`~virtio_schema.layout` (``struct`` accessors derived from them), :mod:`~virtio_schema.mem`
 (driver ranges, guest memory, barriers). See ``docs/overview.rst``.
 
-The names re-exported here are the stable public surface; everything else is reached through its
-module.
+The names re-exported here are stable API; the other stable modules, and what stable promises, are
+in ``docs/api.rst`` ("Which API is stable"). Everything else is reached through its module.
 
 ``COMPILED`` says whether the kernel that runs is the mypyc-compiled one (wheels built where a C
 compiler is present) or the pure-Python source; ``VIRTIO_SCHEMA_PURE_PYTHON=1`` forces the source.

@@ -29,7 +29,6 @@ validate chains (never to take or return one).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import mmap
@@ -39,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from virtio_schema._cli import parser
 from virtio_schema.errors import VirtioError
 from virtio_schema.mem import DeviceRange, DriverRange, GuestMemory
 from virtio_schema.qmp import QMPClient, QMPError
@@ -340,6 +340,27 @@ def _desc_line(d: dict[str, Any]) -> str:
     return f"[{d['index']}] addr={d['addr']:#x} len={d['len']} flags={','.join(d['flags'])}"
 
 
+def _hexdump(data: bytes) -> list[str]:
+    """``data`` as hexdump lines: offset, 16 bytes in hex, the printable ones as text."""
+    lines = []
+    for at in range(0, len(data), 16):
+        row = data[at : at + 16]
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in row)
+        lines.append(f"{at:04x}  {row.hex(' '):<47}  |{text}|")
+    return lines
+
+
+def _print_hex(d: dict[str, Any], indent: str) -> None:
+    """The descriptor's first bytes, if ``--hexdump`` asked for them."""
+    if "hex" not in d or "indirect" in d["flags"]:
+        return
+    if d["hex"] is None:
+        print(f"{indent}(the buffer is not in guest memory)")
+        return
+    for line in _hexdump(bytes.fromhex(d["hex"])):
+        print(indent + line)
+
+
 def _print_text(doc: dict[str, Any]) -> None:
     where = ", ".join(f"{k} {v:#x}" for k, v in doc["addresses"].items())
     print(f"{doc['format']} ring, size {doc['size']} ({where})")
@@ -352,8 +373,10 @@ def _print_text(doc: dict[str, Any]) -> None:
         print(f"chain avail_idx={c['avail_idx']} head={c['head']}")
         for d in c["descriptors"]:
             print("    " + _desc_line(d))
+            _print_hex(d, "      ")
             for e in d.get("indirect", []):
                 print("        " + _desc_line(e))
+                _print_hex(e, "          ")
         if c.get("decoded"):
             print("    header: " + " ".join(f"{k}={v}" for k, v in c["decoded"].items()))
         if c.get("error"):
@@ -366,17 +389,61 @@ def _addr(text: str) -> int:
     return int(text, 0)
 
 
+DESCRIPTION = """\
+Show a virtqueue of a memory dump or of a running QEMU guest, read-only: the
+ring's flags and indices, the chains between the last used and the current
+avail index (in flight) and every slot asked for with --index, each descriptor
+in chain order with its flags by name, and for a malformed chain the library's
+own error for it (the same validation as the device path). Stale rings full of
+garbage are the normal case: every walk is bounded.
+
+Give the ring by address (--desc, --avail, --used, --size), or let QEMU say
+where it is over QMP (--qmp, --path, --queue; QEMU 7.2 or later)."""
+
+EPILOG = """\
+a live guest: QEMU with its memory in a file and a QMP socket, then the
+inspector on the first queue of its virtio-blk device (id blk0):
+
+  qemu-system-x86_64 -accel tcg -m 256M -machine pc,memory-backend=mem \\
+      -object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/vm,share=on \\
+      -drive if=none,id=d0,file=disk.img -device virtio-blk-pci,drive=d0,id=blk0 \\
+      -qmp unix:/tmp/qmp.sock,server=on,wait=off ...
+  %(prog)s --mem /dev/shm/vm --qmp /tmp/qmp.sock \\
+      --path /machine/peripheral/blk0/virtio-backend --queue 0 --decode blk
+
+QMP's x-query-virtio lists the devices' paths. A memory dump, by address:
+
+  %(prog)s --mem dump.bin --size 256 \\
+      --desc 0x7e4000 --avail 0x7e5000 --used 0x7e6000 --hexdump 32"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m virtio_schema.inspect", description=__doc__)
-    p.add_argument("--mem", required=True, help="guest memory file (dump or /dev/shm backend)")
+    """The command line: ``--help`` describes it."""
+    p = parser("virtio_schema.inspect", DESCRIPTION, EPILOG)
     p.add_argument(
-        "--mem-base", type=_addr, default=0, help="guest address of the file's first byte"
+        "--mem",
+        required=True,
+        metavar="FILE",
+        help="guest memory as a file: a raw dump, or a live guest's /dev/shm memory backend",
+    )
+    p.add_argument(
+        "--mem-base",
+        type=_addr,
+        default=0,
+        metavar="GPA",
+        help="guest-physical address of the file's first byte (default 0)",
     )
     by_addr = p.add_argument_group("the ring by address")
-    by_addr.add_argument("--desc", type=_addr, help="descriptor table (packed: descriptor ring)")
-    by_addr.add_argument("--avail", type=_addr, help="avail ring (packed: driver event area)")
-    by_addr.add_argument("--used", type=_addr, help="used ring (packed: device event area)")
-    by_addr.add_argument("--size", type=int, help="queue size")
+    by_addr.add_argument(
+        "--desc", type=_addr, metavar="ADDR", help="descriptor table (packed: descriptor ring)"
+    )
+    by_addr.add_argument(
+        "--avail", type=_addr, metavar="ADDR", help="avail ring (packed: driver event area)"
+    )
+    by_addr.add_argument(
+        "--used", type=_addr, metavar="ADDR", help="used ring (packed: device event area)"
+    )
+    by_addr.add_argument("--size", type=int, metavar="N", help="queue size")
     by_addr.add_argument("--packed", action="store_true", help="a packed ring")
     by_addr.add_argument(
         "--no-indirect",
@@ -386,15 +453,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     by_qmp = p.add_argument_group("the ring from a running QEMU (QMP, QEMU 7.2 and later)")
     by_qmp.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP unix socket")
-    by_qmp.add_argument("--path", help="the device's QOM path (x-query-virtio lists them)")
-    by_qmp.add_argument("--queue", type=int, default=0, help="queue index (default 0)")
     by_qmp.add_argument(
-        "--qmp-timeout", type=float, default=10.0, metavar="SECONDS", help="per QMP reply"
+        "--path", metavar="QOM_PATH", help="the device's QOM path (x-query-virtio lists them)"
     )
-    p.add_argument("--index", type=int, action="append", default=[])
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--hexdump", type=int, default=0, metavar="N", help="first N bytes of buffers")
-    p.add_argument("--decode", choices=["blk", "net"], default=None, help="decode request headers")
+    by_qmp.add_argument("--queue", type=int, default=0, metavar="K", help="queue index (default 0)")
+    by_qmp.add_argument(
+        "--qmp-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for each QMP reply (default 10)",
+    )
+    p.add_argument(
+        "--index",
+        type=int,
+        action="append",
+        default=[],
+        metavar="K",
+        help="also show the chain at avail slot K (repeatable; packed: descriptor slot K)",
+    )
+    p.add_argument("--json", action="store_true", help="print the findings as one JSON document")
+    p.add_argument(
+        "--hexdump",
+        type=int,
+        default=0,
+        metavar="N",
+        help="show the first N bytes of every buffer",
+    )
+    p.add_argument(
+        "--decode",
+        choices=["blk", "net"],
+        default=None,
+        help="decode each chain's device header (virtio-blk request, virtio-net header)",
+    )
     args = p.parse_args(argv)
     by_address = (args.desc, args.avail, args.used, args.size)
     qemu: dict[str, Any] | None = None

@@ -19,11 +19,19 @@ from virtio_schema.schema import devices
 __all__ = [
     "BLK_CONFIG",
     "BLK_REQ_HDR",
+    "INPUT_ABSINFO",
+    "INPUT_CONFIG",
+    "INPUT_DEVIDS",
+    "INPUT_EVENT",
     "NET_CONFIG",
     "NET_HDR",
     "VSOCK_HDR",
     "BlkConfig",
     "BlkReqHdr",
+    "InputAbsInfo",
+    "InputConfig",
+    "InputDevids",
+    "InputEvent",
     "NetConfig",
     "NetHdr",
     "VsockHdr",
@@ -99,8 +107,56 @@ class VsockHdr(NamedTuple):
     fwd_cnt: int
 
 
+class InputEvent(NamedTuple):
+    """``struct virtio_input_event``: one evdev event (both virtio-input queues)."""
+
+    type: int
+    code: int
+    value: int
+
+
+class InputConfig(NamedTuple):
+    """``struct virtio_input_config`` (``reserved`` left out: zero)."""
+
+    select: int
+    subsel: int
+    size: int
+    u: bytes
+
+
+class InputAbsInfo(NamedTuple):
+    """``struct virtio_input_absinfo``."""
+
+    min: int
+    max: int
+    fuzz: int
+    flat: int
+    res: int
+
+
+class InputDevids(NamedTuple):
+    """``struct virtio_input_devids``."""
+
+    bustype: int
+    vendor: int
+    product: int
+    version: int
+
+
 BLK_REQ_HDR: Layout[BlkReqHdr] = Layout(devices.VirtioBlkReqHdr, BlkReqHdr, name="VirtioBlkReqHdr")
 BLK_CONFIG: Layout[BlkConfig] = Layout(devices.VirtioBlkConfig, BlkConfig, name="VirtioBlkConfig")
 NET_HDR: Layout[NetHdr] = Layout(devices.VirtioNetHdr, NetHdr, name="VirtioNetHdr")
 NET_CONFIG: Layout[NetConfig] = Layout(devices.VirtioNetConfig, NetConfig, name="VirtioNetConfig")
 VSOCK_HDR: Layout[VsockHdr] = Layout(devices.VirtioVsockHdr, VsockHdr, name="VirtioVsockHdr")
+INPUT_EVENT: Layout[InputEvent] = Layout(
+    devices.VirtioInputEvent, InputEvent, name="VirtioInputEvent"
+)
+INPUT_CONFIG: Layout[InputConfig] = Layout(
+    devices.VirtioInputConfig, InputConfig, name="VirtioInputConfig"
+)
+INPUT_ABSINFO: Layout[InputAbsInfo] = Layout(
+    devices.VirtioInputAbsInfo, InputAbsInfo, name="VirtioInputAbsInfo"
+)
+INPUT_DEVIDS: Layout[InputDevids] = Layout(
+    devices.VirtioInputDevids, InputDevids, name="VirtioInputDevids"
+)

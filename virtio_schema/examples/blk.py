@@ -32,7 +32,6 @@ no status could be written), so the driver never loses a slot and the device nev
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
@@ -41,6 +40,7 @@ import sys
 import threading
 import time
 
+from virtio_schema._cli import parser
 from virtio_schema.chain import InsufficientSpace, ReadableChain, WritableChain
 from virtio_schema.errors import DriverError
 from virtio_schema.examples.serving import add_server_arguments, make_server
@@ -303,20 +303,39 @@ class VhostUserBlk(VhostUserDevice):
         log.info("virtio-blk: queue %d: %d requests served", index, self.served[index])
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m virtio_schema.examples.blk --vhost-user SOCKET IMAGE``: serve IMAGE as a
-    virtio-blk device to a vhost-user front-end, e.g. QEMU::
+DESCRIPTION = """\
+Serve a disk image as a virtio-blk device to a vhost-user front-end (QEMU).
 
-        qemu-system-x86_64 -accel tcg -m 256M \\
-            -object memory-backend-memfd,id=mem,size=256M,share=on -machine pc,memory-backend=mem \\
-            -chardev socket,id=blk0,path=SOCKET -device vhost-user-blk-pci,chardev=blk0 ...
-    """
-    p = argparse.ArgumentParser(
-        prog="python -m virtio_schema.examples.blk", description=main.__doc__
-    )
+The image's size is the disk's capacity, and the driver is told when it changes
+(--watch). A malformed request is logged and returned to the driver: the device
+never trusts guest memory and never crashes on it."""
+
+EPILOG = """\
+example: the device, then QEMU connecting to it (guest memory must be
+shareable: a memfd with share=on; -accel tcg where there is no KVM):
+
+  %(prog)s --vhost-user /tmp/blk.sock disk.img
+  qemu-system-x86_64 -accel tcg -m 256M \\
+      -object memory-backend-memfd,id=mem,size=256M,share=on \\
+      -machine pc,memory-backend=mem \\
+      -chardev socket,id=blk0,path=/tmp/blk.sock \\
+      -device vhost-user-blk-pci,chardev=blk0 \\
+      -kernel vmlinuz -initrd initrd -append console=ttyS0 -nographic
+
+The guest sees /dev/vda. Add reconnect=1 to -chardev to survive a restart of
+the device; --trace shows every vhost-user message."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``--help`` describes it."""
+    p = parser("virtio_schema.examples.blk", DESCRIPTION, EPILOG)
     add_server_arguments(p)
     p.add_argument("image", help="disk image file (its size is the disk's capacity)")
-    p.add_argument("--read-only", action="store_true")
+    p.add_argument(
+        "--read-only",
+        action="store_true",
+        help="open the image read-only and offer VIRTIO_BLK_F_RO (a write gets IOERR)",
+    )
     p.add_argument("--serial", default="virtio-schema", help="GET_ID string (20 bytes max)")
     p.add_argument(
         "--capture", metavar="FILE", default=None, help="append every vhost-user message, raw"

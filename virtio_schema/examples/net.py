@@ -23,7 +23,6 @@ served without a kick per burst.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import json
@@ -36,6 +35,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from virtio_schema._cli import parser
 from virtio_schema.chain import ReadableChain, WritableChain
 from virtio_schema.errors import DriverError, VirtioError
 from virtio_schema.examples.serving import add_server_arguments, make_server
@@ -284,17 +284,56 @@ _OPTIONAL = {
 }
 
 
+DESCRIPTION = """\
+Serve a virtio-net device to a vhost-user front-end (DPDK's virtio-user, QEMU).
+Queue 0 receives (the device writes frames to the driver), queue 1 transmits.
+
+modes:
+  reflect  every frame the driver sends comes back to it, MACs swapped
+  sink     frames are counted and checksummed (CRC-32, in order)
+  source   --frames frames of --size bytes are sent to the driver"""
+
+EPILOG = """\
+example: the device, then DPDK's testpmd as the driver (no virtual machine, no
+hugepages; dpdk-testpmd is in Debian's dpdk-dev):
+
+  %(prog)s --vhost-user /tmp/net.sock --mode reflect
+  dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci --no-huge -m 512 \\
+      --vdev 'net_virtio_user0,path=/tmp/net.sock,queues=1,packed_vq=1,in_order=1' \\
+      -- --total-num-mbufs=8192 --forward-mode=io --tx-first
+
+A QEMU guest connects with -chardev socket,id=net0,path=/tmp/net.sock
+-netdev vhost-user,id=net0,chardev=net0 -device virtio-net-pci,netdev=net0 (and
+shareable guest memory, as for the other examples)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m virtio_schema.examples.net", description=__doc__)
+    """The command line: ``--help`` describes it."""
+    p = parser("virtio_schema.examples.net", DESCRIPTION, EPILOG)
     add_server_arguments(p)
-    p.add_argument("--mode", choices=["reflect", "sink", "source"], default="reflect")
-    p.add_argument("--frames", type=int, default=0, help="source: how many frames")
-    p.add_argument("--size", type=int, default=64, help="source: frame size in bytes")
-    p.add_argument("--backlog", type=int, default=4096)
+    p.add_argument(
+        "--mode",
+        choices=["reflect", "sink", "source"],
+        default="reflect",
+        help="what the device does with frames (default reflect)",
+    )
+    p.add_argument("--frames", type=int, default=0, metavar="N", help="source: how many frames")
+    p.add_argument(
+        "--size", type=int, default=64, metavar="BYTES", help="source: frame size (default 64)"
+    )
+    p.add_argument(
+        "--backlog",
+        type=int,
+        default=4096,
+        metavar="FRAMES",
+        help="frames that may wait for receive buffers; more are dropped and counted"
+        " (default 4096)",
+    )
     p.add_argument(
         "--start-delay",
         type=float,
         default=0.0,
+        metavar="SECONDS",
         help="source: seconds to wait after the receive queue starts (a driver may still be"
         " setting up: testpmd discards what arrives before it starts forwarding)",
     )
@@ -306,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(_OPTIONAL),
         help="do not offer this feature (repeatable)",
     )
-    p.add_argument("--cpu", type=int, default=None, help="pin the process to this CPU")
+    p.add_argument("--cpu", type=int, default=None, metavar="N", help="pin the process to this CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.cpu is not None:  # keep off the core a polling front-end spins on

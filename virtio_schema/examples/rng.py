@@ -11,7 +11,6 @@ test can check that the guest got exactly bytes the device produced.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -19,6 +18,7 @@ import signal
 import sys
 from typing import BinaryIO
 
+from virtio_schema._cli import parser
 from virtio_schema.chain import WritableChain
 from virtio_schema.errors import DriverError
 from virtio_schema.examples.serving import add_server_arguments, make_server
@@ -64,11 +64,41 @@ class RngDevice(VhostUserDevice):
                     self.record.flush()
 
 
+DESCRIPTION = """\
+Serve a virtio-rng (entropy) device to a vhost-user front-end (QEMU): every
+buffer the driver offers comes back filled with random bytes (os.urandom, or a
+seeded generator with --seed). In a Linux guest it is /dev/hwrng."""
+
+EPILOG = """\
+example: the device, then QEMU connecting to it (guest memory must be
+shareable: a memfd with share=on; -accel tcg where there is no KVM):
+
+  %(prog)s --vhost-user /tmp/rng.sock
+  qemu-system-x86_64 -accel tcg -m 256M \\
+      -object memory-backend-memfd,id=mem,size=256M,share=on \\
+      -machine pc,memory-backend=mem \\
+      -chardev socket,id=rng0,path=/tmp/rng.sock \\
+      -device vhost-user-rng-pci,chardev=rng0 \\
+      -kernel vmlinuz -initrd initrd -append console=ttyS0 -nographic
+
+In the guest: head -c 64 /dev/hwrng | od -An -tx1. With --seed and --record a
+test can check that the guest read exactly bytes the device produced."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m virtio_schema.examples.rng", description=__doc__)
+    """The command line: ``--help`` describes it."""
+    p = parser("virtio_schema.examples.rng", DESCRIPTION, EPILOG)
     add_server_arguments(p)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--record", metavar="FILE", default=None)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a reproducible stream from this seed (default: os.urandom)",
+    )
+    p.add_argument(
+        "--record", metavar="FILE", default=None, help="append every byte produced to FILE"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     record = open(args.record, "ab") if args.record else None  # noqa: SIM115 - lives with the server

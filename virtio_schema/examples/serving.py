@@ -20,7 +20,13 @@ __all__ = ["add_server_arguments", "make_server"]
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vhost-user", metavar="SOCKET", required=True, help="unix socket to listen on")
     p.add_argument("--trace", action="store_true", help="log every vhost-user message decoded")
-    p.add_argument("--max-connections", type=int, default=None, help="exit after N front-ends")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exit after N front-ends have come and gone (default: serve until stopped)",
+    )
     p.add_argument(
         "--io-timeout",
         type=float,
@@ -35,7 +41,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         metavar="CHAINS",
         help="chains served per turn of a ring before the others get theirs (default: queue size)",
     )
-    p.add_argument("--max-clients", type=int, default=64, help="connections at once (default 64)")
+    p.add_argument(
+        "--max-clients", type=int, default=64, metavar="N", help="connections at once (default 64)"
+    )
     p.add_argument(
         "--memory-policy",
         choices=[m.value for m in MemoryPolicy],

@@ -6,7 +6,10 @@ few bytearray regions, handed out by an allocator that asserts allocations never
 chains (direct, indirect, mixed) exactly as a well-behaved driver would, reads used entries back with
 the bytes the device wrote, and sets or reads the notification fields. For robustness tests it also
 writes anything a hostile driver could: raw descriptors, bad ``next`` values, loops, readable after
-writable, bad indirect tables, avail index jumps. :func:`make_queue` builds a device-side
+writable, bad indirect tables, avail index jumps. The malformed chains a device test needs most
+come from one call that is the same on both fake drivers, ``push_malformed(kind)`` (the kinds,
+and what the device sees for each in each format: :class:`Malformed`), so one test body covers
+both formats. :func:`make_queue` builds a device-side
 :class:`~virtio_schema.queue.Queue` and its fake driver in one call (``packed=True``: a
 :class:`~virtio_schema.queue.PackedQueue` and a :class:`FakePackedDriver`)::
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar, overload
 
 from virtio_schema.errors import DeviceUsageError
+from virtio_schema.fake_queue.malformed import Malformed, NotInThisFormat
 from virtio_schema.fake_queue.memory import FakeMemory, FakeMemoryFull
 from virtio_schema.fake_queue.packed import FakePackedDriver
 from virtio_schema.fake_queue.split import FakeDriver, UsedChain
@@ -39,6 +43,8 @@ __all__ = [
     "FakeMemoryFull",
     "FakePackedDriver",
     "FakeQueue",
+    "Malformed",
+    "NotInThisFormat",
     "PackedFakeQueue",
     "SplitFakeQueue",
     "UsedChain",

@@ -219,6 +219,13 @@ class FakeMemory:
         return tuple(written)
 
     @property
+    def end(self) -> int:
+        """One past the highest driver address in memory (the end of the highest region): where
+        a buffer that straddles the end of guest memory crosses it, and past which nothing is
+        mapped."""
+        return self._regions[-1].end
+
+    @property
     def allocated(self) -> int:
         """Bytes currently allocated (for leak checks)."""
         return sum(n for r in self._regions for n in r.allocs.values())

@@ -17,6 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from virtio_schema.errors import DeviceUsageError
+from virtio_schema.fake_queue.malformed import (
+    Malformed,
+    check_features,
+    check_format,
+    malformed_chain,
+)
 from virtio_schema.fake_queue.memory import FakeMemory, check_chain_length
 from virtio_schema.fake_queue.split import UsedChain
 from virtio_schema.mem import DeviceRange, DriverRange, write_barrier
@@ -52,9 +58,9 @@ class FakePackedDriver:
     """The driver's half of a packed queue on :class:`~virtio_schema.fake_queue.FakeMemory`.
 
     The same calls as :class:`~virtio_schema.fake_queue.FakeDriver` where the formats agree
-    (``publish``, ``used``, ``alloc_buffer``, ``set_no_interrupt``, ``no_notify``, ``kick_needed``,
-    ``avail_idx``), plus packed-specific raw access (``push_raw``, ``write_slot``,
-    ``set_driver_event``).
+    (``publish``, ``push_malformed``, ``used``, ``alloc_buffer``, ``set_no_interrupt``,
+    ``no_notify``, ``kick_needed``, ``avail_idx``), plus packed-specific raw access (``push_raw``,
+    ``write_slot``, ``set_driver_event``).
     """
 
     memory: FakeMemory
@@ -210,6 +216,79 @@ class FakePackedDriver:
     def write_indirect_table(self, entries: Sequence[PackedDesc]) -> int:
         """Allocate and fill an indirect table with raw entries; returns its address."""
         return self.memory.alloc_table(PACKED_DESC, entries)
+
+    # --- malformed chains, the same calls as FakeDriver ----------------------------------------
+
+    def push_malformed(self, kind: Malformed) -> int:
+        """Publish a malformed chain of ``kind`` at the avail position (see
+        :class:`~virtio_schema.fake_queue.Malformed` for what the device sees, per format);
+        returns its buffer id, what the used descriptor will name (for ID_OUT_OF_RANGE: the id
+        written, the queue size). When the device returns the chain, :meth:`used` reports
+        ``UsedChain(buffer_id, len, ())`` and frees its slots, id and buffers. Raises
+        :class:`~virtio_schema.fake_queue.NotInThisFormat` for NEXT_OUT_OF_RANGE (a packed
+        chain has no ``next``) and :class:`~virtio_schema.errors.DeviceUsageError` if the features
+        do not fit the kind or the ring has no room (LOOP needs it empty), in both cases writing
+        nothing.
+
+        >>> from virtio_schema.fake_queue import Malformed, UsedChain, make_queue
+        >>> from virtio_schema.schema import Feature
+        >>> fq = make_queue(8, packed=True, features=Feature.INDIRECT_DESC)
+        >>> buffer_id = fq.driver.push_malformed(Malformed.NESTED_INDIRECT)
+        >>> chain = fq.queue.next_chain()
+        >>> type(chain.error).__name__
+        'NestedIndirect'
+        >>> chain.return_written(0)
+        >>> fq.driver.used() == [UsedChain(buffer_id, 0, ())]
+        True
+        """
+        check_format(kind, packed=True)
+        check_features(kind, self.features)
+        if kind is Malformed.LOOP or kind is Malformed.ID_OUT_OF_RANGE:
+            # LOOP: NEXT on every slot, so no slot ends the chain and holds its id (virtio 1.2,
+            # 2.8.6); ID_OUT_OF_RANGE: one descriptor whose id is not below the size. Either way
+            # the chain cannot come back (the queue breaks): its slots (and LOOP's id) stay taken.
+            slots = self.size if kind is Malformed.LOOP else 1
+            self._check_room(kind, slots)
+            buf = self.memory.alloc_buffer(bytes(range(16)))
+            buf_id = self._free_ids.pop() if kind is Malformed.LOOP else self.size
+            flags = _NEXT if kind is Malformed.LOOP else 0
+            self._free_slots -= slots
+            self._write_chain([PackedDesc(buf, 16, buf_id, flags)] * slots)
+            return buf_id
+        chain = malformed_chain(kind, self.memory, self.size, self._pack_table)
+        try:
+            self._check_room(kind, len(chain.entries))
+        except DeviceUsageError:
+            chain.release(self.memory)
+            raise
+        buf_id = self._free_ids.pop()
+        self._chains[buf_id] = _Chain(len(chain.entries), chain.allocations, [])
+        self._order.append(buf_id)
+        self._free_slots -= len(chain.entries)
+        last = len(chain.entries) - 1
+        self._write_chain(
+            [
+                PackedDesc(addr, length, buf_id, flags | (_NEXT if k < last else 0))
+                for k, (addr, length, flags) in enumerate(chain.entries)
+            ]
+        )
+        return buf_id
+
+    def _check_room(self, kind: Malformed, slots: int) -> None:
+        if kind is Malformed.LOOP and self._free_slots < self.size:
+            raise DeviceUsageError(
+                f"{kind} takes the whole ring: wait for every chain to come back"
+            )
+        if slots > self._free_slots or not self._free_ids:
+            raise DeviceUsageError(
+                f"no room for {kind}: it takes {slots} slots and an id, {self._free_slots} slots"
+                f" and {len(self._free_ids)} ids are free"
+            )
+
+    def _pack_table(self, entries: Sequence[tuple[int, int, int]]) -> int:
+        return self.memory.alloc_table(
+            PACKED_DESC, [PackedDesc(addr, length, 0, flags) for addr, length, flags in entries]
+        )
 
     # --- reading back --------------------------------------------------------------------------
 

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from virtio_schema.errors import DeviceUsageError
+from virtio_schema.fake_queue.malformed import (
+    Malformed,
+    check_features,
+    check_format,
+    malformed_chain,
+)
 from virtio_schema.fake_queue.memory import FakeMemory, check_chain_length
 from virtio_schema.mem import DeviceRange, DriverRange, write_barrier
 from virtio_schema.queue import QueueMemory, QueueState, vring_need_event
@@ -182,6 +188,72 @@ class FakeDriver:
         """Write ``avail.idx`` directly (e.g. a jump past the queue size)."""
         self.avail_idx = value & 0xFFFF
         self.avail.set_idx(self.avail_idx)
+
+    # --- malformed chains, the same calls as FakePackedDriver ----------------------------------
+
+    def push_malformed(self, kind: Malformed) -> int:
+        """Publish a malformed chain of ``kind`` (see :class:`~virtio_schema.fake_queue.Malformed`
+        for what the device sees, per format); returns its head, what the used entry will name
+        (for ID_OUT_OF_RANGE: the head named in the available ring, the queue size). When the
+        device returns the chain, :meth:`used` reports ``UsedChain(head, len, ())`` and frees its
+        descriptors and buffers. Raises
+        :class:`~virtio_schema.fake_queue.NotInThisFormat` for INDIRECT_NOT_ALONE (legal in a
+        split ring) and :class:`~virtio_schema.errors.DeviceUsageError` if the features do not
+        fit the kind or the ring has no room, in both cases writing nothing.
+
+        >>> from virtio_schema.fake_queue import Malformed, UsedChain, make_queue
+        >>> fq = make_queue(8)
+        >>> head = fq.driver.push_malformed(Malformed.LOOP)
+        >>> chain = fq.queue.next_chain()
+        >>> type(chain.error).__name__
+        'ChainTooLong'
+        >>> chain.return_written(0)
+        >>> fq.driver.used() == [UsedChain(head, 0, ())]
+        True
+        """
+        check_format(kind, packed=False)
+        check_features(kind, self.features)
+        if self.in_flight >= self.size:
+            raise DeviceUsageError(f"no room for {kind}: {self.size} chains in flight")
+        if kind is Malformed.ID_OUT_OF_RANGE:
+            self.push_head(self.size)
+            return self.size
+        if kind is Malformed.LOOP or kind is Malformed.NEXT_OUT_OF_RANGE:
+            count = min(2, self.size) if kind is Malformed.LOOP else 1
+            self._check_room(kind, count)
+            buf = self.memory.alloc_buffer(bytes(range(16)))
+            idx = [self._free.pop() for _ in range(count)]
+            # a loop: each descriptor links the next, the last one back to the head; otherwise
+            # one descriptor whose next is one past the table (virtio 1.2, 2.7.5.2)
+            links = idx[1:] + idx[:1] if kind is Malformed.LOOP else [self.size]
+            for i, nxt in zip(idx, links, strict=True):
+                self.desc_table.set(i, Desc(buf, 16, DescFlags.NEXT, nxt))
+            return self._push_malformed(idx, [buf])
+        chain = malformed_chain(kind, self.memory, self.size, self._pack_table)
+        try:
+            self._check_room(kind, len(chain.entries))
+        except DeviceUsageError:
+            chain.release(self.memory)
+            raise
+        idx = [self._free.pop() for _ in chain.entries]
+        for i, desc in zip(idx, linked_descs(chain.entries, idx), strict=True):
+            self.desc_table.set(i, desc)
+        return self._push_malformed(idx, chain.allocations)
+
+    def _check_room(self, kind: Malformed, count: int) -> None:
+        if count > len(self._free):
+            raise DeviceUsageError(
+                f"no room for {kind}: it takes {count} descriptors, {len(self._free)} are free"
+            )
+
+    def _pack_table(self, entries: Sequence[tuple[int, int, int]]) -> int:
+        return self.memory.alloc_table(DESC, linked_descs(entries, range(len(entries))))
+
+    def _push_malformed(self, descs: list[int], allocations: list[int]) -> int:
+        head = descs[0]
+        self._published[head] = _Published(descs, allocations, [])
+        self.push_head(head)
+        return head
 
     # --- reading back --------------------------------------------------------------------------
 

@@ -112,7 +112,35 @@ class DescChain:
     """The memory's untracked region lookup (:data:`~virtio_schema.mem.Locate`), if it has one:
     the chain readers' fast path for a copy done at once."""
     error: ChainError | None
-    """Why the chain is malformed, or ``None``."""
+    """Why the chain is malformed, or ``None``: the first rule the walk found broken when the
+    queue handed the chain out (:class:`~virtio_schema.queue.walk.Validator`, one walk for both
+    formats), one of :class:`~virtio_schema.queue.DescIndexOutOfRange` (split: a ``next`` past its
+    table), :class:`~virtio_schema.queue.ChainTooLong`,
+    :class:`~virtio_schema.queue.ReadableAfterWritable`,
+    :class:`~virtio_schema.queue.BufferAddressOverflow` (``addr + len`` past 2**64),
+    :class:`~virtio_schema.queue.ChainLengthOverflow`,
+    :class:`~virtio_schema.queue.IndirectNotNegotiated`,
+    :class:`~virtio_schema.queue.NestedIndirect`, :class:`~virtio_schema.queue.IndirectWithNext`,
+    :class:`~virtio_schema.queue.InvalidIndirectLength`,
+    :class:`~virtio_schema.queue.IndirectTableTooLarge` and
+    :class:`~virtio_schema.queue.UnmappedIndirectTable` (a table not inside one region of guest
+    memory: the walk reads the table, so it translates it).
+
+    Never set for a buffer outside guest memory, wholly or in part: the walk does not translate
+    buffers. The :class:`~virtio_schema.chain.ReadableChain` or
+    :class:`~virtio_schema.chain.WritableChain` raises :class:`~virtio_schema.queue.UnmappedBuffer`
+    (a :class:`~virtio_schema.queue.ChainError` too) when the device's access reaches the first
+    unmapped byte, after moving the bytes before it (written ones count in :attr:`written`); the
+    chain goes back with what was written. Translation waits for the access because a device pays
+    nothing for a buffer it never touches (the walk is the hot path: a region lookup per buffer
+    would cost on every chain), and because an answer at walk time would not hold: guest memory
+    can change between the walk and the access (a vhost-user memory table update), so the access
+    checks anyway.
+
+    Ring errors never land here: for a head out of range
+    (:class:`~virtio_schema.queue.HeadOutOfRange`), an avail index jump, and a packed chain that
+    never ends or whose buffer id is out of range, ``next_chain()`` hands out no chain and raises
+    :class:`~virtio_schema.queue.QueueBroken`."""
     readable_len: int
     """Total bytes of the device-readable buffers."""
     writable_len: int

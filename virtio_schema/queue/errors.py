@@ -1,10 +1,13 @@
 """The validation catalogue as exception classes: one class per rule a driver can break.
 
-Two kinds of driver violation (virtio 1.2, 2.7; the catalogue in VIRTIO_FACTS.md):
+Two kinds of driver violation (virtio 1.2, 2.7 and 2.8; each class says which rule it stands for):
 
-* :class:`ChainError`: one chain is malformed. The queue keeps working; the chain is handed to the
-  device with :attr:`DescChain.error` set, any attempt to read it raises the error, and the chain is
-  returned to the driver with a used length of 0 so the driver never loses a slot.
+* :class:`ChainError`: one chain is malformed. The queue keeps working. What the walk finds, the
+  chain is handed to the device with :attr:`DescChain.error` set, any attempt to read it raises the
+  error, and the chain is returned to the driver with a used length of 0 so the driver never loses
+  a slot. One kind is found later: :class:`UnmappedBuffer`, raised by the chain reader or writer
+  when the device's access reaches a byte outside guest memory (the walk does not translate
+  buffers: :attr:`DescChain.error` says why); the chain goes back with what was written.
 * :class:`RingError`: the ring itself is inconsistent (the avail index jumped, a head index is out of
   range). The queue latches broken: :meth:`Queue.next_chain` raises :class:`QueueBroken` from then on,
   without touching guest memory again, until ``reset()`` or a restore. Never a busy loop.

@@ -269,7 +269,19 @@ class PackedQueue(QueueBase):
         return int(bool(self._resubmit) or self._available(self._next_avail))
 
     def next_chain(self) -> DescChain | None:
-        """The next available chain, or ``None`` (see :meth:`Queue.next_chain`)."""
+        """The next available chain, or ``None`` if the slot at the avail position is not
+        available.
+
+        As :meth:`Queue.next_chain <virtio_schema.queue.Queue.next_chain>`: a chain the walk
+        finds malformed comes out with ``error`` set and goes back with length 0 (the classes:
+        :attr:`DescChain.error`; here also an indirect descriptor that is not alone in its chain,
+        :class:`~virtio_schema.queue.IndirectWithNext`); a buffer outside guest memory leaves
+        ``error`` ``None`` and raises :class:`~virtio_schema.queue.UnmappedBuffer` when the
+        device's reader or writer reaches it. A chain whose extent or id cannot be known cannot
+        go back, so it breaks the ring: :class:`QueueBroken` (cause
+        :class:`~virtio_schema.queue.ChainNeverEnds`, NEXT on ``size`` consecutive slots, or
+        :class:`~virtio_schema.queue.BufferIdOutOfRange`), now and on every later call until
+        reset/restore."""
         if self._orphans:
             self._return_orphans()
         if self._broken is not None:

@@ -204,9 +204,19 @@ class Queue(QueueBase):
     def next_chain(self) -> DescChain | None:
         """The next available chain, or ``None`` if the driver has made none available.
 
-        A malformed chain is returned as a :class:`DescChain` whose ``error`` is set (reading it
-        raises the error; it goes back to the driver with length 0). Raises :class:`QueueBroken`
-        when the ring itself is inconsistent, now and on every later call until reset/restore.
+        A chain the walk finds malformed is returned as a :class:`DescChain` whose ``error`` is
+        set (reading it raises the error; it goes back to the driver with length 0): a ``next``
+        past its table, a loop or a chain over the size, readable after writable, ``addr + len``
+        past 2**64, a total over 2**32 - 1, and the indirect rules (see :attr:`DescChain.error`
+        for the classes). A buffer outside guest memory is not among them: the walk does not
+        translate buffers, so its chain comes out with ``error`` ``None`` and the chain reader or
+        writer raises :class:`~virtio_schema.queue.UnmappedBuffer` when the device reaches it
+        (:attr:`DescChain.error` says why).
+
+        Raises :class:`QueueBroken` when the ring itself is inconsistent (an avail index jump,
+        :class:`~virtio_schema.queue.AvailIndexJump`; a head out of range,
+        :class:`~virtio_schema.queue.HeadOutOfRange`), now and on every later call until
+        reset/restore.
         """
         if self._orphans:
             self._return_orphans()

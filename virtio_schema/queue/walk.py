@@ -11,10 +11,16 @@ validation catalogue (:mod:`virtio_schema.queue.errors`), collecting the buffers
 Rules of this module:
 
 1. Every rule a chain can break is checked here and nowhere else: the chain length limit, the
-   address range of a buffer, readable-before-writable, the indirect rules (negotiated, not nested,
-   not with NEXT, alone in a packed chain, a non-empty multiple of 16 bytes, at most 65535 entries,
-   mapped), and the total length. A source raises only what is about its own order (a split
-   ``next`` out of range; a packed chain without end, which is a ring error).
+   address range of a buffer (``addr + len`` within 2**64), readable-before-writable, the
+   indirect rules (negotiated, not nested, not with NEXT, alone in a packed chain, a non-empty
+   multiple of 16 bytes, at most 65535 entries, mapped), and the total length. A source raises only
+   what is about its own order (a split ``next`` out of range; a packed chain without end, which
+   is a ring error). One rule is left to the access: whether a buffer lies in guest memory. The
+   walk translates only the indirect table it must read; a buffer is translated by the chain
+   reader or writer when the device reaches it (:class:`~virtio_schema.queue.UnmappedBuffer` if
+   it is not mapped), so the walk, the hot path, costs no region lookup per buffer, a buffer the
+   device never touches costs nothing, and a mapping that changed since the walk is still caught
+   (see :attr:`DescChain.error <virtio_schema.queue.DescChain.error>`).
 2. Work is bounded: at most ``size`` buffers are accepted per chain (the chain length limit of
    virtio 1.2, 2.7.5.2 and 2.8.17, direct and indirect alike) and at most one table is followed, so a
    source reads at most ``size + 2`` descriptors whatever the ring holds.

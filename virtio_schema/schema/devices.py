@@ -3,7 +3,9 @@
 * virtio-net: ``struct virtio_net_hdr`` with ``num_buffers`` (virtio 1.2, 5.1.6), 12 bytes;
 * virtio-blk: ``struct virtio_blk_req`` header (type, reserved/ioprio, sector; virtio 1.2, 5.2.6),
   16 bytes, its request types and status values, and the device configuration layout (5.2.4);
-* virtio-vsock: ``struct virtio_vsock_hdr`` (virtio 1.2, 5.10.6), 44 bytes.
+* virtio-vsock: ``struct virtio_vsock_hdr`` (virtio 1.2, 5.10.6), 44 bytes;
+* virtio-input: ``struct virtio_input_event`` (virtio 1.2, 5.8.6), 8 bytes, the configuration layout
+  (5.8.4: ``select``, ``subsel``, ``size`` and a 128-byte union) and the union's structured members.
 
 All little-endian (VERSION_1 devices). Fields keep the spec's names; flag-like fields stay integers.
 """
@@ -12,20 +14,27 @@ from __future__ import annotations
 
 import enum
 
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
+from construct import Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, Padding, Struct
 
 __all__ = [
     "BLK_ID_BYTES",
     "BLK_SECTOR_SIZE",
+    "INPUT_CONFIG_UNION_BYTES",
     "BlkFeature",
     "BlkStatus",
     "BlkType",
+    "InputConfigSelect",
+    "InputEventType",
     "NetFeature",
     "NetGsoType",
     "NetHdrFlags",
     "NetStatus",
     "VirtioBlkConfig",
     "VirtioBlkReqHdr",
+    "VirtioInputAbsInfo",
+    "VirtioInputConfig",
+    "VirtioInputDevids",
+    "VirtioInputEvent",
     "VirtioNetConfig",
     "VirtioNetHdr",
     "VirtioVsockHdr",
@@ -216,3 +225,77 @@ class VsockOp(enum.IntEnum):
     RW = 5
     CREDIT_UPDATE = 6
     CREDIT_REQUEST = 7
+
+
+# --- virtio-input ------------------------------------------------------------------------------
+
+VirtioInputEvent = Struct(
+    "type" / Int16ul,
+    "code" / Int16ul,
+    "value" / Int32sl,
+)
+"""``struct virtio_input_event`` (8 bytes; virtio 1.2, 5.8.6): one evdev event, on both queues.
+``value`` is the spec's ``le32`` read as evdev's ``__s32`` (a relative axis moves both ways); the
+bytes are the same."""
+
+
+class InputEventType(enum.IntEnum):
+    """``virtio_input_event.type``: the evdev event types (Linux ``input-event-codes.h``,
+    ``EV_*``), which are also the ``subsel`` of an ``EV_BITS`` query."""
+
+    SYN = 0x00
+    KEY = 0x01
+    REL = 0x02
+    ABS = 0x03
+    MSC = 0x04
+    SW = 0x05
+    LED = 0x11
+    SND = 0x12
+    REP = 0x14
+    FF = 0x15
+
+
+class InputConfigSelect(enum.IntEnum):
+    """``virtio_input_config.select`` (``VIRTIO_INPUT_CFG_*``): what the union holds."""
+
+    UNSET = 0x00
+    ID_NAME = 0x01
+    ID_SERIAL = 0x02
+    ID_DEVIDS = 0x03
+    PROP_BITS = 0x10
+    EV_BITS = 0x11
+    ABS_INFO = 0x12
+
+
+INPUT_CONFIG_UNION_BYTES = 128
+"""Size of the configuration's union ``u`` (a string, a bitmap, ``abs`` or ``ids``)."""
+
+VirtioInputConfig = Struct(
+    "select" / Int8ul,  # written by the driver
+    "subsel" / Int8ul,  # written by the driver
+    "size" / Int8ul,  # bytes of ``u`` that answer select/subsel (0: none)
+    Padding(5),  # reserved[5]
+    "u" / Bytes(INPUT_CONFIG_UNION_BYTES),
+)
+"""``struct virtio_input_config`` (136 bytes; virtio 1.2, 5.8.4). The driver writes ``select``
+and ``subsel``, then reads ``size`` and the union: a string (no NUL terminator), a bitmap (bit
+``n`` is bit ``n % 8`` of byte ``n // 8``), :data:`VirtioInputAbsInfo` or
+:data:`VirtioInputDevids`."""
+
+VirtioInputAbsInfo = Struct(
+    "min" / Int32sl,
+    "max" / Int32sl,
+    "fuzz" / Int32sl,
+    "flat" / Int32sl,
+    "res" / Int32sl,
+)
+"""``struct virtio_input_absinfo`` (20 bytes), the union for ``ABS_INFO``: the spec's ``le32``
+fields read as evdev's signed ones, in the spec's order (``res`` last)."""
+
+VirtioInputDevids = Struct(
+    "bustype" / Int16ul,
+    "vendor" / Int16ul,
+    "product" / Int16ul,
+    "version" / Int16ul,
+)
+"""``struct virtio_input_devids`` (8 bytes), the union for ``ID_DEVIDS``."""
