@@ -44,6 +44,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from _plot import Bar, write_plot
 from bench_queue import VARIANTS, backend_variant
 from bench_vhost_blk import cpu_seconds
 
@@ -263,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the library variant the back-end runs (default: the one this Python imports)",
     )
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.svg", help="also draw the table as a bar chart"
+    )
     args = p.parse_args(argv)
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        p.error(f"--plot: no directory for {args.plot}")
     import virtio_schema
 
     variant = args.variant or ("compiled" if virtio_schema.COMPILED else "pure")
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'workload':<18}{'back-end':<30}{'requests/s':>11}{'range':>16}{'ratio':>7}"
           f"{'per queue':>16}{'back-end CPU':>14}{'front-end CPU':>15}")  # fmt: skip
     out: dict[str, dict[str, object]] = {}
+    bars: list[Bar] = []  # requests/s of every row of the table, for --plot
     command = " ".join(["bench_multiqueue.py", *argv])
     with tempfile.TemporaryDirectory(prefix="vs-mq-") as d, backend_variant(variant, command):
         for workload in workloads:
@@ -293,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{workload.name:<18}{setup.name:<30}{r.rate:>11,.0f}"
                       f"{f'{low:,.0f}-{high:,.0f}':>16}{r.rate / base:>7.2f}{split:>16}"
                       f"{r.backend_busy:>14.0%}{r.frontend_busy:>15.0%}", flush=True)  # fmt: skip
+                bars.append(Bar(f"{workload.name}, {setup.name}", r.rate, workload.name))
                 out[f"{workload.name}/{setup.name}"] = {
                     "requests_s": r.rate,
                     "runs": [x.rate for x in results],
@@ -303,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if args.plot:
+        title = f"bench_multiqueue.py: requests/s, blk back-end ({variant}), higher is better"
+        write_plot(args.plot, title, "requests/s", bars)
     return 0
 
 

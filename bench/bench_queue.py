@@ -2,7 +2,7 @@
 """The hot path, measured: the library, pure Python and compiled, against a hand-written struct loop
 and a Construct-per-access implementation, on the same guest memory, in the same run.
 
-    python3 dev.py bench bench_queue.py [--quick] [--repeats N] [--json FILE]
+    python3 dev.py bench bench_queue.py [--quick] [--repeats N] [--json FILE] [--plot FILE.svg]
         [--format split|packed|both] [--scenario S ...] [--variant pure|compiled|both]
 
 (``dev.py bench`` compiles the kernel and puts it in the tree for the run; ``--variant pure`` runs
@@ -97,6 +97,7 @@ HERE = Path(__file__).resolve().parent
 if os.environ.get("VIRTIO_SCHEMA_BENCH_FLOOR"):  # the compiled child: the compiled checked floor
     sys.path.insert(0, os.environ["VIRTIO_SCHEMA_BENCH_FLOOR"])
 import checked_floor  # noqa: E402 (found on the path just set, in the compiled child)
+from _plot import Bar, write_plot  # noqa: E402
 from checked_floor import page_buffer  # noqa: E402
 
 QSIZE = 256
@@ -1048,12 +1049,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", action="append", default=None)
     p.add_argument("--format", choices=["split", "packed", "both"], default="both")
     p.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.svg", help="also draw the table as a bar chart"
+    )
     args = p.parse_args(argv)
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        p.error(f"--plot: no directory for {args.plot}")
     repeats = args.repeats or (3 if args.quick else 7)
     scale = 0.25 if args.quick else 1.0
     variants = list(VARIANTS) if args.variant == "both" else [args.variant]
     command = " ".join(["bench_queue.py", *argv])
     children = [Child(v, command) for v in variants]
+    bars: list[Bar] = []  # ns per chain of every row of the table, for --plot
     try:
         results: dict[str, Figures] = {}
         names = args.scenario or list(SCENARIOS)
@@ -1068,6 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"{'packed' if packed else 'split'}/{name}"
                 results[key] = {v: figures_of(t, PAYLOAD[name]) for v, t in per.items()}
                 _print_rows(key, impls, per, PAYLOAD[name])
+                bars += [Bar(f"{key.replace('/', ' ')} {impl}", times[impl] * 1e9, variant)
+                         for impl in impls for variant, times in per.items()]  # fmt: skip
         rounds = int(20 * scale) or 1
         mem = {c.variant: c.ask(what="memory", rounds=rounds) for c in children}
     finally:
@@ -1086,6 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             doc = {"scenarios": results, "memory": mem, "queue_size": QSIZE, "targets": targets}
             json.dump(doc, f, indent=2)
+    if args.plot:
+        write_plot(args.plot, f"bench_queue.py: ns per chain, {QSIZE} chains per round"
+                   " (lower is better)", "ns", bars)  # fmt: skip
     return 0
 
 

@@ -1,11 +1,12 @@
-"""The example virtio-blk device and the demo main job."""
+"""The example virtio-blk and virtio-rng devices and the demo main job."""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from unittest import mock
 
@@ -13,6 +14,7 @@ import pytest
 
 from virtio_schema.examples import demo
 from virtio_schema.examples.blk import SEG_MAX, SIZE_MAX, BlkDevice
+from virtio_schema.examples.rng import SEED_BLOCK, RngDevice
 from virtio_schema.fake_queue import SplitFakeQueue, make_queue
 from virtio_schema.records import BLK_CONFIG, BLK_REQ_HDR, BlkReqHdr
 from virtio_schema.schema import BlkFeature, BlkStatus, BlkType, DescFlags, Feature
@@ -201,6 +203,90 @@ def test_config_space_reports_capacity_and_seabios_safe_limits(image: io.FileIO)
     assert (cfg.size_max, cfg.seg_max) == (SIZE_MAX, SEG_MAX)
     # SeaBIOS 1.16.2 overflows past this (observed)
     assert cfg.size_max * cfg.seg_max // 512 < 1 << 16
+
+
+@pytest.mark.parametrize(
+    ("size", "cylinders"),
+    [
+        (SECTORS, 2),  # under two cylinders: QEMU's floor
+        (16 * 63 * 100 + 5, 100),  # the whole cylinders that fit
+        (16 * 63 * 16383, 16383),
+        (40 << 21, 16383),  # 40 GiB: QEMU's ceiling (the ATA limit)
+    ],
+)
+def test_config_space_reports_a_16_head_63_sector_geometry_and_offers_it(
+    tmp_path: Path, size: int, cylinders: int
+) -> None:
+    """SeaBIOS reads the geometry for its INT 13h translation; 0/0/0 is no geometry at all. The
+    device offers VIRTIO_BLK_F_GEOMETRY and reports what QEMU's own virtio-blk would."""
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(size * 512)  # sparse
+    with open(path, "r+b", buffering=0) as f:
+        dev = BlkDevice(f)
+        raw = dev.config()
+    assert dev.features & BlkFeature.GEOMETRY
+    at = BLK_CONFIG.offsets["cylinders"]
+    assert (BLK_CONFIG.offsets["heads"], BLK_CONFIG.offsets["sectors"]) == (at + 2, at + 3)
+    assert raw[at : at + 4] == cylinders.to_bytes(2, "little") + bytes([16, 63])
+    cfg = BLK_CONFIG.unpack(raw)
+    assert (cfg.capacity, cfg.cylinders, cfg.heads, cfg.sectors) == (size, cylinders, 16, 63)
+
+
+def test_geometry_follows_a_grown_disk(image: io.FileIO) -> None:
+    dev = BlkDevice(image)
+    assert BLK_CONFIG.unpack(dev.config()).cylinders == 2
+    image.truncate(16 * 63 * 512 * 300)
+    assert dev.refresh_capacity()
+    assert BLK_CONFIG.unpack(dev.config()).cylinders == 300
+
+
+def _rng_stream(seed: int, requests: Sequence[Sequence[int]]) -> bytes:
+    """What a driver reads from a seeded rng: each request is one chain of writable buffers
+    (their sizes), all served, the bytes concatenated in order."""
+    device = RngDevice(seed=seed)
+    fq = make_queue(16, features=Feature.INDIRECT_DESC)
+    try:
+        got = b""
+        for sizes in requests:
+            assert fq.driver.publish([], sizes) is not None
+            device.handle(0, fq.queue)
+            (used,) = fq.driver.used()
+            assert used.len == sum(sizes)
+            got += b"".join(used.written)
+        assert device.produced == len(got)
+        return got
+    finally:
+        fq.memory.close()
+
+
+@pytest.mark.parametrize(
+    "requests",
+    [
+        [[3], [3]],
+        [[1], [5]],
+        [[2, 4]],  # one chain, two buffers
+        [[6]],
+    ],
+)
+def test_seeded_rng_stream_is_the_same_whatever_the_request_sizes(
+    requests: list[list[int]],
+) -> None:
+    assert _rng_stream(7, requests) == _rng_stream(7, [[6]])
+
+
+def test_seeded_rng_stream_in_odd_chunks_across_blocks_is_one_stream() -> None:
+    """64 bytes as 1+7+13+43, and a run across the generator's block boundary, equal one read;
+    the stream is ``randbytes(SEED_BLOCK)`` after ``randbytes(SEED_BLOCK)``, as documented."""
+    chunks = [[1], [7, 13], [43]]
+    assert _rng_stream(11, chunks) == _rng_stream(11, [[64]])
+    total = 2 * SEED_BLOCK + 300
+    odd = [[SEED_BLOCK - 5], [3, 9], [SEED_BLOCK + 1], [total - 2 * SEED_BLOCK - 8]]
+    assert sum(map(sum, odd)) == total
+    expected = random.Random(11)
+    blocks = b"".join(expected.randbytes(SEED_BLOCK) for _ in range(3))
+    assert _rng_stream(11, odd) == blocks[:total]
+    assert _rng_stream(12, [[64]]) != _rng_stream(11, [[64]])
 
 
 def test_demo_verifies_every_byte() -> None:

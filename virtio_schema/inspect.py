@@ -23,6 +23,10 @@ for a malformed chain, the library's own error for it (the same validation as th
 :meth:`virtio_schema.queue.Queue.check_chain`). Stale rings full of garbage are the normal case: every
 walk is bounded and a bad chain never stops the output.
 
+``--svg FILE`` also draws the ring (:func:`ring_svg`): every descriptor as a row, the avail
+ring's slots with the used and avail indices, each chain's descriptors linked in chain order to
+its buffers, and the broken entries marked with the reason as a tooltip.
+
 It never writes: the memory is mapped read-only, and the queue object built over it is only asked to
 validate chains (never to take or return one).
 """
@@ -30,10 +34,12 @@ validate chains (never to take or return one).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import mmap
 import os
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +61,7 @@ from virtio_schema.schema import (
     used_ring,
 )
 
-__all__ = ["InspectError", "QemuRing", "inspect_ring", "main", "ring_from_qmp"]
+__all__ = ["InspectError", "QemuRing", "inspect_ring", "main", "ring_from_qmp", "ring_svg"]
 
 _DESC_NAMES = [(int(DescFlags.NEXT), "next"), (int(DescFlags.WRITE), "write"),
                (int(DescFlags.INDIRECT), "indirect")]  # fmt: skip
@@ -214,9 +220,12 @@ def inspect_ring(
     indices: Sequence[int] = (),
     hexdump: int = 0,
     decode: str | None = None,
+    table: bool = False,
 ) -> dict[str, Any]:
     """The inspector's findings as one JSON-ready document. Chains are validated as the device
-    would validate them with INDIRECT_DESC negotiated or not (``indirect``)."""
+    would validate them with INDIRECT_DESC negotiated or not (``indirect``). With ``table``, the
+    document also holds every descriptor of the table or ring as it is (``table``) and, for a
+    split ring, every avail ring entry (``avail_ring``): what :func:`ring_svg` draws."""
     features = (Feature.INDIRECT_DESC if indirect else 0) | (Feature.RING_PACKED if packed else 0)
     mem_size = mem.regions[0].size if mem.regions else 0
     if packed:
@@ -246,6 +255,9 @@ def inspect_ring(
         doc["used"] = {"flags": u.flags(), "idx": u.idx(), "avail_event": u.avail_event()}
         in_flight = (a.idx() - u.idx()) & 0xFFFF
         doc["in_flight"] = in_flight
+        if table:
+            doc["table"] = [_entry(queue.desc_table.view, i, False)[0] for i in range(size)]
+            doc["avail_ring"] = [a.ring(k) for k in range(size)]
         wanted = [(u.idx() + k) & 0xFFFF for k in range(min(in_flight, size))]
         wanted += [k for k in indices if k not in wanted]
         for avail_idx in wanted:
@@ -262,6 +274,8 @@ def inspect_ring(
                 entry.update(_chain_report(queue.check_chain(head)))
             chains.append(entry)
     else:
+        if table:
+            doc["table"] = [_entry(queue.ring.view, i, True)[0] for i in range(size)]
         for name, area in (
             ("driver_event", queue.driver_event),
             ("device_event", queue.device_event),
@@ -385,6 +399,242 @@ def _print_text(doc: dict[str, Any]) -> None:
             print(f"    readable {c['readable']} bytes, writable {c['writable']} bytes")
 
 
+# --- the ring as a drawing (--svg) ----------------------------------------------------------------
+# Hand-written SVG through ElementTree (escaping, well-formed by construction): no plotting library
+# at run time. Everything is placed on a grid of rows; the document of inspect_ring(table=True) is
+# the only input, so a drawing shows exactly what the text and JSON outputs report.
+
+_ROW = 18  # px per row
+_CHAR = 7.3  # px per character of the 12 px monospace font
+_STYLE = """
+text { font: 12px monospace; fill: #222; }
+.heading { font-weight: bold; }
+.avail rect, .desc rect { fill: #fff; stroke: #ccc; }
+.avail.inflight rect, .desc.inflight rect { fill: #e3efff; }
+.avail.asked rect, .desc.asked rect { fill: #f1f1f1; }
+.broken rect, rect.broken { fill: #ffd9d9; stroke: #c00; stroke-width: 1.5; }
+.broken text, text.broken { fill: #a00; }
+.marker { fill: #555; }
+.link { fill: none; stroke-width: 1.5; }
+.buffer-link { fill: none; stroke-width: 1; stroke-dasharray: 3 3; }
+"""
+_CHAIN_COLOURS = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]
+_BROKEN_COLOUR = "#c00"  # the last arrow marker
+
+
+def _svg_text(parent: ET.Element, x: float, y: float, text: str, cls: str | None = None) -> None:
+    t = ET.SubElement(parent, "text", x=f"{x:g}", y=f"{y:g}")
+    if cls:
+        t.set("class", cls)
+    t.text = text
+
+
+def _svg_row(
+    parent: ET.Element, cls: str, ident: str, x: float, y: float, cells: list[tuple[float, str]],
+    width: float, reasons: list[str],
+) -> None:  # fmt: skip
+    """One row of a table: a ``<g>`` with its box, its cells' texts and, for a broken entry,
+    the reasons as its ``<title>`` (the tooltip)."""
+    g = ET.SubElement(parent, "g", id=ident)
+    g.set("class", cls + (" broken" if reasons else ""))
+    if reasons:
+        ET.SubElement(g, "title").text = "\n".join(reasons)
+    ET.SubElement(g, "rect", x=f"{x:g}", y=f"{y:g}", width=f"{width:g}", height=str(_ROW))
+    for dx, text in cells:
+        _svg_text(g, x + dx + 4, y + _ROW - 5, text)
+
+
+def _svg_link(
+    parent: ET.Element, x1: float, y1: float, x2: float, y2: float, colour: str, arrow: int
+) -> None:
+    """A straight arrow from the row at ``y1`` to the row at ``y2`` (rows' top edges)."""
+    path = f"M{x1:g},{y1 + _ROW / 2:g} L{x2:g},{y2 + _ROW / 2:g}"
+    attrs = {"d": path, "stroke": colour, "class": "link", "marker-end": f"url(#arrow-{arrow})"}
+    ET.SubElement(parent, "path", attrs)
+
+
+def _buffer_text(d: dict[str, Any]) -> str:
+    kind = "indirect table" if "indirect" in d["flags"] else (
+        "writable" if "write" in d["flags"] else "readable")  # fmt: skip
+    unmapped = " (not in guest memory)" if d.get("mapped") is False else ""
+    return f"[{d['index']}] {d['addr']:#x}+{d['len']} {kind}{unmapped}"
+
+
+def ring_svg(doc: dict[str, Any]) -> str:
+    """A drawing of the ring as an SVG document, from :func:`inspect_ring`'s document made with
+    ``table=True``.
+
+    Every descriptor of the table (packed: of the ring) is a row: index, addr, len, flags, and
+    ``next`` (packed: the buffer ``id``). For a split ring the avail ring stands beside it, one
+    row per slot with its head, the slots from ``used.idx`` to ``avail.idx`` (in flight) shaded,
+    and the positions of ``used.idx``, ``avail.idx`` and, when QEMU told them, its
+    ``last_avail_idx`` pointed at. Each chain of the document (in flight, or asked for with
+    ``--index``) has a colour: its avail slot is linked to its head, each descriptor to the next
+    in chain order, and each descriptor to its buffer in the chain list on the right (an indirect
+    table's descriptors under it). A chain the inspector reports an error for is drawn in red,
+    its avail slot and its descriptors too, with the error as the tooltip (``<title>``)."""
+    if "table" not in doc:
+        raise ValueError("ring_svg draws a document of inspect_ring(..., table=True)")
+    size: int = doc["size"]
+    packed = doc["format"] == "packed"
+    table: list[dict[str, Any]] = doc["table"]
+    chains: list[dict[str, Any]] = doc["chains"]
+    in_flight: int = doc.get("in_flight", 0)
+    used_idx: int = doc["used"]["idx"] if not packed else 0
+
+    def flying(c: dict[str, Any]) -> bool:
+        return not packed and (c["avail_idx"] - used_idx) & 0xFFFF < min(in_flight, size)
+
+    # which rows belong to which chains, and why a row is broken
+    desc_reasons: dict[int, list[str]] = {}
+    desc_state: dict[int, str] = {}
+    slot_reasons: dict[int, list[str]] = {}
+    for c in chains:
+        state = "inflight" if flying(c) else "asked"
+        for d in c["descriptors"]:
+            if desc_state.get(d["index"]) != "inflight":
+                desc_state[d["index"]] = state
+            if c.get("error"):
+                desc_reasons.setdefault(d["index"], [])
+                if c["error"] not in desc_reasons[d["index"]]:
+                    desc_reasons[d["index"]].append(c["error"])
+        if c.get("error") and not packed:
+            slot_reasons.setdefault(c["avail_idx"] % size, []).append(c["error"])
+
+    # header lines
+    where = ", ".join(f"{k} {v:#x}" for k, v in doc["addresses"].items())
+    header = [f"{doc['format']} ring, size {size} ({where})"]
+    for key in ("qemu", "avail", "used", "driver_event", "device_event"):
+        if key in doc:
+            header.append(f"{key}: " + " ".join(f"{k}={v}" for k, v in doc[key].items()))
+    if not packed:
+        header.append(f"in flight: {in_flight} (avail.idx - used.idx)")
+    top = _ROW * (len(header) + 2) + 10
+
+    # the positions in the avail ring (split), pointed at by labels left of it
+    marks: dict[int, list[str]] = {}
+    if not packed:
+        avail_idx = doc["avail"]["idx"]
+        marks.setdefault(used_idx % size, []).append(f"used.idx {used_idx}")
+        marks.setdefault(avail_idx % size, []).append(f"avail.idx {avail_idx}")
+        if "last_avail_idx" in doc.get("qemu", {}):
+            last = doc["qemu"]["last_avail_idx"]
+            marks.setdefault(last % size, []).append(f"QEMU last_avail_idx {last}")
+    labels = {k: ", ".join(names) + " \u2192" for k, names in marks.items()}
+
+    # columns: labels, avail ring (split), descriptor table, chain links, chain list
+    avail_x = 10.0 + (max(map(len, labels.values())) + 2) * _CHAR if labels else 10.0
+    avail_w = 16 * _CHAR
+    desc_x = avail_x + avail_w + 30 if not packed else 10.0
+    cols = [("index", 6), ("addr", 20), ("len", 11), ("flags", 24), ("id" if packed else "next", 6)]
+    desc_w = sum(w for _, w in cols) * _CHAR
+    arcs_x = desc_x + desc_w
+    list_x = arcs_x + 40 + 12 * min(len(chains), 6)
+
+    # the chain list: a heading and a verdict line per chain, a line per buffer, a blank line
+    placed: list[tuple[int, int, dict[str, Any], dict[str, Any] | None, int]] = []
+    r = 0
+    for n, c in enumerate(chains):
+        placed.append((r, n, c, None, 0))
+        r += 2
+        for d in c["descriptors"]:
+            placed.append((r, n, c, d, 1))
+            r += 1
+            for e in d.get("indirect", []):
+                placed.append((r, n, c, e, 2))
+                r += 1
+        r += 1
+    texts = [len(_buffer_text(d)) + 4 * depth for _, _, _, d, depth in placed if d is not None]
+    texts += [min(len(f"error: {c['error']}"), 150) + 4 for c in chains if c.get("error")]
+    width = list_x + (max([60, *texts]) + 8) * _CHAR
+    height = top + _ROW * (max(size, r) + 2)
+
+    svg = ET.Element("svg", xmlns="http://www.w3.org/2000/svg", width=f"{width:.0f}",
+                     height=f"{height:.0f}", viewBox=f"0 0 {width:.0f} {height:.0f}")  # fmt: skip
+    ET.SubElement(svg, "style").text = _STYLE
+    defs = ET.SubElement(svg, "defs")
+    for n, colour in enumerate([*_CHAIN_COLOURS, _BROKEN_COLOUR]):
+        m = ET.SubElement(defs, "marker", id=f"arrow-{n}", viewBox="0 0 10 10", refX="9",
+                          refY="5", markerWidth="6", markerHeight="6", orient="auto")  # fmt: skip
+        ET.SubElement(m, "path", d="M0,0 L10,5 L0,10 z", fill=colour)
+    for k, line in enumerate(header):
+        _svg_text(svg, 10, 20 + k * _ROW, line, "heading" if k == 0 else None)
+
+    def row_y(i: int) -> float:
+        return top + _ROW * (i + 1)
+
+    # the avail ring (split): a row per slot, the positions pointed at
+    if not packed:
+        _svg_text(svg, avail_x + 4, top + _ROW - 5, "avail: slot, head", "heading")
+        flight_slots = {(used_idx + k) % size for k in range(min(in_flight, size))}
+        asked = {c["avail_idx"] % size for c in chains} - flight_slots
+        for k, head in enumerate(doc["avail_ring"]):
+            cls = "avail" + (" inflight" if k in flight_slots else " asked" if k in asked else "")
+            _svg_row(svg, cls, f"avail-{k}", avail_x, row_y(k), [(0, f"[{k}]"), (7 * _CHAR,
+                     str(head))], avail_w, slot_reasons.get(k, []))  # fmt: skip
+        for k, label in sorted(labels.items()):
+            x = avail_x - (len(label) + 1) * _CHAR
+            _svg_text(svg, x, row_y(k) + _ROW - 5, label, "marker")
+
+    # the descriptor table (packed: ring)
+    x = 0.0
+    for name, w in cols:
+        _svg_text(svg, desc_x + x + 4, top + _ROW - 5, name, "heading")
+        x += w * _CHAR
+    for d in table:
+        i = d["index"]
+        cells, x = [], 0.0
+        last = d["id"] if packed else d["next"]
+        for text, (_, w) in zip([f"{i}", f"{d['addr']:#x}", f"{d['len']}",
+                                 ",".join(d["flags"]), f"{last}"], cols, strict=True):  # fmt: skip
+            cells.append((x, text))
+            x += w * _CHAR
+        cls = "desc" + (f" {desc_state[i]}" if i in desc_state else "")
+        _svg_row(svg, cls, f"desc-{i}", desc_x, row_y(i), cells, desc_w, desc_reasons.get(i, []))
+
+    # each chain: its slot to its head, its descriptors in chain order, each to its buffer line
+    for r, n, c, d, depth in placed:
+        error = c.get("error")
+        colour_n = len(_CHAIN_COLOURS) if error else n % len(_CHAIN_COLOURS)
+        colour = [*_CHAIN_COLOURS, _BROKEN_COLOUR][colour_n]
+        y = row_y(r)
+        if d is None:
+            g = ET.SubElement(svg, "g", id=f"chain-{n}")
+            g.set("class", "chain" + (" broken" if error else ""))
+            if error:
+                ET.SubElement(g, "title").text = error
+            what = f"slot {c['avail_idx']}" if packed else f"avail_idx {c['avail_idx']}"
+            state = "in flight" if flying(c) else "asked for"
+            heading = f"chain {what}, head {c['head']} ({state})"
+            _svg_text(g, list_x, y + _ROW - 5, heading, "heading" + (" broken" if error else ""))
+            verdict = f"error: {error}" if error else (
+                f"readable {c['readable']} bytes, writable {c['writable']} bytes")  # fmt: skip
+            _svg_text(g, list_x + 4 * _CHAR, y + 2 * _ROW - 5, verdict[:150])
+            descs = c["descriptors"]
+            if not packed and descs:  # the avail slot points at the head
+                _svg_link(g, avail_x + avail_w, row_y(c["avail_idx"] % size), desc_x,
+                          row_y(descs[0]["index"]), colour, colour_n)  # fmt: skip
+            bend = arcs_x + 14 + 12 * (n % 6)
+            for a, b in itertools.pairwise(descs):  # chain order
+                ya, yb = row_y(a["index"]) + _ROW / 2, row_y(b["index"]) + _ROW / 2
+                path = f"M{arcs_x:g},{ya:g} C{bend:g},{ya:g} {bend:g},{yb:g} {arcs_x:g},{yb:g}"
+                ET.SubElement(g, "path", {"d": path, "stroke": colour, "class": "link",
+                                          "marker-end": f"url(#arrow-{colour_n})"})  # fmt: skip
+            continue
+        x = list_x + 4 * depth * _CHAR
+        g = ET.SubElement(svg, "g", id=f"buffer-{n}-{r}")
+        g.set("class", "buffer" + (" broken" if d.get("mapped") is False else ""))
+        if d.get("mapped") is False:
+            ET.SubElement(g, "title").text = "the buffer is not in guest memory"
+        _svg_text(g, x, y + _ROW - 5, _buffer_text(d))
+        if depth == 1:  # a descriptor of the table: linked to its buffer's line
+            yd = row_y(d["index"]) + _ROW / 2
+            path = f"M{arcs_x:g},{yd:g} L{x - 4:g},{y + _ROW / 2:g}"
+            ET.SubElement(g, "path", {"d": path, "stroke": colour, "class": "buffer-link"})
+    ET.indent(svg, space=" ")
+    return ET.tostring(svg, encoding="unicode") + "\n"
+
+
 def _addr(text: str) -> int:
     return int(text, 0)
 
@@ -474,6 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", action="store_true", help="print the findings as one JSON document")
     p.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="also draw the ring into FILE as SVG: every descriptor, the avail and used"
+        " positions, the chains and their buffers, broken entries marked",
+    )
+    p.add_argument(
         "--hexdump",
         type=int,
         default=0,
@@ -519,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             doc = inspect_ring(
                 mem, desc=args.desc, avail=args.avail, used=args.used, size=args.size,
                 packed=args.packed, indirect=args.indirect, indices=args.index,
-                hexdump=args.hexdump, decode=args.decode,
+                hexdump=args.hexdump, decode=args.decode, table=args.svg is not None,
             )  # fmt: skip
     except InspectError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -528,12 +784,11 @@ def main(argv: list[str] | None = None) -> int:
         mm.close()
     if qemu is not None:
         doc["qemu"] = qemu
+    if args.svg is not None:
+        with open(args.svg, "w", encoding="utf-8") as f:
+            f.write(ring_svg(doc))
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         _print_text(doc)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

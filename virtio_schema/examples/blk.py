@@ -67,9 +67,28 @@ SEG_MAX = 126
 """Most data buffers in one request (``seg_max``); 126 * 64 KiB / 512 fits SeaBIOS's 16 bits."""
 MAX_QUEUES = 8
 """Request queues offered by default (the front-end uses as many as it likes of them)."""
+GEOMETRY_HEADS = 16
+"""Heads of the reported geometry (:func:`geometry`)."""
+GEOMETRY_SECTORS = 63
+"""Sectors per track of the reported geometry."""
+GEOMETRY_CYLINDERS = range(2, 16383 + 1)
+"""The cylinder counts the geometry may report (QEMU's bounds)."""
 _WCE = BLK_CONFIG.offsets["writeback"]
 WRITEBACK = range(_WCE, _WCE + 1)
 """The ``writeback`` byte of the configuration space."""
+
+
+def geometry(capacity: int) -> tuple[int, int, int]:
+    """The ``(cylinders, heads, sectors)`` reported for a disk of ``capacity`` sectors
+    (VIRTIO_BLK_F_GEOMETRY, virtio 1.2, 5.2.4): QEMU's physical geometry for a disk it has no
+    partition table to guess from (``guess_chs_for_size`` in QEMU's hw/block/hd-geometry.c), so
+    firmware sees what QEMU's own virtio-blk shows for the same image. 16 heads and 63 sectors
+    per track; the cylinders that fit, kept within 2..16383 (the ATA limit): a disk under 2016
+    sectors is overstated, and SeaBIOS then translates with LBA, as for a disk too large for CHS.
+    Only firmware uses it (SeaBIOS's INT 13h translation); every I/O is bounded by ``capacity``."""
+    per_cylinder = GEOMETRY_HEADS * GEOMETRY_SECTORS
+    cylinders = min(max(capacity // per_cylinder, GEOMETRY_CYLINDERS.start), GEOMETRY_CYLINDERS[-1])
+    return cylinders, GEOMETRY_HEADS, GEOMETRY_SECTORS
 
 
 class BlkDevice:
@@ -127,6 +146,7 @@ class BlkDevice:
             | Feature.EVENT_IDX
             | BlkFeature.SIZE_MAX
             | BlkFeature.SEG_MAX
+            | BlkFeature.GEOMETRY  # firmware (SeaBIOS) reads it for its CHS translation
             | BlkFeature.BLK_SIZE
             | BlkFeature.FLUSH
             | BlkFeature.CONFIG_WCE  # the driver may switch write-back/write-through
@@ -140,12 +160,17 @@ class BlkDevice:
         return int(f)
 
     def config(self) -> bytes:
-        """The device configuration space (``struct virtio_blk_config``)."""
+        """The device configuration space (``struct virtio_blk_config``). The geometry follows
+        the current capacity."""
+        cylinders, heads, sectors = geometry(self.capacity)
         zeros = dict.fromkeys(BlkConfig._fields, 0)
         zeros.update(
             capacity=self.capacity,
             size_max=SIZE_MAX,
             seg_max=SEG_MAX,
+            cylinders=cylinders,
+            heads=heads,
+            sectors=sectors,
             blk_size=BLK_SECTOR_SIZE,
             writeback=self.writeback,
             num_queues=self.num_queues,

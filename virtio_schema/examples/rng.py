@@ -7,6 +7,12 @@ fills them with random bytes. Linux's ``virtio-rng`` driver reads it through ``/
 
 ``--seed`` makes the stream reproducible and ``--record`` appends every byte produced to a file, so a
 test can check that the guest got exactly bytes the device produced.
+
+With a seed the device produces one stream, whatever sizes the driver's buffers have: bytes are drawn
+from ``random.Random(seed)`` in blocks of :data:`SEED_BLOCK` (``randbytes(SEED_BLOCK)``, again and
+again) and each buffer gets the next unread bytes. Asking for 3 then 3 bytes gives the same 6 bytes
+as asking for 6 (``randbytes(3) + randbytes(3)`` would not: each call rounds up to whole 32-bit
+words of the generator and drops the rest).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ __all__ = ["RngDevice", "main"]
 
 log = logging.getLogger(__name__)
 
+SEED_BLOCK = 4096
+"""Bytes drawn from the seeded generator at a time; the seeded stream is the concatenation of
+``randbytes(SEED_BLOCK)`` calls, served in slices."""
+
 
 class RngDevice(VhostUserDevice):
     """Fills every writable buffer it is given with random bytes (``os.urandom``, or a seeded
@@ -42,11 +52,20 @@ class RngDevice(VhostUserDevice):
 
     def __init__(self, *, seed: int | None = None, record: BinaryIO | None = None) -> None:
         self._rng = random.Random(seed) if seed is not None else None
+        self._unread = bytearray()  # drawn from the seeded generator, not yet served
         self.record = record
         self.produced = 0
 
     def _random(self, n: int) -> bytes:
-        return self._rng.randbytes(n) if self._rng is not None else os.urandom(n)
+        """The next ``n`` bytes of the stream. Seeded, the generator is only ever asked for whole
+        blocks, so the stream does not depend on how the driver splits its requests."""
+        if self._rng is None:
+            return os.urandom(n)
+        while len(self._unread) < n:
+            self._unread += self._rng.randbytes(SEED_BLOCK)
+        data = bytes(self._unread[:n])
+        del self._unread[:n]
+        return data
 
     def handle(self, index: int, queue: VirtQueue) -> None:
         while (chain := queue.next_chain()) is not None:
@@ -67,7 +86,8 @@ class RngDevice(VhostUserDevice):
 DESCRIPTION = """\
 Serve a virtio-rng (entropy) device to a vhost-user front-end (QEMU): every
 buffer the driver offers comes back filled with random bytes (os.urandom, or a
-seeded generator with --seed). In a Linux guest it is /dev/hwrng."""
+seeded generator with --seed: one stream, however the driver splits its
+requests). In a Linux guest it is /dev/hwrng."""
 
 EPILOG = """\
 example: the device, then QEMU connecting to it (guest memory must be
@@ -94,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help="a reproducible stream from this seed (default: os.urandom)",
+        help="a reproducible stream from this seed, the same bytes whatever sizes the driver"
+        " asks for (default: os.urandom)",
     )
     p.add_argument(
         "--record", metavar="FILE", default=None, help="append every byte produced to FILE"
