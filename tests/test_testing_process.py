@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from virtio_schema.testing import qemu
 from virtio_schema.testing.process import BackendProcess, BackendStartError
 
 # a stand-in back-end: says hello, creates its "socket", then serves until SIGTERM
@@ -106,3 +108,26 @@ def test_stop_sends_the_signal_asked_for(tmp_path: Path) -> None:
     with BackendProcess(["-c", 'touch "$1"; exec sleep 60', "sh", str(sock)], sock, tmp_path / "log",
                         program=sh) as be:  # fmt: skip
         assert be.stop(sig=signal.SIGINT) == -signal.SIGINT
+
+
+# --- the guest harness: progress of a long run (virtio_schema.testing.qemu) ---------------------
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["captured", "terminal"])
+def test_a_running_guest_shows_progress_on_a_terminal_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tty: bool
+) -> None:
+    """A stand-in for QEMU prints console lines for a while: on a terminal the harness prints a
+    progress line with the latest one; elsewhere (a test's captured output, a log) nothing."""
+    script = "for i in 1 2 3 4 5 6; do echo console line $i; sleep 0.1; done"
+    monkeypatch.setattr(qemu, "_PROGRESS_EVERY", 0.15)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    with qemu.RunningGuest(["sh", "-c", script], timeout=30) as guest:
+        result = guest.wait()
+    assert result.returncode == 0
+    out = capsys.readouterr().out
+    if tty:
+        assert f"guest (QEMU pid {guest.pid}) at " in out, out
+        assert ": console line " in out, out
+    else:
+        assert out == ""

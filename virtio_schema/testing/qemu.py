@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from virtio_schema._cli import progress
+
 __all__ = [
     "DEFAULT_CACHE",
     "INIT_EPILOGUE",
@@ -337,6 +339,11 @@ def qemu_command(
     return cmd + device_args
 
 
+_PROGRESS_EVERY = 10.0
+"""Seconds between two progress lines of a running guest (on a terminal only: a test's or a log's
+output stays the summary)."""
+
+
 class RunningGuest:
     """A QEMU process started by :func:`start_guest`, with its console collected as it runs.
 
@@ -366,9 +373,17 @@ class RunningGuest:
     def _read(self) -> None:
         out = self.proc.stdout
         assert out is not None
+        shown = self._t0
         while chunk := os.read(out.fileno(), 65536):
             with self._lock:
                 self._chunks.append(chunk)
+            now = time.monotonic()
+            if now - shown >= _PROGRESS_EVERY:  # a long guest run shows it is alive (a terminal)
+                shown = now
+                last = chunk.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                progress(
+                    f"guest (QEMU pid {self.proc.pid}) at {now - self._t0:.0f} s: {last[0][:100]}"
+                )
 
     def _expire(self) -> None:
         if self.proc.poll() is None:
