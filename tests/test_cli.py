@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,16 @@ def test_the_epilog_lays_out_the_drivers_command_line_in_lines(
     first = starts[0]
     assert epilog[first].endswith("\\"), "the command goes on, one option group a line"
     assert epilog[first + 1].startswith("-")
+
+
+@pytest.mark.parametrize("module", sorted(ENTRY_POINTS))
+def test_python_dash_m_runs_the_entry_point(module: str) -> None:
+    """``python -m MODULE --help``, the documented way to run each, reaches its ``main``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: python -m {module}"), proc.stdout[:300]
 
 
 def test_a_console_script_is_named_as_it_was_started(monkeypatch: pytest.MonkeyPatch) -> None:

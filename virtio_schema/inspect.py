@@ -792,3 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_text(doc)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
