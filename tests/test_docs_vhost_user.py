@@ -29,10 +29,10 @@ ONE_QUEUE = "# one-queue example"
 TWO_QUEUE = "# two-queue example"
 
 
-def _code_blocks() -> list[str]:
-    """The ``.. code-block:: python`` blocks of the page, dedented."""
+def python_blocks(page: Path) -> list[str]:
+    """The ``.. code-block:: python`` blocks of a docs page, dedented, in order."""
     blocks: list[str] = []
-    lines = PAGE.read_text().splitlines()
+    lines = page.read_text().splitlines()
     for i, line in enumerate(lines):
         if line.strip() != ".. code-block:: python":
             continue
@@ -46,7 +46,7 @@ def _code_blocks() -> list[str]:
 
 
 def _example(marker: str) -> str:
-    (code,) = [block for block in _code_blocks() if block.startswith(marker + "\n")]
+    (code,) = [block for block in python_blocks(PAGE) if block.startswith(marker + "\n")]
     return code
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from construct import Struct
+from test_vhost_user import serving
 
 from virtio_schema.examples.input import (
     DEVIDS,
@@ -66,7 +66,6 @@ from virtio_schema.testing.frontend import (
     make_eventfd,
     wait_signalled,
 )
-from virtio_schema.vhost_user import VhostUserServer
 from virtio_schema.vhost_user.messages import CONFIG_HDR, ConfigHdrRec, Request
 
 FQ = FakeQueue[VirtQueue, FakeDriver | FakePackedDriver]
@@ -478,20 +477,6 @@ def test_main_refuses_a_text_it_cannot_type(capsys: pytest.CaptureFixture[str]) 
 # --- over a real vhost-user socket, as QEMU drives it ---------------------------------------------
 
 
-@contextmanager
-def _serving(path: Path, device: InputDevice) -> Iterator[VhostUserServer]:
-    server = VhostUserServer(str(path), lambda: device, io_timeout=2.0)
-    server.listen()
-    thread = threading.Thread(target=server.serve_forever, name="vhost-user-input", daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
-
-
 def _get_config(fe: Frontend) -> bytes:
     got = fe.get_config(0, INPUT_CONFIG.size)
     assert got is not None
@@ -513,7 +498,7 @@ def test_qemu_7_2_config_traffic_probe_typing_and_leds_over_a_socket(short_tmp: 
     into eventq buffers and records an LED event from the statusq, with real eventfds."""
     device = InputDevice(name="kbd over vhost-user")
     with ExitStack() as stack:
-        server = stack.enter_context(_serving(short_tmp / "in.sock", device))
+        server = stack.enter_context(serving(short_tmp / "in.sock", lambda: device, io_timeout=2.0))
         fe = stack.enter_context(Frontend(server.path))
         ram = stack.enter_context(GuestRam(name="vu-input"))
         offered = fe.get_features()

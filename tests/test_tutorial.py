@@ -20,15 +20,15 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from test_docs_vhost_user import python_blocks
+from test_vhost_user import serving
 
 from virtio_schema.schema import Feature
 from virtio_schema.testing.frontend import (
@@ -39,7 +39,7 @@ from virtio_schema.testing.frontend import (
     make_eventfd,
     wait_signalled,
 )
-from virtio_schema.vhost_user import VhostUserDevice, VhostUserServer
+from virtio_schema.vhost_user import VhostUserDevice
 from virtio_schema.vhost_user.messages import CONFIG_HDR, ConfigHdrRec, Request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,24 +50,8 @@ MISTAKE = (  # the record of another layout (step 4)
 )
 
 
-def _code_blocks() -> list[str]:
-    """The ``.. code-block:: python`` blocks of the page, dedented, in order."""
-    blocks: list[str] = []
-    lines = PAGE.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line.strip() != ".. code-block:: python":
-            continue
-        body: list[str] = []
-        for following in lines[i + 1 :]:
-            if following.strip() and not following.startswith("   "):
-                break
-            body.append(following)
-        blocks.append(textwrap.dedent("\n".join(body)).strip() + "\n")
-    return blocks
-
-
 def _source() -> str:
-    return "\n\n".join(_code_blocks())
+    return "\n\n".join(python_blocks(PAGE))
 
 
 def _page_tests() -> list[str]:
@@ -95,7 +79,7 @@ def _mypy(path: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_page_is_one_module_in_six_blocks_with_its_own_tests() -> None:
-    blocks = _code_blocks()
+    blocks = python_blocks(PAGE)
     assert len(blocks) == 6
     assert blocks[0].startswith("from __future__ import annotations\n")
     assert len(_page_tests()) >= 5
@@ -126,20 +110,6 @@ def test_the_page_passes_mypy_strict_and_mypy_reports_the_mistake_it_names(
 
 
 # --- over a real vhost-user socket ----------------------------------------------------------------
-
-
-@contextmanager
-def _serving(path: Path, factory: Callable[[], VhostUserDevice]) -> Iterator[VhostUserServer]:
-    server = VhostUserServer(str(path), factory, io_timeout=2.0)
-    server.listen()
-    thread = threading.Thread(target=server.serve_forever, name="tutorial", daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 def _connect(
@@ -210,7 +180,7 @@ def test_the_page_device_over_a_socket_and_a_fresh_device_after_a_reconnect(
         kb.Event(kb.EV_SYN, 0, 0),
     ]
     with ExitStack() as stack:
-        server = stack.enter_context(_serving(short_tmp / "kbd.sock", factory))
+        server = stack.enter_context(serving(short_tmp / "kbd.sock", factory, io_timeout=2.0))
         ram = stack.enter_context(GuestRam(name="tutorial"))
         eventq, statusq = SplitRingDriver(ram, 16), SplitRingDriver(ram, 16)
         with ExitStack() as first:
