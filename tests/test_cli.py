@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from virtio_schema import _cli, inspect
-from virtio_schema.examples import blk, demo, net, rng
+from virtio_schema.examples import blk, demo, net, rng, vsock
 from virtio_schema.examples import input as input_device
 from virtio_schema.fake_queue import make_queue
 
@@ -26,6 +26,7 @@ ENTRY_POINTS: dict[str, Callable[[list[str] | None], int]] = {
     "virtio_schema.examples.net": net.main,
     "virtio_schema.examples.demo": demo.main,
     "virtio_schema.examples.input": input_device.main,
+    "virtio_schema.examples.vsock": vsock.main,
     "virtio_schema.inspect": inspect.main,
 }
 FRONT_ENDS = ("qemu-system-", "dpdk-testpmd")

@@ -25,6 +25,8 @@ __all__ = [
     "INPUT_EVENT",
     "NET_CONFIG",
     "NET_HDR",
+    "VSOCK_CONFIG",
+    "VSOCK_EVENT",
     "VSOCK_HDR",
     "BlkConfig",
     "BlkReqHdr",
@@ -34,6 +36,8 @@ __all__ = [
     "InputEvent",
     "NetConfig",
     "NetHdr",
+    "VsockConfig",
+    "VsockEvent",
     "VsockHdr",
 ]
 
@@ -107,6 +111,18 @@ class VsockHdr(NamedTuple):
     fwd_cnt: int
 
 
+class VsockConfig(NamedTuple):
+    """``struct virtio_vsock_config``."""
+
+    guest_cid: int
+
+
+class VsockEvent(NamedTuple):
+    """``struct virtio_vsock_event``."""
+
+    id: int
+
+
 class InputEvent(NamedTuple):
     """``struct virtio_input_event``: one evdev event (both virtio-input queues)."""
 
@@ -148,6 +164,14 @@ BLK_CONFIG: Layout[BlkConfig] = Layout(devices.VirtioBlkConfig, BlkConfig, name=
 NET_HDR: Layout[NetHdr] = Layout(devices.VirtioNetHdr, NetHdr, name="VirtioNetHdr")
 NET_CONFIG: Layout[NetConfig] = Layout(devices.VirtioNetConfig, NetConfig, name="VirtioNetConfig")
 VSOCK_HDR: Layout[VsockHdr] = Layout(devices.VirtioVsockHdr, VsockHdr, name="VirtioVsockHdr")
+#: The layout of ``struct virtio_vsock_config`` (:class:`VsockConfig`).
+VSOCK_CONFIG: Layout[VsockConfig] = Layout(
+    devices.VirtioVsockConfig, VsockConfig, name="VirtioVsockConfig"
+)
+#: The layout of ``struct virtio_vsock_event`` (:class:`VsockEvent`).
+VSOCK_EVENT: Layout[VsockEvent] = Layout(
+    devices.VirtioVsockEvent, VsockEvent, name="VirtioVsockEvent"
+)
 INPUT_EVENT: Layout[InputEvent] = Layout(
     devices.VirtioInputEvent, InputEvent, name="VirtioInputEvent"
 )

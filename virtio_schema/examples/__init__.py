@@ -7,7 +7,9 @@ served over vhost-user to a real driver:
 * :mod:`virtio_schema.examples.rng`: virtio-rng, random bytes for the guest's ``/dev/hwrng``;
 * :mod:`virtio_schema.examples.net`: virtio-net that reflects, sinks or sources frames (DPDK's
   virtio-user driver);
-* :mod:`virtio_schema.examples.input`: a virtio-input keyboard that types into the guest.
+* :mod:`virtio_schema.examples.input`: a virtio-input keyboard that types into the guest;
+* :mod:`virtio_schema.examples.vsock`: a virtio-vsock device: guest sockets bridged to host
+  unix sockets.
 
 and two that are not devices:
 

@@ -3,7 +3,9 @@
 * virtio-net: ``struct virtio_net_hdr`` with ``num_buffers`` (virtio 1.2, 5.1.6), 12 bytes;
 * virtio-blk: ``struct virtio_blk_req`` header (type, reserved/ioprio, sector; virtio 1.2, 5.2.6),
   16 bytes, its request types and status values, and the device configuration layout (5.2.4);
-* virtio-vsock: ``struct virtio_vsock_hdr`` (virtio 1.2, 5.10.6), 44 bytes;
+* virtio-vsock: ``struct virtio_vsock_hdr`` (virtio 1.2, 5.10.6), 44 bytes, its types, operations
+  and shutdown flags, the configuration layout (5.10.4: the guest's CID) and the event
+  (5.10.6.5: the transport reset);
 * virtio-input: ``struct virtio_input_event`` (virtio 1.2, 5.8.6), 8 bytes, the configuration layout
   (5.8.4: ``select``, ``subsel``, ``size`` and a 128-byte union) and the union's structured members.
 
@@ -37,8 +39,13 @@ __all__ = [
     "VirtioInputEvent",
     "VirtioNetConfig",
     "VirtioNetHdr",
+    "VirtioVsockConfig",
+    "VirtioVsockEvent",
     "VirtioVsockHdr",
+    "VsockEventId",
+    "VsockFeature",
     "VsockOp",
+    "VsockShutdown",
     "VsockType",
 ]
 
@@ -212,11 +219,15 @@ VirtioVsockHdr = Struct(
 
 
 class VsockType(enum.IntEnum):
+    """``virtio_vsock_hdr.type`` (``VIRTIO_VSOCK_TYPE_*``)."""
+
     STREAM = 1
     SEQPACKET = 2
 
 
 class VsockOp(enum.IntEnum):
+    """``virtio_vsock_hdr.op`` (``VIRTIO_VSOCK_OP_*``)."""
+
     INVALID = 0
     REQUEST = 1
     RESPONSE = 2
@@ -225,6 +236,39 @@ class VsockOp(enum.IntEnum):
     RW = 5
     CREDIT_UPDATE = 6
     CREDIT_REQUEST = 7
+
+
+class VsockShutdown(enum.IntFlag):
+    """``virtio_vsock_hdr.flags`` of a SHUTDOWN (``VIRTIO_VSOCK_SHUTDOWN_*``): what the sender
+    will no longer do."""
+
+    RCV = 1
+    """The sender will receive no more data."""
+    SEND = 2
+    """The sender will send no more data."""
+
+
+class VsockFeature(enum.IntFlag):
+    """virtio-vsock feature bits (virtio 1.2, 5.10.3)."""
+
+    STREAM = 1 << 0
+    """Stream sockets (implied when no socket-type bit is offered: Linux 6.1 knows no such bit)."""
+    SEQPACKET = 1 << 1
+
+
+class VsockEventId(enum.IntEnum):
+    """``virtio_vsock_event.id`` (``VIRTIO_VSOCK_EVENT_*``)."""
+
+    TRANSPORT_RESET = 0
+    """Every connection is gone; read the guest CID again (after a migration or a restart)."""
+
+
+VirtioVsockConfig = Struct("guest_cid" / Int64ul)
+"""``struct virtio_vsock_config`` (8 bytes): the guest's context id (only its low 32 bits are
+used: virtio 1.2, 5.10.4)."""
+
+VirtioVsockEvent = Struct("id" / Int32ul)
+"""``struct virtio_vsock_event`` (4 bytes), one per event-queue buffer."""
 
 
 # --- virtio-input ------------------------------------------------------------------------------

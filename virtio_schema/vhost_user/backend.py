@@ -1417,6 +1417,15 @@ class Backend:
             log.warning("%s: poll: %s", self.name, exc)
         return Turn(0, self._spent())
 
+    def on_events(self) -> Turn:
+        """The device's :meth:`~virtio_schema.vhost_user.device.VhostUserDevice.events_fd` is
+        readable: its :meth:`~virtio_schema.vhost_user.device.VhostUserDevice.on_events`."""
+        try:
+            self.device.on_events()
+        except DriverError as exc:
+            log.warning("%s: on_events: %s", self.name, exc)
+        return Turn(0, self._spent())
+
     def _spent(self) -> tuple[int, ...]:
         spent = [
             vr.index
@@ -1460,6 +1469,10 @@ class Backend:
         self._close(self.log_fd)
         self.log_fd = None
         self._release_memory()
+        try:
+            self.device.closed()
+        except Exception as exc:
+            failure = failure or exc
         if failure is not None:
             raise failure
 

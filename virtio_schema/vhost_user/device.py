@@ -17,7 +17,8 @@ at once. A device that sets :attr:`~VhostUserDevice.worker_threads` has each rin
 kick fd served by a worker thread of its own (the server's theory of operation, "Worker
 threads"): :meth:`~VhostUserDevice.handle` then runs on the ring's worker, for different rings at
 the same time, so what it shares between rings must be thread-safe. The hooks (``started``,
-``enabled``, ``disabled``, ``stopped``, ``reset``), :meth:`~VhostUserDevice.poll`,
+``enabled``, ``disabled``, ``stopped``, ``reset``, ``closed``), :meth:`~VhostUserDevice.poll`,
+:meth:`~VhostUserDevice.on_events`,
 :meth:`~VhostUserDevice.config` and :meth:`~VhostUserDevice.set_config` stay on the server's
 thread, and run only while every worker of the connection is *quiesced* (between two turns, held
 off): they need no lock against ``handle``. So does a ``handle`` the server runs itself (a ring
@@ -131,6 +132,26 @@ class VhostUserDevice:
 
     def poll(self) -> None:
         """Called every :attr:`poll_interval` seconds while a front-end is connected."""
+
+    def events_fd(self) -> int | None:
+        """An fd of the device's own that the server watches while a front-end is connected
+        (read when it connects; ``None``, the default: none): when it is readable the server
+        calls :meth:`on_events` on its thread, with the connection quiesced like :meth:`poll`.
+        For a device that talks to the outside world on sockets of its own (the vsock example's
+        host connections): typically a :class:`selectors.EpollSelector`'s ``fileno()``, over
+        exactly the sockets the device can serve now (level-triggered: an event the device
+        cannot serve yet must be taken out of it, or the server calls again at once). One
+        connection at a time may have it: a device shared by several connections refuses the
+        second (the server closes that connection)."""
+        return None
+
+    def on_events(self) -> None:
+        """:meth:`events_fd` is readable: serve what is ready without blocking."""
+
+    def closed(self) -> None:
+        """The front-end connection ended (after every ring stopped and its memory was
+        released): what the device kept for that driver (its connections to the outside world)
+        can go."""
 
     def started(self, index: int, queue: VirtQueue) -> None:
         """Ring ``index`` started (SET_VRING_KICK with memory and addresses known), or its queue

@@ -12,6 +12,8 @@ may ask for a thread per ring besides: "Worker threads" below):
 * a readable kick fd is drained and its ring gets a *turn*: the device's ``handle`` with a budget of
   chains (the queue size by default), after which the used index is published and the driver
   notified; a ring whose budget ran out goes to the back of the line of turns;
+* a device with sockets of its own (``events_fd``, e.g. an epoll fd over them) has that fd
+  watched too: when readable, the device's ``on_events`` runs, like a poll;
 * every round serves each ring in the line once, after looking at every socket and fd again: no
   queue and no connection waits for another's work to finish;
 * with ``busy_poll`` (seconds), a kicked ring whose turn found work is *busy-polled*: the driver
@@ -149,6 +151,7 @@ class _Conn:
         self.spin: dict[int, float] = {}  # busy-polled ring -> when it goes back to kicks
         self.channel: int | None = None  # the watched back-end channel (SET_BACKEND_REQ_FD)
         self.channel_out = bytearray()  # back-end messages the channel has not taken yet
+        self.events: int | None = None  # the device's watched events fd (events_fd())
         self.next_poll = 0.0
         self.alive = True
         self.gate: _Gate | None = None  # the device has worker threads (see _Gate)
@@ -482,6 +485,8 @@ class VhostUserServer:
                             self._on_readable(conn)
                     elif kind == "channel":
                         self._on_channel(conn, mask)
+                    elif kind == "events":
+                        self._on_device_events(conn)
                     else:
                         self._on_kick(conn, key.fd)
                 if self._timed or self._accept_at is not None:
@@ -594,6 +599,19 @@ class VhostUserServer:
             self.errors.append(f"device factory: {type(exc).__name__}: {exc}")
             sock.close()
             return
+        events_fd = device.events_fd()
+        if events_fd is not None:
+            try:
+                self._sel.register(events_fd, selectors.EVENT_READ, ("events", conn))
+            except (OSError, ValueError, KeyError) as exc:  # another connection's device has it
+                log.error(
+                    "%s: cannot watch the device's events fd %d: %s", conn.name, events_fd, exc
+                )
+                self.errors.append(f"device events fd: {type(exc).__name__}: {exc}")
+                conn.core.close()
+                sock.close()
+                return
+            conn.events = events_fd
         sock.setblocking(False)
         self._conns[sock] = conn
         self._sel.register(sock, selectors.EVENT_READ, ("conn", conn))
@@ -621,6 +639,10 @@ class VhostUserServer:
                 self._unwatch(conn, fd)
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(conn.sock)
+            if conn.events is not None:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self._sel.unregister(conn.events)
+                conn.events = None
             for fd in conn.reader.discard():
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -1025,12 +1047,22 @@ class VhostUserServer:
             self._poll_device_now(conn)
 
     def _poll_device_now(self, conn: _Conn) -> None:
+        self._turn_device(conn, "device error in poll", conn.core.poll)
+
+    def _turn_device(self, conn: _Conn, what: str, call: Callable[[], Turn]) -> None:
+        """Device code outside a ring's turn (``poll``, ``on_events``): the rings whose budget it
+        spent get a turn, the calls it raised are signalled."""
         turns: list[Turn] = []
-        if not self._guarded(conn, "device error in poll", lambda: turns.append(conn.core.poll())):
+        if not self._guarded(conn, what, lambda: turns.append(call())):
             return
         for index in turns[0].again:
             self._enqueue(conn, index)
         self._deliver(conn)
+
+    def _on_device_events(self, conn: _Conn) -> None:
+        """The device's events fd is readable: its ``on_events``, then what that queued."""
+        with self._quiet(conn):
+            self._turn_device(conn, "device error in on_events", conn.core.on_events)
 
     def _guarded(self, conn: _Conn, what: str, action: Callable[[], None]) -> bool:
         """Run ``action`` (device code, or the core on a ring the driver may have broken); an
