@@ -503,14 +503,18 @@ class VsockDevice(VhostUserDevice):
         return None
 
     def _bad(self, what: str, stream: Stream | None) -> None:
-        """A malformed packet: counted, logged (a flood is logged sparingly), its stream reset."""
+        """A malformed packet: counted, logged, its stream reset."""
         self.stats.bad_packets += 1
+        self._complain(f"bad packet dropped ({self.stats.bad_packets} so far): {what}")
+        if stream is not None:
+            self._reset(stream)
+
+    def _complain(self, what: str) -> None:
+        """Log what the guest did wrong: one by one at first, then sparingly (a flood)."""
         self._complaints += 1
         n = self._complaints
         if n <= _COMPLAINTS or n % _COMPLAINT_EVERY == 0:
-            log.warning("vsock: bad packet dropped (%d so far): %s", n, what)
-        if stream is not None:
-            self._reset(stream)
+            log.warning("vsock: %s", what)
 
     def _stray(self, hdr: VsockHdr) -> None:
         """Answer RST to a packet of a stream that does not exist (bounded: ``max_strays``)."""
@@ -522,9 +526,7 @@ class VsockDevice(VhostUserDevice):
     def _connect_host(self, hdr: VsockHdr) -> None:
         """A guest REQUEST: connect to ``PATH_<port>``; RESPONSE, or RST."""
         if self._count() >= self.limits.max_streams:
-            log.warning(
-                "vsock: REQUEST to port %d refused: %d streams", hdr.dst_port, len(self.streams)
-            )
+            self._complain(f"REQUEST to port {hdr.dst_port} refused: {self._count()} streams")
             self.stats.refused += 1
             self._stray(hdr)
             return
@@ -586,6 +588,9 @@ class VsockDevice(VhostUserDevice):
     # --- the host side --------------------------------------------------------------------------
 
     def _accept(self) -> None:
+        self._relisten()  # streams the guest opened since may have used the last place
+        if not self._listening:
+            return
         try:
             sock, _ = self._listener.accept()
         except BlockingIOError:
