@@ -565,15 +565,18 @@ def test_the_server_serves_a_devices_events_fd_while_a_front_end_is_connected(
             second = Frontend(str(path))  # the same device: its events fd is taken
             assert second.wait_closed() == b""
             assert any("events fd" in e for e in server.errors)
+            assert dev.closed_calls == 0  # the first connection's device was not disturbed
+            os.write(dev.w, b"c")
+            assert _wait(lambda: dev.events == [b"a", b"c"])
             second.close()
             fe.close()
             assert _wait(lambda: dev.closed_calls == 1)  # the hook, once the front-end went
             os.write(dev.w, b"b")  # not watched any more: nobody reads it
             time.sleep(0.2)
-            assert dev.events == [b"a"]
+            assert dev.events == [b"a", b"c"]
             fe = Frontend(str(path))  # a new front-end: watched again
             fe.get_features()
-            assert _wait(lambda: dev.events == [b"a", b"b"])
+            assert _wait(lambda: dev.events == [b"a", b"c", b"b"])
             fe.close()
     finally:
         os.close(dev.r)

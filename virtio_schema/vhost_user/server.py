@@ -608,8 +608,8 @@ class VhostUserServer:
                     "%s: cannot watch the device's events fd %d: %s", conn.name, events_fd, exc
                 )
                 self.errors.append(f"device events fd: {type(exc).__name__}: {exc}")
-                conn.core.close()
-                sock.close()
+                sock.close()  # the core holds nothing yet: the device's other connection is
+                # left alone (closing this core would tell the device its front-end went)
                 return
             conn.events = events_fd
         sock.setblocking(False)
