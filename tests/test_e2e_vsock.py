@@ -15,8 +15,10 @@ starts the device and the guest, whose ``/init`` reads commands from a second se
 test) and runs each as ``vsock_tool`` in the background; the tool tags its ``VSOCK-RESULT`` lines
 with the command's id, and the shell ends with ``E2E-END <id> <exit status>``. Each test drives its
 own commands, so tests stay separate (and each may run alone); a failure shows the guest console
-and the device's log. Throughput of the 4 MiB transfers is printed and recorded (``record_property``),
-never asserted.
+and the device's log. The module's last test kills the device process and replugs the vsock
+device over QMP (the guest's QEMU has a QMP socket; the device is ``vsock0`` on chardev ``vs0``):
+from then on a new device process serves the guest. Throughput of the 4 MiB transfers is printed
+and recorded (``record_property``), never asserted.
 
 Skipped with the reason where QEMU, busybox, the kernel (or its vsock modules) or a static-capable
 gcc is missing; a failure in CI (``VIRTIO_SCHEMA_REQUIRE_E2E=1``).
@@ -42,6 +44,7 @@ from typing import Self
 import pytest
 from conftest import require_e2e
 
+from virtio_schema.qmp import QMPClient
 from virtio_schema.testing.process import BackendProcess
 from virtio_schema.testing.qemu import (
     INIT_EPILOGUE,
@@ -150,17 +153,38 @@ class Outcome:
         return found[0]
 
 
+def start_device(tmp: Path, log: str) -> BackendProcess:
+    """The device, ``--guest-cid 3``, on ``TMP/vsock.sock`` with the host side on
+    ``TMP/vsock.uds`` (the same command line every time), logging to ``TMP/LOG``."""
+    return BackendProcess(
+        ["-m", "virtio_schema.examples.vsock", "--vhost-user", str(tmp / "vsock.sock"),
+         "--guest-cid", str(GUEST_CID), "--uds", str(tmp / "vsock.uds")],
+        tmp / "vsock.sock", tmp / log, timeout=GUEST_TIMEOUT + 30,
+    )  # fmt: skip
+
+
+_QEMU_MESSAGE = re.compile(r"qemu-system-[\w.-]+: [^\n]*\n")
+"""A message of QEMU's own in the console (see :meth:`VsockGuest.lines`)."""
+
+
 class VsockGuest:
-    """The running guest, its command channel and the device serving it."""
+    """The running guest, its command channel, its QMP socket and the device serving it (the
+    last of ``devices``: a test may replace the device process)."""
 
     def __init__(
-        self, vm: RunningGuest, control: socket.socket, device: BackendProcess, uds: Path
+        self, vm: RunningGuest, control: socket.socket, devices: list[BackendProcess], tmp: Path
     ) -> None:
         self.vm = vm
-        self.device = device
-        self.uds = uds
+        self.devices = devices
+        self.tmp = tmp
+        self.uds = tmp / "vsock.uds"
+        self.qmp = tmp / "qmp.sock"
         self._control = control
         self._ids = 0
+
+    @property
+    def device(self) -> BackendProcess:
+        return self.devices[-1]
 
     def start(self, args: str) -> str:
         """Run ``vsock_tool ARGS`` in the guest, in the background; its id."""
@@ -169,19 +193,37 @@ class VsockGuest:
         self._control.sendall(f"{tag} {args}\n".encode())
         return tag
 
+    def lines(self) -> list[str]:
+        """The guest's console lines so far, without QEMU's own messages: QEMU writes them
+        (``qemu-system-x86_64: ...``, e.g. the errors of a dead back-end) to the same stdout as
+        the guest's serial console, a whole line at a time but possibly in the middle of a
+        guest line."""
+        text = _QEMU_MESSAGE.sub("", self.vm.console())
+        return [line.strip("\r") for line in text.splitlines()]
+
+    def wait_for(self, marker: str, timeout: float) -> bool:
+        """Wait until a guest console line starts with ``marker``; ``False`` if QEMU exits or
+        ``timeout`` passes first."""
+        end = time.monotonic() + timeout
+        while True:
+            if any(line.startswith(marker) for line in self.lines()):
+                return True
+            if self.vm.proc.poll() is not None or time.monotonic() >= end:
+                return False
+            time.sleep(0.05)
+
     def wait_result(self, tag: str, what: str, timeout: float = STEP_TIMEOUT) -> None:
         """Wait for command ``tag``'s result line ``what`` (e.g. ``listening``)."""
-        assert self.vm.wait_for(f"VSOCK-RESULT {tag} {what}", timeout), (
+        assert self.wait_for(f"VSOCK-RESULT {tag} {what}", timeout), (
             f"no {what!r} from {tag}\n{self.explain()}"
         )
 
     def finish(self, tag: str, timeout: float = STEP_TIMEOUT) -> Outcome:
         """Wait for command ``tag`` to end; its outcome."""
-        assert self.vm.wait_for(f"E2E-END {tag} ", timeout), f"{tag} did not end\n{self.explain()}"
+        assert self.wait_for(f"E2E-END {tag} ", timeout), f"{tag} did not end\n{self.explain()}"
         rc = -1
         results = []
-        for line in self.vm.console().splitlines():
-            line = line.strip("\r")
+        for line in self.lines():
             if line.startswith(f"E2E-END {tag} "):
                 rc = int(line.split()[2])
             elif line.startswith(f"VSOCK-RESULT {tag} "):
@@ -194,19 +236,26 @@ class VsockGuest:
     def explain(self) -> str:
         """The guest console's and the device log's tails, and whether each still runs."""
         console = "\n".join(self.vm.console().splitlines()[-60:])
-        log = "\n".join(self.device.log().splitlines()[-40:])
-        qemu, dev = self.vm.proc.poll(), self.device.proc.poll()
-        return (
-            f"--- guest console (tail; QEMU {'running' if qemu is None else f'exit {qemu}'}) ---\n"
-            f"{console}\n"
-            f"--- device log (tail; device {'running' if dev is None else f'exit {dev}'}) ---\n"
-            f"{log}"
-        )
+        qemu = self.vm.proc.poll()
+        parts = [
+            f"--- guest console (tail; QEMU {'running' if qemu is None else f'exit {qemu}'}) ---",
+            console,
+        ]
+        for k, device in enumerate(self.devices):  # the earlier ones of a restart, then this one
+            dev = device.proc.poll()
+            log = "\n".join(device.log().splitlines()[-(40 if device is self.device else 15) :])
+            parts += [
+                f"--- device {k} log (tail; pid {device.pid}"
+                f" {'running' if dev is None else f'exit {dev}'}) ---",
+                log,
+            ]
+        return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
 def vsock_guest(guest: GuestTools, vsock_tool: Path) -> Iterator[VsockGuest]:
-    """The device (``--guest-cid 3 --uds UDS``) and a guest at its command prompt."""
+    """The device and a guest at its command prompt, with a QMP socket (the vsock device is
+    ``vsock0`` on the chardev ``vs0``)."""
     try:
         modules = guest.kit.module_paths(MODULES)
     except FileNotFoundError as exc:
@@ -220,32 +269,34 @@ def vsock_guest(guest: GuestTools, vsock_tool: Path) -> Iterator[VsockGuest]:
             modules=modules,
             files={"/data/vsock_tool": vsock_tool.read_bytes()},
         )
-        sock, uds, control_path = tmp / "vsock.sock", tmp / "vsock.uds", tmp / "control.sock"
-        device = BackendProcess(
-            ["-m", "virtio_schema.examples.vsock", "--vhost-user", str(sock),
-             "--guest-cid", str(GUEST_CID), "--uds", str(uds)],
-            sock, tmp / "device.log", timeout=GUEST_TIMEOUT + 30,
-        )  # fmt: skip
+        control_path = tmp / "control.sock"
         args = [
-            "-chardev", f"socket,id=vs0,path={sock}",
-            "-device", "vhost-user-vsock-pci,chardev=vs0",
+            "-chardev", f"socket,id=vs0,path={tmp / 'vsock.sock'}",
+            "-device", "vhost-user-vsock-pci,chardev=vs0,id=vsock0",
             "-chardev", f"socket,id=control,path={control_path}",
             "-serial", "chardev:control",
         ]  # fmt: skip
-        with device, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            server.bind(str(control_path))
-            server.listen(1)
-            server.settimeout(30)
-            with start_guest(guest.kit, initrd, args, timeout=GUEST_TIMEOUT) as vm:
-                control, _ = server.accept()  # QEMU connects to it as it starts
-                with control:
-                    vg = VsockGuest(vm, control, device, uds)
-                    assert vm.wait_for("E2E-READY", BOOT_TIMEOUT), (
-                        f"the guest did not boot to its prompt\n{vg.explain()}"
-                    )
-                    yield vg
-                    control.sendall(b"quit\n")
-                    vm.wait_for("E2E-DONE", 30)
+        devices = [start_device(tmp, "device.log")]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+                server.bind(str(control_path))
+                server.listen(1)
+                server.settimeout(30)
+                with start_guest(
+                    guest.kit, initrd, args, timeout=GUEST_TIMEOUT, qmp=tmp / "qmp.sock"
+                ) as vm:
+                    control, _ = server.accept()  # QEMU connects to it as it starts
+                    with control:
+                        vg = VsockGuest(vm, control, devices, tmp)
+                        assert vm.wait_for("E2E-READY", BOOT_TIMEOUT), (
+                            f"the guest did not boot to its prompt\n{vg.explain()}"
+                        )
+                        yield vg
+                        control.sendall(b"quit\n")
+                        vm.wait_for("E2E-DONE", 30)
+        finally:
+            for device in devices:
+                device.stop()
 
 
 # --- the host side -------------------------------------------------------------------------------
@@ -557,7 +608,189 @@ def test_a_slow_host_reader_gets_every_byte(vsock_guest: VsockGuest) -> None:
 
 
 def test_the_device_is_still_serving_and_logged_no_traceback(vsock_guest: VsockGuest) -> None:
-    """After everything above (run last): the device process runs, and its log has no Python
-    traceback (a connection's failure must stay that connection's)."""
+    """After everything above (run before the restart, the last test): the device process runs,
+    and its log has no Python traceback (a connection's failure must stay that connection's)."""
     assert vsock_guest.device.proc.poll() is None, vsock_guest.explain()
     assert "Traceback" not in vsock_guest.device.log(), vsock_guest.device.log()
+
+
+# --- the device restarted under the running guest (the module's last test) ----------------------
+
+REPLUG_TIMEOUT = 60.0
+"""For the guest to eject the old device (DEVICE_DELETED) and to connect through the new one."""
+
+
+def _wait_device_deleted(qmp: QMPClient, device_id: str, timeout: float) -> bool:
+    """Wait for QMP's ``DEVICE_DELETED`` event of ``device_id`` (the guest ejected it)."""
+    end = time.monotonic() + timeout
+    while True:
+        for event in qmp.events:
+            if isinstance(event, dict) and event.get("event") == "DEVICE_DELETED":
+                data = event.get("data")
+                if isinstance(data, dict) and data.get("device") == device_id:
+                    return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.2)
+        qmp.execute("query-status")  # reads the events that came meanwhile
+
+
+def _held_guest_connection(path: Path, nbytes: int, seed: int, timeout: float) -> socket.socket:
+    """Accept one guest connection on ``path`` and read to its half-close (checking the
+    stream): the guest now waits for a reply, which never comes. The open socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(timeout)
+        conn, _ = server.accept()
+    path.unlink()
+    conn.settimeout(timeout)
+    got = bytearray()
+    while chunk := conn.recv(1 << 16):
+        got += chunk
+    assert summary(bytes(got)) == summary(stream(nbytes, seed)), "the held stream differs"
+    return conn
+
+
+def _peer_gone(conn: socket.socket, *, read: bool) -> str:
+    """How a host socket whose peer (the device process) is gone ends: with ``read``, ``EOF``
+    or the error of a read, else (or if the read gave data) the error of a write; ``''``: the
+    socket still works."""
+    conn.settimeout(10)
+    try:
+        if read and conn.recv(1 << 16) == b"":
+            return "EOF"
+    except OSError as exc:
+        return type(exc).__name__
+    try:
+        conn.sendall(b"still there?\n")
+    except OSError as exc:
+        return type(exc).__name__
+    return ""
+
+
+def test_the_device_restarted_under_a_running_guest_and_the_guest_reconnects(
+    vsock_guest: VsockGuest,
+) -> None:
+    """The device process dies (SIGKILL) with a stream open each way; a new process starts with
+    the same command line, and the vsock PCI device is replugged over QMP (``device_del``, the
+    guest ejects it, ``chardev-remove``, ``chardev-add``, ``device_add``): QEMU 7.2's
+    vhost-user-vsock cannot reconnect its chardev, and keeps the event queue (the transport
+    reset) to itself, so this is how a back-end is restarted under a running guest.
+
+    The open streams end at both ends: on the host when the old process dies (EOF or a
+    reset), in the guest when the device is ejected (Linux resets every connected socket:
+    ECONNRESET), not before. The guest then probes the new device, reads its CID again and
+    connects (retried until the device is there): a transfer each way, checked by CRC at both
+    ends, goes through the new process, which logs the streams; the old process is gone."""
+    vg = vsock_guest
+    old = vg.device
+    # 1. a stream each way, open: host -> guest mid-transfer (the guest sinks, the host holds
+    #    its end open); guest -> host half-closed, the guest waiting for the host's reply
+    sink = vg.start("listen 5020 1 sink")
+    vg.wait_result(sink, "listening")
+    to_guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held: socket.socket | None = None
+    try:
+        to_guest.settimeout(STEP_TIMEOUT)
+        to_guest.connect(str(vg.uds))
+        to_guest.sendall(b"CONNECT 5020\n")
+        ok = b""
+        while not ok.endswith(b"\n") and (chunk := to_guest.recv(1)):
+            ok += chunk
+        assert re.fullmatch(rb"OK \d+\n", ok), f"{ok!r}\n{vg.explain()}"
+        to_guest.sendall(stream(256 * 1024, 80))
+        client = vg.start(f"connect {HOST_CID} 6020 65536 81")
+        held = _held_guest_connection(Path(f"{vg.uds}_6020"), 65536, 81, STEP_TIMEOUT)
+        assert "guest connected to" in old.log(), vg.explain()
+
+        # 2. the device process dies
+        old.proc.kill()  # SIGKILL, by its PID
+        assert old.proc.wait(10) == -9, vg.explain()
+        t0 = time.monotonic()
+        ends = {  # the guest -> host end already read EOF (the guest's half-close): it writes
+            "host -> guest": _peer_gone(to_guest, read=True),
+            "guest -> host": _peer_gone(held, read=False),
+        }
+    finally:
+        to_guest.close()
+        if held is not None:
+            held.close()
+    assert all(ends.values()), f"host ends still open after the device died: {ends}"
+    # the guest is not told: its sockets stay open until the device goes
+    assert not vg.wait_for(f"E2E-END {sink} ", 2.0), vg.explain()
+    assert not vg.wait_for(f"E2E-END {client} ", 0.1), vg.explain()
+
+    # 3. a new process, the same command line (its stale socket file removed first, because
+    #    the harness takes the file's existence as "listening")
+    old.stop()
+    old.sock.unlink(missing_ok=True)
+    vg.devices.append(start_device(vg.tmp, "device-1.log"))
+    new = vg.device
+
+    # 4. the replug
+    with QMPClient(str(vg.qmp), timeout=30) as qmp:
+        qmp.execute("device_del", {"id": "vsock0"})
+        assert _wait_device_deleted(qmp, "vsock0", REPLUG_TIMEOUT), (
+            f"no DEVICE_DELETED for vsock0 (QMP events {qmp.events})\n{vg.explain()}"
+        )
+        unplugged = time.monotonic() - t0
+        qmp.execute("chardev-remove", {"id": "vs0"})
+        qmp.execute(
+            "chardev-add",
+            {"id": "vs1", "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": str(new.sock)}}, "server": False}}},
+        )  # fmt: skip
+        qmp.execute("device_add", {"driver": "vhost-user-vsock-pci", "chardev": "vs1",
+                                   "id": "vsock1"})  # fmt: skip
+    plugged = time.monotonic() - t0
+    lost_sink, lost_client = vg.finish(sink), vg.finish(client)
+    why = vg.explain()
+    assert (lost_sink.rc, lost_sink.one("error")) == (1, ["read", "ECONNRESET"]), why
+    assert lost_sink.one("listen-done") == ["5020", "1", "1"], why
+    assert (lost_client.rc, lost_client.one("error")) == (1, ["read", "ECONNRESET"]), why
+
+    # 5. the guest connects again through the new device (retried: it probes it meanwhile)
+    data_out, data_in = stream(MIB, 82), stream(MIB, 83)
+    failures: list[str] = []
+    with HostListener(Path(f"{vg.uds}_6021"), 1) as listener:
+        end = time.monotonic() + REPLUG_TIMEOUT
+        while True:
+            out = vg.run(f"connect {HOST_CID} 6021 {len(data_out)} 82")
+            if out.rc == 0 or time.monotonic() >= end:
+                break
+            failures.append(" ".join(out.results))
+            time.sleep(0.5)
+        reconnected = time.monotonic() - t0
+    why = vg.explain()
+    assert out.rc == 0, (
+        f"no connection within {REPLUG_TIMEOUT} s ({len(failures)} tries:"
+        f" {sorted(set(failures))}): {out}\n{why}"
+    )
+    assert out.one("connected")[3:] == summary(data_out).split(), why
+    assert [summary(a.data) for a in listener.accepted] == [summary(data_out)], why
+    assert vg.run("cid").one("cid") == [str(GUEST_CID)], why
+    job = vg.start("listen 5021 1 sink")
+    vg.wait_result(job, "listening")
+    conn = host_connect(vg.uds, 5021, data_in)
+    out = vg.finish(job)
+    why = vg.explain()
+    assert re.fullmatch(r"OK \d+", conn.ok), f"{conn.ok!r}\n{why}"
+    assert conn.received.decode(errors="replace") == f"{summary(data_in)}\n", why
+    assert (out.rc, out.one("sink")[:2]) == (0, summary(data_in).split()), why
+
+    # 6. the new process served both (and stops cleanly: its stats line); the old one is gone
+    assert old.proc.poll() == -9, why
+    log = new.log()
+    assert "front-end connected" in log, why
+    assert re.search(r"guest connected to \S+_6021", log), why
+    assert "the guest accepted" in log, why
+    assert (new.proc.poll(), new.stop()) == (None, 0), why
+    stats = re.findall(r"vsock: VsockStats\(streams=(\d+), refused=(\d+)", new.log())
+    assert stats == [("2", "0")], new.log()
+    assert "Traceback" not in new.log(), new.log()
+    print(
+        f"vsock restart: ejected {unplugged:.1f} s, replugged {plugged:.1f} s, connected"
+        f" {reconnected:.1f} s after the old process died; host ends {ends};"
+        f" failed connects: {failures}"
+    )

@@ -491,6 +491,7 @@ def test_a_silent_host_connection_and_a_silent_guest_time_out(tmp_path: Path) ->
         assert _closed(waiting)
         ops = [h.op for h, _ in g.packets()]
         assert ops == [OP.REQUEST, OP.RST]  # the request withdrawn
+        assert g.dev.stats.refused == 1
         assert not g.dev.lines
         assert not g.dev.streams
     finally:

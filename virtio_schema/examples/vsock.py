@@ -398,8 +398,10 @@ class VsockDevice(VhostUserDevice):
                 log.info("vsock: %s: timed out (%s)", _name(stream), stream.state.value)
                 if stream.state is StreamState.LINE:
                     self._close(stream)
-                else:
-                    self._reset(stream)
+                    continue
+                if stream.state is StreamState.CONNECTING:
+                    self.stats.refused += 1
+                self._reset(stream)
         self._fill_rx()
 
     # --- the event queue ------------------------------------------------------------------------
