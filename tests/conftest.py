@@ -47,6 +47,18 @@ def guest() -> GuestTools:
     return found
 
 
+@pytest.fixture(scope="session")
+def vsock_tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The vsock end-to-end tests' guest tool, built once per session
+    (``test_e2e_vsock.build_tool``)."""
+    from test_e2e_vsock import build_tool
+
+    built = build_tool(tmp_path_factory.mktemp("vsock-tool") / "vsock_tool")
+    if isinstance(built, str):
+        require_e2e(built)
+    return built
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short directory for unix sockets (sun_path is ~107 bytes; pytest's tmp_path can be long)."""

@@ -26,6 +26,7 @@ gcc is missing; a failure in CI (``VIRTIO_SCHEMA_REQUIRE_E2E=1``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import shutil
@@ -93,18 +94,18 @@ def summary(data: bytes) -> str:
 # --- the guest tool ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def vsock_tool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/data/vsock_tool.c built as a static binary (once per session)."""
+def build_tool(out: Path) -> Path | str:
+    """tests/data/vsock_tool.c built as the static binary ``out``; or why it cannot be (a
+    missing compiler or static C library: a skip reason). A build error raises."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        require_e2e("gcc not installed (Debian package gcc), needed for the guest's vsock_tool")
-    out = tmp_path_factory.mktemp("vsock-tool") / "vsock_tool"
+        return "gcc not installed (Debian package gcc), needed for the guest's vsock_tool"
     cmd = [gcc, "-static", "-O2", "-Wall", "-Werror", "-o", str(out), str(TOOL_SOURCE)]
     built = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     if built.returncode != 0 and "cannot find -lc" in built.stderr:
-        require_e2e("no static C library for gcc -static (Debian package libc6-dev)")
-    assert built.returncode == 0, f"{' '.join(cmd)} failed:\n{built.stderr}"
+        return "no static C library for gcc -static (Debian package libc6-dev)"
+    if built.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{built.stderr}")
     return out
 
 
@@ -254,12 +255,20 @@ class VsockGuest:
 
 @pytest.fixture(scope="module")
 def vsock_guest(guest: GuestTools, vsock_tool: Path) -> Iterator[VsockGuest]:
-    """The device and a guest at its command prompt, with a QMP socket (the vsock device is
-    ``vsock0`` on the chardev ``vs0``)."""
+    """The device and a guest at its command prompt (:func:`running_guest`)."""
     try:
-        modules = guest.kit.module_paths(MODULES)
+        guest.kit.module_paths(MODULES)
     except FileNotFoundError as exc:
         require_e2e(f"the guest kernel lacks a module: {exc}")
+    with running_guest(guest, vsock_tool) as vg:
+        yield vg
+
+
+@contextlib.contextmanager
+def running_guest(guest: GuestTools, vsock_tool: Path) -> Iterator[VsockGuest]:
+    """The device (:func:`start_device`) and a guest at its command prompt, with a QMP socket
+    (the vsock device is ``vsock0`` on the chardev ``vs0``); both stopped on leaving."""
+    modules = guest.kit.module_paths(MODULES)
     with tempfile.TemporaryDirectory(prefix="vs-vsock-") as d:
         tmp = Path(d)
         initrd = build_initramfs(
