@@ -582,3 +582,27 @@ def test_the_server_serves_a_devices_events_fd_while_a_front_end_is_connected(
     finally:
         os.close(dev.r)
         os.close(dev.w)
+
+
+def test_a_stream_stalled_on_the_guests_credit_asks_for_it_once(guest: Guest) -> None:
+    c = guest.sock()
+    c.connect(guest.uds)
+    c.sendall(b"CONNECT 1300\n")
+    guest.post_rx(1)
+    req = guest.wait_packet()
+    guest.send(OP.RESPONSE, 1300, req.src_port, buf_alloc=8192)  # a small receive buffer
+    c.settimeout(2)
+    assert _readline(c) == f"OK {req.src_port}\n".encode()
+    c.sendall(os.urandom(20_000))
+    got = []
+    for _ in range(20):
+        guest.post_rx(4)
+        guest.pump(0.02)
+        got += guest.packets(consume=False)  # the guest reads nothing: no credit comes back
+    rw = sum(h.len for h, _ in got if h.op == OP.RW)
+    assert rw == 8192  # exactly the credit, then nothing more
+    assert [h.op for h, _ in got if h.op != OP.RW] == [OP.CREDIT_REQUEST]  # asked once
+    guest.fwd[1300] = 8192  # the guest consumed it all and says so
+    guest.send(OP.CREDIT_UPDATE, 1300, req.src_port, buf_alloc=8192)
+    more = guest.drain_to_guest(1300, 1)
+    assert more  # the stream moves again

@@ -51,7 +51,8 @@ and lives in one :class:`Stream`:
   guest's credit allows (and reads from the host socket no more than it can send); it advertises
   ``--buf-alloc`` per stream and counts the guest's bytes it has written to the host socket
   (``fwd_cnt``), with a CREDIT_UPDATE when the guest's view of the free space fell below half and
-  the host took more. A host program that stops reading therefore stops its own stream's credit,
+  the host took more (and one whenever the guest sends a CREDIT_REQUEST). Host bytes waiting on
+  a guest that gave no credit make it send a CREDIT_REQUEST, once until the guest speaks again. A host program that stops reading therefore stops its own stream's credit,
   and nothing else.
 * **Shutdown.** A guest SHUTDOWN with ``SEND`` becomes ``shutdown(SHUT_WR)`` of the host socket
   once the guest's bytes are written; end of file from the host socket becomes a SHUTDOWN with
@@ -66,8 +67,8 @@ and lives in one :class:`Stream`:
   ``max_stage`` bytes only when the stage is empty and the guest has credit.
 * **The host sockets** sit in an epoll selector of the device's own, which the vhost-user server
   watches (:meth:`~virtio_schema.vhost_user.VhostUserDevice.events_fd`); a socket is in it only
-  while the device can serve it (readable: the stage is empty and the guest has credit; writable:
-  guest bytes wait for it), so the server is never woken for what cannot be served.
+  while the device can serve it (readable: the stage is empty and the guest has credit, or has
+  not yet been asked for it; writable: guest bytes wait for it), so the server is never woken for what cannot be served.
 * **Transport reset.** The first time the event queue is enabled in a process (and after a
   front-end reconnects), the device writes ``VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`` into an event
   buffer: a guest that had connections through a previous device process learns that they are
@@ -266,6 +267,10 @@ class Stream:
     send_request: bool = False
     send_response: bool = False
     send_credit: bool = False
+    ask_credit: bool = False
+    """Host bytes wait and the guest gave no credit: a CREDIT_REQUEST is owed."""
+    credit_asked: bool = False
+    """A CREDIT_REQUEST went out since the guest last told its credit."""
     send_shutdown: int = 0
     sent_shutdown: int = 0
     send_rst: bool = False
@@ -462,6 +467,7 @@ class VsockDevice(VhostUserDevice):
             return
         stream.peer_buf_alloc = hdr.buf_alloc
         stream.peer_fwd_cnt = hdr.fwd_cnt
+        stream.credit_asked = False
         op = hdr.op
         if op == VsockOp.RST:
             if stream.state is StreamState.CONNECTING:
@@ -648,8 +654,11 @@ class VsockDevice(VhostUserDevice):
         return port
 
     def _pull(self, stream: Stream) -> None:
-        """Read host bytes into the empty stage, as many as the guest may take."""
+        """Read host bytes into the empty stage, as many as the guest may take (the socket is
+        readable: with no credit, ask the guest for it instead)."""
         want = min(self.limits.max_stage, stream.credit())
+        if not want and not stream.credit_asked:
+            stream.ask_credit = True
         if stream.staged() or not want:
             return
         try:
@@ -738,12 +747,14 @@ class VsockDevice(VhostUserDevice):
             stream.send_shutdown = int(done) if done & ~stream.sent_shutdown else 0
 
     def _can_pull(self, stream: Stream) -> bool:
+        """Whether the host socket is watched for reading: to fill the empty stage while the
+        guest has credit, or, with none, to learn that bytes wait (once per CREDIT_REQUEST)."""
         return (
             stream.state is StreamState.ESTABLISHED
             and not stream.host_eof
             and not stream.guest_shut & VsockShutdown.RCV
             and not stream.staged()
-            and stream.credit() > 0
+            and (stream.credit() > 0 or not (stream.credit_asked or stream.ask_credit))
         )
 
     def _reset(self, stream: Stream) -> None:
@@ -818,6 +829,8 @@ class VsockDevice(VhostUserDevice):
             return None
         if stream.staged() and stream.credit() and not stream.guest_shut & VsockShutdown.RCV:
             return VsockOp.RW
+        if stream.ask_credit:
+            return VsockOp.CREDIT_REQUEST
         if stream.send_credit:
             return VsockOp.CREDIT_UPDATE
         if stream.send_shutdown and not stream.staged():
@@ -878,6 +891,8 @@ class VsockDevice(VhostUserDevice):
             stream.send_request = False
         elif op is VsockOp.RESPONSE:
             stream.send_response = False
+        elif op is VsockOp.CREDIT_REQUEST:
+            stream.ask_credit, stream.credit_asked = False, True
         elif op is VsockOp.RW:
             n = min(stream.staged(), stream.credit(), room)
             if not n:  # an rx buffer with room for a header only: tell the credit instead
