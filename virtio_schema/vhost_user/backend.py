@@ -1411,19 +1411,20 @@ class Backend:
 
     def poll(self) -> Turn:
         """The device's periodic poll (for devices that produce without being kicked)."""
-        try:
-            self.device.poll()
-        except DriverError as exc:
-            log.warning("%s: poll: %s", self.name, exc)
-        return Turn(0, self._spent())
+        return self._outside_turns("poll", self.device.poll)
 
     def on_events(self) -> Turn:
         """The device's :meth:`~virtio_schema.vhost_user.device.VhostUserDevice.events_fd` is
         readable: its :meth:`~virtio_schema.vhost_user.device.VhostUserDevice.on_events`."""
+        return self._outside_turns("on_events", self.device.on_events)
+
+    def _outside_turns(self, what: str, call: Callable[[], None]) -> Turn:
+        """Device code outside a ring's turn: a driver error it lets through is logged; the
+        rings whose budget it spent are reported for another turn."""
         try:
-            self.device.on_events()
+            call()
         except DriverError as exc:
-            log.warning("%s: on_events: %s", self.name, exc)
+            log.warning("%s: %s: %s", self.name, what, exc)
         return Turn(0, self._spent())
 
     def _spent(self) -> tuple[int, ...]:
