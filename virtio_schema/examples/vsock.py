@@ -517,12 +517,13 @@ class VsockDevice(VhostUserDevice):
         if stream is not None:
             self._reset(stream)
 
-    def _complain(self, what: str) -> None:
-        """Log what the guest did wrong: one by one at first, then sparingly (a flood)."""
+    def _complain(self, what: str, level: int = logging.WARNING) -> None:
+        """Log what the guest did (wrong, or refused): one by one at first, then sparingly (a
+        guest can make a flood of it)."""
         self._complaints += 1
         n = self._complaints
         if n <= _COMPLAINTS or n % _COMPLAINT_EVERY == 0:
-            log.warning("vsock: %s", what)
+            log.log(level, "vsock: %s", what)
 
     def _stray(self, hdr: VsockHdr) -> None:
         """Answer RST to a packet of a stream that does not exist (bounded: ``max_strays``)."""
@@ -545,7 +546,7 @@ class VsockDevice(VhostUserDevice):
             sock.connect(path)
         except OSError as exc:  # nobody listens, the backlog is full, a path too long
             sock.close()
-            log.info("vsock: guest port %d -> %s refused: %s", hdr.src_port, path, exc)
+            self._complain(f"guest port {hdr.src_port} -> {path} refused: {exc}", logging.INFO)
             self.stats.refused += 1
             self._stray(hdr)
             return
