@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +37,7 @@ from virtio_schema.examples.vsock import (
 from virtio_schema.fake_queue import make_queue
 from virtio_schema.records import VSOCK_CONFIG, VSOCK_EVENT, VSOCK_HDR, VsockHdr
 from virtio_schema.schema import VsockEventId, VsockOp, VsockShutdown, VsockType
-from virtio_schema.testing.frontend import Frontend
+from virtio_schema.testing.frontend import Frontend, wait_for
 from virtio_schema.vhost_user import VhostUserDevice
 
 CID = 3
@@ -543,15 +543,6 @@ class _PipeDevice(VhostUserDevice):
         self.closed_calls += 1
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_the_server_serves_a_devices_events_fd_while_a_front_end_is_connected(
     tmp_path: Path,
 ) -> None:
@@ -562,22 +553,22 @@ def test_the_server_serves_a_devices_events_fd_while_a_front_end_is_connected(
             fe = Frontend(str(path))
             fe.get_features()  # the connection is set up
             os.write(dev.w, b"a")
-            assert _wait(lambda: dev.events == [b"a"])
+            assert wait_for(lambda: dev.events == [b"a"])
             second = Frontend(str(path))  # the same device: its events fd is taken
             assert second.wait_closed() == b""
             assert any("events fd" in e for e in server.errors)
             assert dev.closed_calls == 0  # the first connection's device was not disturbed
             os.write(dev.w, b"c")
-            assert _wait(lambda: dev.events == [b"a", b"c"])
+            assert wait_for(lambda: dev.events == [b"a", b"c"])
             second.close()
             fe.close()
-            assert _wait(lambda: dev.closed_calls == 1)  # the hook, once the front-end went
+            assert wait_for(lambda: dev.closed_calls == 1)  # the hook, once the front-end went
             os.write(dev.w, b"b")  # not watched any more: nobody reads it
             time.sleep(0.2)
             assert dev.events == [b"a", b"c"]
             fe = Frontend(str(path))  # a new front-end: watched again
             fe.get_features()
-            assert _wait(lambda: dev.events == [b"a", b"c", b"b"])
+            assert wait_for(lambda: dev.events == [b"a", b"c", b"b"])
             fe.close()
     finally:
         os.close(dev.r)

@@ -480,9 +480,7 @@ class VsockDevice(VhostUserDevice):
             return
         if op == VsockOp.RESPONSE:
             self._on_response(stream, hdr)
-        elif (
-            stream.state is not StreamState.ESTABLISHED and stream.state is not StreamState.CLOSING
-        ):
+        elif stream.state not in _SETTLING:
             self._bad(f"{_describe(hdr)}: before the stream was established", stream)
             return
         elif op == VsockOp.RW:
@@ -710,9 +708,7 @@ class VsockDevice(VhostUserDevice):
         if not stream.send_rst and stream.state in _SETTLING:
             self._settle(stream)
         if stream.send_rst:  # its socket is closed: only the RST is left to send
-            if not stream.queued:
-                stream.queued = True
-                self._out.append(stream)
+            self._queue(stream)
             return
         mask = 0
         if stream.state is StreamState.LINE or self._can_pull(stream):
@@ -727,7 +723,12 @@ class VsockDevice(VhostUserDevice):
             else:
                 self._sel.modify(stream.sock, mask, stream)
             stream.mask = mask
-        if not stream.queued and self._next_op(stream) is not None:
+        if self._next_op(stream) is not None:
+            self._queue(stream)
+
+    def _queue(self, stream: Stream) -> None:
+        """Put ``stream`` in the line of streams with packets to send (once)."""
+        if not stream.queued:
             stream.queued = True
             self._out.append(stream)
 
@@ -768,9 +769,7 @@ class VsockDevice(VhostUserDevice):
         stream.send_rst = True
         stream.stage, stream.stage_at = b"", 0
         stream.to_host.clear()
-        if not stream.queued:
-            stream.queued = True
-            self._out.append(stream)
+        self._queue(stream)
 
     def _close(self, stream: Stream) -> None:
         """Forget ``stream`` without a word to the guest (it sent RST, or never heard of it)."""
